@@ -1,0 +1,51 @@
+"""`mobilenetv3 <command>`: the only place that reads argv.
+
+Each command is a module of this package with `HELP`, `add_arguments(parser)` and `run(args) -> int`;
+the library code it calls never sees argparse.  A `UserError` becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ..errors import UserError
+
+#: Subcommands, in the order `--help` lists them (module = name with '-' -> '_').
+COMMANDS = ("list", "profile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mobilenetv3", description="MobileNetV3 for PyTorch: build, convert, train, evaluate, export, deploy."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+        sub = commands.add_parser(
+            name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run_command=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Only rank 0 of a torchrun job logs at INFO; the others keep warnings and errors.
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.run_command(args) or 0)
+    except UserError as error:
+        print(f"mobilenetv3 {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mobilenetv3 {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,267 @@
+"""The MobileNetV3 network: stem -> bneck blocks -> last 1x1 conv -> pool -> head conv -> classifier."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, List
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .layers import ConvNormAct, InvertedResidual, NormLayer, make_activation, make_conv
+from .spec import (
+    NETWORK_SPECS,
+    ExpansionRule,
+    LayoutOptions,
+    NetworkSpec,
+    Padding,
+    ResolvedNetwork,
+    resolve,
+)
+
+NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "batchnorm": nn.BatchNorm2d,
+    "syncbatchnorm": nn.SyncBatchNorm,
+}
+
+
+def _norm_factory(norm_layer: str | Callable[..., nn.Module] | None, eps: float, momentum: float) -> NormLayer:
+    if norm_layer is None or isinstance(norm_layer, str):
+        name = norm_layer or "batchnorm"
+        if name not in NORM_LAYERS:
+            raise UserError(f"unknown norm_layer {name!r}; choose from {', '.join(NORM_LAYERS)}")
+        return partial(NORM_LAYERS[name], eps=eps, momentum=momentum)
+    return norm_layer
+
+
+def _layout(kwargs: dict[str, Any]) -> LayoutOptions:
+    return LayoutOptions(
+        width_mult=float(kwargs["width_mult"]),
+        expansion_rule=ExpansionRule(kwargs["expansion_rule"]),
+        fix_stem=bool(kwargs["fix_stem"]),
+        scale_head=bool(kwargs["scale_head"]),
+        head_bias=bool(kwargs["head_bias"]),
+        se_round_to_divisor=bool(kwargs["se_round_to_divisor"]),
+        padding=Padding(kwargs["padding"]),
+    )
+
+
+def _feature_taps(network: ResolvedNetwork) -> list[int]:
+    """Indices into [stem, *blocks, final_conv] of the last layer at each spatial resolution."""
+    strides = [2] + [b.stride for b in network.blocks] + [1]
+    return [i for i in range(len(strides)) if i == len(strides) - 1 or strides[i + 1] > 1]
+
+
+class MobileNetV3(nn.Module):
+    """MobileNetV3-Large / -Small as in the paper, with timm's model contract.
+
+    Every constructor argument is plain data (str / int / float / bool) and is kept in `self.config`,
+    so a weights file can always rebuild the exact network (see `mobilenetv3.save_model`).
+
+    Args:
+        arch: "large", "small", "large_minimal" or "small_minimal" (Tables 1 and 2, and the minimalistic rows).
+        num_classes: classifier outputs; 0 keeps the pooled 1280/1024 features (no classifier).
+        in_chans: input channels.
+        width_mult: the paper's width multiplier.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic-depth rate of the last residual block, linearly scaled from 0 at the first.
+        norm_layer: "batchnorm", "syncbatchnorm", or a callable taking the channel count.
+        bn_eps, bn_momentum: BatchNorm settings (PyTorch momentum convention); the TF reference uses 1e-3 / 0.01.
+        output_stride: 32, 16 or 8; strides past it become dilation (for dense prediction).
+        expansion_rule, fix_stem, scale_head, head_bias, se_round_to_divisor, padding: layout rules that
+            express the peers' variants exactly (see `spec.LayoutOptions`); the defaults are the paper's.
+    """
+
+    def __init__(
+        self,
+        arch: str = "large",
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        width_mult: float = 1.0,
+        drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
+        norm_layer: str | Callable[..., nn.Module] | None = "batchnorm",
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        output_stride: int = 32,
+        expansion_rule: str = ExpansionRule.FROM_ROUNDED_INPUT.value,
+        fix_stem: bool = False,
+        scale_head: bool = False,
+        head_bias: bool = True,
+        se_round_to_divisor: bool = True,
+        padding: str = Padding.SYMMETRIC.value,
+    ) -> None:
+        super().__init__()
+        config = dict(locals())
+        for key in ("self", "__class__"):
+            config.pop(key, None)
+        if arch not in NETWORK_SPECS:
+            raise UserError(f"unknown MobileNetV3 arch {arch!r}; choose from {', '.join(NETWORK_SPECS)}")
+        if output_stride not in (8, 16, 32):
+            raise UserError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if num_classes < 0 or in_chans < 1:
+            raise UserError(f"num_classes must be >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
+        if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
+            raise UserError("drop_rate and drop_path_rate must be in [0, 1)")
+        if not callable(norm_layer):
+            config["norm_layer"] = norm_layer or "batchnorm"
+        self.config = config
+        self.spec: NetworkSpec = NETWORK_SPECS[arch]
+        options = _layout(config)
+        self.network = network = resolve(self.spec, options)
+        norm = _norm_factory(norm_layer, bn_eps, bn_momentum)
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+
+        self.stem = ConvNormAct(
+            in_chans, network.stem_channels, 3, stride=2, norm_layer=norm,
+            activation=self.spec.stem_activation, padding=options.padding,
+        )
+
+        # Blocks; once the running stride reaches output_stride, later strides become dilation
+        # (the block that would have strided still uses the old dilation, as in the TF/timm builders).
+        blocks: list[nn.Module] = []
+        reductions = [2]
+        stride_so_far, dilation = 2, 1
+        num_blocks = len(network.blocks)
+        for index, block in enumerate(network.blocks):
+            stride, next_dilation = block.stride, dilation
+            if stride > 1:
+                if stride_so_far * stride > output_stride:
+                    next_dilation, stride = dilation * stride, 1
+                else:
+                    stride_so_far *= stride
+            blocks.append(
+                InvertedResidual(
+                    block.in_channels,
+                    block.expanded_channels,
+                    block.out_channels,
+                    kernel_size=block.kernel_size,
+                    stride=stride,
+                    dilation=dilation,
+                    squeeze_channels=block.squeeze_channels,
+                    activation=block.activation,
+                    norm_layer=norm,
+                    padding=options.padding,
+                    drop_path_rate=drop_path_rate * index / num_blocks,
+                )
+            )
+            reductions.append(stride_so_far)
+            dilation = next_dilation
+        self.blocks = nn.Sequential(*blocks)
+        self.final_conv = ConvNormAct(
+            network.blocks[-1].out_channels, network.final_conv_channels, 1, norm_layer=norm,
+            activation=self.spec.final_conv_activation,
+        )
+        reductions.append(stride_so_far)
+        self.num_features = network.final_conv_channels
+        self.head_hidden_size = network.head_channels
+
+        names = ["stem"] + [f"blocks.{i}" for i in range(num_blocks)] + ["final_conv"]
+        channels = [network.stem_channels] + [b.out_channels for b in network.blocks] + [self.num_features]
+        self.feature_layer_ids = _feature_taps(network)
+        self.feature_info = [
+            dict(num_chs=channels[i], reduction=reductions[i], module=names[i], index=n)
+            for n, i in enumerate(self.feature_layer_ids)
+        ]
+
+        # The "efficient last stage" (paper, figure 5): pool first, then a 1x1 conv without BN.
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv_head = make_conv(self.num_features, self.head_hidden_size, 1, bias=options.head_bias)
+        self.head_act = make_activation(self.spec.head_activation)
+        self.flatten = nn.Flatten(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.classifier: nn.Module = (
+            nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        )
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled feature map of the last 1x1 conv (960 / 576 channels at width 1.0)."""
+        return self.final_conv(self.blocks(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.flatten(self.head_act(self.conv_head(self.global_pool(x))))
+        if pre_logits:
+            return x
+        return self.classifier(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    @torch.jit.ignore
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one (0 removes it)."""
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        device = self.conv_head.weight.device
+        if num_classes > 0:
+            self.classifier = nn.Linear(self.head_hidden_size, num_classes, device=device)
+            init_weights(self.classifier)
+        else:
+            self.classifier = nn.Identity()
+
+
+class MobileNetV3Features(nn.Module):
+    """Backbone for dense prediction: returns the feature maps at `out_indices` of `feature_info`.
+
+    Module names match `MobileNetV3`, so a classifier's state dict loads into it (the head keys are
+    simply not used); layers after the deepest requested feature are dropped.
+    """
+
+    taps: List[int]
+
+    def __init__(self, model: MobileNetV3, out_indices: tuple[int, ...] | list[int] | None = None) -> None:
+        super().__init__()
+        all_info = model.feature_info
+        if out_indices is None:
+            out_indices = tuple(range(len(all_info)))
+        bad = [i for i in out_indices if not -len(all_info) <= i < len(all_info)]
+        if bad:
+            raise UserError(f"out_indices {bad} out of range: this model has {len(all_info)} feature levels")
+        out_indices = sorted({i % len(all_info) for i in out_indices})
+        self.config = dict(model.config)
+        self.feature_info = [dict(all_info[i]) for i in out_indices]
+        self.out_indices = out_indices
+        layer_ids = [model.feature_layer_ids[i] for i in out_indices]
+        self.taps = layer_ids
+        last = max(layer_ids)
+        num_blocks = len(model.blocks)
+        self.stem = model.stem
+        self.blocks = nn.Sequential(*list(model.blocks)[: min(last, num_blocks)])
+        self.final_conv = model.final_conv if last == num_blocks + 1 else nn.Identity()
+        self.use_final_conv = last == num_blocks + 1
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        features: List[torch.Tensor] = []
+        x = self.stem(x)
+        if 0 in self.taps:
+            features.append(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index + 1 in self.taps:
+                features.append(x)
+        if self.use_final_conv:
+            features.append(self.final_conv(x))
+        return features
+
+
+def init_weights(module: nn.Module) -> None:
+    """torchvision's initialisation: He (fan-out) convs, unit BN, N(0, 0.01) linear, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,101 @@
+"""Preprocessing that travels with weights: input size, resize/crop, interpolation, mean/std."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a set of weights (stored in every weights file's metadata).
+
+    Eval transform: resize the short side to `resize_size`, centre-crop `input_size`, scale to [0, 1],
+    normalise with mean/std.  `resize_size` defaults to floor(input_size / crop_pct).
+    """
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8:
+            raise UserError(f"input_size must be >= 8, got {self.input_size}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise UserError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise UserError(f"mean/std need {self.in_chans} values each, got {self.mean} / {self.std}")
+
+    @property
+    def resize_size(self) -> int:
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        out["resize_size"] = self.resize_size
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "Preprocessing":
+        return Preprocessing.from_dict({**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
+
+    def eval_transform(self):
+        """torchvision.transforms.v2 pipeline: PIL image (any mode) -> normalised float tensor."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import v2
+
+        import torch
+
+        mode = InterpolationMode(self.interpolation)
+        return v2.Compose([
+            ConvertMode("L" if self.in_chans == 1 else "RGB"),
+            v2.Resize(self.resize_size, interpolation=mode, antialias=True),
+            v2.CenterCrop(self.input_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ])
+
+
+class ConvertMode:
+    """PIL `Image.convert` as a picklable transform: L/RGBA/P/CMYK/16-bit inputs become `mode`."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image):
+        if getattr(image, "mode", self.mode) == self.mode:
+            return image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit integer images: scale to 8 bits before converting, or everything saturates.
+            import numpy as np
+            from PIL import Image
+
+            array = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+            image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+        return image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode!r})"
