@@ -94,12 +94,15 @@ class ConvNormAct(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Squeeze-and-excite with a ReLU inside and the hard-sigmoid gate relu6(x + 3) / 6 (paper, section 5.3)."""
+    """Squeeze-and-excite with a ReLU inside and the hard-sigmoid gate relu6(x + 3) / 6 (paper, section 5.3).
 
-    def __init__(self, channels: int, squeeze_channels: int) -> None:
+    `activation` replaces the inner ReLU (timm's mobilenetv3_rw uses the block's own activation).
+    """
+
+    def __init__(self, channels: int, squeeze_channels: int, activation: Activation = Activation.RELU) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
-        self.act = nn.ReLU()
+        self.act = make_activation(activation)
         self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
         self.gate = nn.Hardsigmoid()
 
@@ -130,9 +133,11 @@ class InvertedResidual(nn.Module):
         norm_layer: NormLayer,
         padding: Padding,
         drop_path_rate: float = 0.0,
+        se_activation: Activation = Activation.RELU,
+        residual: bool = True,
     ) -> None:
         super().__init__()
-        self.has_skip = stride == 1 and in_channels == out_channels
+        self.has_skip = residual and stride == 1 and in_channels == out_channels
         if expanded_channels != in_channels:
             self.expand: nn.Module = ConvNormAct(
                 in_channels, expanded_channels, 1, norm_layer=norm_layer, activation=activation
@@ -151,7 +156,7 @@ class InvertedResidual(nn.Module):
             padding=padding,
         )
         self.se: nn.Module = (
-            SqueezeExcite(expanded_channels, squeeze_channels) if squeeze_channels is not None else nn.Identity()
+            SqueezeExcite(expanded_channels, squeeze_channels, se_activation) if squeeze_channels is not None else nn.Identity()
         )
         self.project = ConvNormAct(expanded_channels, out_channels, 1, norm_layer=norm_layer, activation=None)
         # Stochastic depth only makes sense on a residual path.

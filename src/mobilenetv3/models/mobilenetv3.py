@@ -47,9 +47,9 @@ def _layout(kwargs: dict[str, Any]) -> LayoutOptions:
     )
 
 
-def _feature_taps(network: ResolvedNetwork) -> list[int]:
+def _feature_taps(network: ResolvedNetwork, stem_stride: int) -> list[int]:
     """Indices into [stem, *blocks, final_conv] of the last layer at each spatial resolution."""
-    strides = [2] + [b.stride for b in network.blocks] + [1]
+    strides = [stem_stride] + [b.stride for b in network.blocks] + [1]
     return [i for i in range(len(strides)) if i == len(strides) - 1 or strides[i + 1] > 1]
 
 
@@ -69,6 +69,7 @@ class MobileNetV3(nn.Module):
         norm_layer: "batchnorm", "syncbatchnorm", or a callable taking the channel count.
         bn_eps, bn_momentum: BatchNorm settings (PyTorch momentum convention); the TF reference uses 1e-3 / 0.01.
         output_stride: 32, 16 or 8; strides past it become dilation (for dense prediction).
+        stem_stride: 2 as in the paper; 1 keeps full resolution for tiny inputs (28x28 Fashion-MNIST).
         expansion_rule, fix_stem, scale_head, head_bias, se_round_to_divisor, padding: layout rules that
             express the peers' variants exactly (see `spec.LayoutOptions`); the defaults are the paper's.
     """
@@ -86,6 +87,7 @@ class MobileNetV3(nn.Module):
         bn_eps: float = 1e-3,
         bn_momentum: float = 0.01,
         output_stride: int = 32,
+        stem_stride: int = 2,
         expansion_rule: str = ExpansionRule.FROM_ROUNDED_INPUT.value,
         fix_stem: bool = False,
         scale_head: bool = False,
@@ -101,6 +103,8 @@ class MobileNetV3(nn.Module):
             raise UserError(f"unknown MobileNetV3 arch {arch!r}; choose from {', '.join(NETWORK_SPECS)}")
         if output_stride not in (8, 16, 32):
             raise UserError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if stem_stride not in (1, 2):
+            raise UserError(f"stem_stride must be 1 or 2, got {stem_stride}")
         if num_classes < 0 or in_chans < 1:
             raise UserError(f"num_classes must be >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
         if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
@@ -116,15 +120,15 @@ class MobileNetV3(nn.Module):
         self.drop_rate = drop_rate
 
         self.stem = ConvNormAct(
-            in_chans, network.stem_channels, 3, stride=2, norm_layer=norm,
+            in_chans, network.stem_channels, 3, stride=stem_stride, norm_layer=norm,
             activation=self.spec.stem_activation, padding=options.padding,
         )
 
         # Blocks; once the running stride reaches output_stride, later strides become dilation
         # (the block that would have strided still uses the old dilation, as in the TF/timm builders).
         blocks: list[nn.Module] = []
-        reductions = [2]
-        stride_so_far, dilation = 2, 1
+        reductions = [stem_stride]
+        stride_so_far, dilation = stem_stride, 1
         num_blocks = len(network.blocks)
         for index, block in enumerate(network.blocks):
             stride, next_dilation = block.stride, dilation
@@ -161,7 +165,7 @@ class MobileNetV3(nn.Module):
 
         names = ["stem"] + [f"blocks.{i}" for i in range(num_blocks)] + ["final_conv"]
         channels = [network.stem_channels] + [b.out_channels for b in network.blocks] + [self.num_features]
-        self.feature_layer_ids = _feature_taps(network)
+        self.feature_layer_ids = _feature_taps(network, stem_stride)
         self.feature_info = [
             dict(num_chs=channels[i], reduction=reductions[i], module=names[i], index=n)
             for n, i in enumerate(self.feature_layer_ids)
@@ -214,8 +218,6 @@ class MobileNetV3Features(nn.Module):
     Module names match `MobileNetV3`, so a classifier's state dict loads into it (the head keys are
     simply not used); layers after the deepest requested feature are dropped.
     """
-
-    taps: List[int]
 
     def __init__(self, model: MobileNetV3, out_indices: tuple[int, ...] | list[int] | None = None) -> None:
         super().__init__()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from ..errors import UserError
+
 
 class Activation(str, enum.Enum):
     """The two nonlinearities of the paper ("RE" and "HS" in its tables)."""
@@ -81,6 +83,13 @@ class LayoutOptions:
     se_round_to_divisor: bool = True
     padding: Padding = Padding.SYMMETRIC
     divisor: int = 8
+    #: How many times each table row is built (None: once each).  Extra copies follow their row with
+    #: stride 1 and the row's own expansion ratio, as timm's depth multiplier does (mobilenetv3_large_150d).
+    block_repeats: tuple[int, ...] | None = None
+    #: The SE block's inner activation: always ReLU (paper, both peers), or the block's own (timm's rw).
+    se_activation_from_block: bool = False
+    #: timm's mobilenetv3_rw has no residual around its first block ("noskip").
+    first_block_residual: bool = True
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -185,6 +194,10 @@ class ResolvedBlock:
     stride: int
     squeeze_channels: int | None
     activation: Activation
+    #: the inner activation of the squeeze-excite (when there is one)
+    se_activation: Activation = Activation.RELU
+    #: whether the block adds its input when shapes allow
+    residual: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,26 @@ class ResolvedNetwork:
     blocks: tuple[ResolvedBlock, ...]
     final_conv_channels: int
     head_channels: int
+
+
+def _expanded_rows(spec: NetworkSpec, repeats: tuple[int, ...] | None) -> list[tuple[BlockSpec, int]]:
+    """(row, the row's paper input width) for every block to build, extra copies after their row.
+
+    A copy runs at stride 1 and keeps its row's expansion ratio (exp / paper input), as timm's depth
+    multiplier does when it repeats a block definition.
+    """
+    repeats = repeats if repeats is not None else (1,) * len(spec.blocks)
+    if len(repeats) != len(spec.blocks) or any(int(count) < 1 for count in repeats):
+        raise UserError(
+            f"block_repeats needs {len(spec.blocks)} counts >= 1 (one per table row), got {list(repeats)}"
+        )
+    out: list[tuple[BlockSpec, int]] = []
+    paper_in = spec.stem_channels
+    for row, count in zip(spec.blocks, repeats):
+        out.append((row, paper_in))
+        out.extend([(replace(row, stride=1), paper_in)] * (int(count) - 1))
+        paper_in = row.out_channels
+    return out
 
 
 def resolve(spec: NetworkSpec, options: LayoutOptions) -> ResolvedNetwork:
@@ -204,8 +237,8 @@ def resolve(spec: NetworkSpec, options: LayoutOptions) -> ResolvedNetwork:
 
     stem = spec.stem_channels if options.fix_stem else scaled(spec.stem_channels)
     blocks = []
-    in_chs, paper_in = stem, spec.stem_channels
-    for row in spec.blocks:
+    in_chs = stem
+    for row, paper_in in _expanded_rows(spec, options.block_repeats):
         if options.expansion_rule is ExpansionRule.FROM_ROUNDED_INPUT:
             expanded = make_divisible(in_chs * row.expanded_channels / paper_in, div)
         else:
@@ -224,9 +257,11 @@ def resolve(spec: NetworkSpec, options: LayoutOptions) -> ResolvedNetwork:
                 stride=row.stride,
                 squeeze_channels=squeeze,
                 activation=row.activation,
+                se_activation=row.activation if options.se_activation_from_block else Activation.RELU,
+                residual=options.first_block_residual or bool(blocks),
             )
         )
-        in_chs, paper_in = out, row.out_channels
+        in_chs = out
     head = scaled(spec.head_channels) if options.scale_head else spec.head_channels
     if options.expansion_rule is ExpansionRule.FROM_ROUNDED_INPUT:
         final_conv = scaled(spec.final_conv_channels)

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -130,13 +131,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (not a torch.save zip archive)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise UserError(
-            f"refusing to load {path}: it is not a plain-data checkpoint (weights_only=True rejected it: {first})"
-        ) from None
+        # torch's message is long; keep the line that says what was refused (e.g. "GLOBAL posix.system").
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+        raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
@@ -145,19 +148,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "") -> None:
     """load_state_dict(strict=True), but the error names the first missing, unexpected or mis-shaped key."""
     where = f" in {source}" if source else ""
-    own = model.state_dict()
-    for key, value in state_dict.items():
-        if key not in own:
-            raise UserError(f"unexpected key {key!r}{where} (not in {type(model).__name__})")
+    # Walk the model's own order so "first" means the first layer that does not fit.
+    for key, expected in model.state_dict().items():
+        if key not in state_dict:
+            missing = sum(k not in state_dict for k in model.state_dict())
+            raise UserError(f"missing key {key!r}{where} ({missing} missing in all)")
+        value = state_dict[key]
         if not isinstance(value, torch.Tensor):
             raise UserError(f"key {key!r}{where} is not a tensor")
-        if tuple(value.shape) != tuple(own[key].shape):
+        if tuple(value.shape) != tuple(expected.shape):
             raise UserError(
-                f"shape mismatch for {key!r}{where}: file has {tuple(value.shape)}, model expects {tuple(own[key].shape)}"
+                f"shape mismatch for {key!r}{where}: file has {tuple(value.shape)}, model expects {tuple(expected.shape)}"
             )
-    missing = [key for key in own if key not in state_dict]
-    if missing:
-        raise UserError(f"missing key {missing[0]!r}{where} ({len(missing)} missing in all)")
+    unexpected = [key for key in state_dict if key not in model.state_dict()]
+    if unexpected:
+        raise UserError(f"unexpected key {unexpected[0]!r}{where} (not in {type(model).__name__})")
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -1,0 +1,49 @@
+"""Typed data settings (nested in the training config as `data:`).
+
+CONTRACT between the data package and the training package (keep it stable):
+
+    from mobilenetv3.data import DataConfig, DatasetBundle, build_datasets, collate_skipping
+
+    bundle = build_datasets(cfg: DataConfig, *, need_train: bool = True) -> DatasetBundle
+        bundle.train: torch Dataset | None   (None when need_train=False)
+        bundle.val:   torch Dataset
+            items are (image_tensor CxHxW float32 normalised, int label), or None for a broken file
+            (a warning naming the file has been logged; with cfg.strict_data a UserError is raised instead)
+        bundle.num_classes: int
+        bundle.class_names: list[str]
+        bundle.in_chans: int
+        bundle.preprocessing: mobilenetv3.Preprocessing   (the eval transform; stored in checkpoints)
+        bundle.model_defaults: dict   model kwargs the data implies, e.g. {"in_chans": 1, "stem_stride": 1}
+
+    collate_skipping(batch) -> (images [B,C,H,W], targets [B] int64, skipped: int)
+        drops the None items of a batch and reports how many were dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    #: "fashion-mnist", "synthetic", or a folder in ImageNet layout (train/<class>/*, val/<class>/*).
+    dataset: str = "synthetic"
+    #: where fashion-mnist is looked for (then $MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, download).
+    data_dir: str | None = None
+    #: training/eval crop size; None = the dataset's default (224 for folders and synthetic, 28 for fashion-mnist).
+    input_size: int | None = None
+    crop_pct: float | None = None  # eval: resize to input_size / crop_pct, then centre-crop; None = dataset default
+    interpolation: str = "bilinear"
+    #: train augmentation
+    hflip: float = 0.5
+    scale_min: float = 0.08  # RandomResizedCrop scale lower bound (folders)
+    auto_augment: str | None = None  # None | "autoaugment" | "randaugment" | "trivialaugment"
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    #: loading (used by the training package's DataLoader)
+    workers: int = 2
+    strict_data: bool = False  # a broken image is an error instead of a skipped sample
+    #: synthetic data
+    synthetic_train_samples: int = 256
+    synthetic_val_samples: int = 64
+    synthetic_classes: int = 10
