@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row.to_dict()))
         return 0
-    print(f"{'model':32s} {'res':>4s} {'params':>11s} {'paper':>6s} {'MACs (M)':>9s} {'paper':>6s}")
+    print(f"{'model':32s} {'res':>4s} {'params':>11s} {'paper (M)':>9s} {'MACs (M)':>9s} {'paper (M)':>9s}")
     for row in rows:
         print(
-            f"{row.model:32s} {row.resolution:4d} {row.params:11,d} {_fmt(row.paper_params):>6s}M "
-            f"{row.macs / 1e6:9.1f} {_fmt(row.paper_macs, 0):>6s}"
+            f"{row.model:32s} {row.resolution:4d} {row.params:11,d} {_fmt(row.paper_params):>9s} "
+            f"{row.macs / 1e6:9.1f} {_fmt(row.paper_macs, 0):>9s}"
         )
     return 0
