@@ -85,7 +85,8 @@ class ConvertMode:
         self.mode = mode
 
     def __call__(self, image):
-        if getattr(image, "mode", self.mode) == self.mode:
+        # Tensors pass through unchanged (Tensor.mode is torch.mode, not an image mode).
+        if not hasattr(image, "convert") or image.mode == self.mode:
             return image
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16/32-bit integer images: scale to 8 bits before converting, or everything saturates.

@@ -15,7 +15,7 @@ import sys
 from ..errors import UserError
 
 #: Subcommands, in the order `--help` lists them (module = name with '-' -> '_').
-COMMANDS = ("list", "profile")
+COMMANDS = ("list", "profile", "train", "eval", "average", "lr-find", "convert", "export", "predict", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

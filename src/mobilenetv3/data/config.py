@@ -17,6 +17,15 @@ CONTRACT between the data package and the training package (keep it stable):
 
     collate_skipping(batch) -> (images [B,C,H,W], targets [B] int64, skipped: int)
         drops the None items of a batch and reports how many were dropped.
+
+Additions (backward compatible):
+    build_datasets(cfg, *, need_train=True, preprocessing: Preprocessing | None = None)
+        `preprocessing` replaces the dataset's default eval preprocessing (e.g. a checkpoint's, for `eval`);
+        cfg.input_size / cfg.crop_pct still override it when set; a channel-count mismatch is a UserError.
+    collate_skipping: when every item of a batch is None, B == 0 (images and targets are empty): skip the step.
+    check_data_config(cfg): the one-line UserErrors of build_datasets' settings checks, callable early.
+    All randomness of items comes from torch's RNG (v2 transforms, synthetic generators): seeding a worker's
+    torch RNG reproduces its samples; no Python `random` or NumPy RNG is used.
 """
 
 from __future__ import annotations

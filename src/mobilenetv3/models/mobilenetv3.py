@@ -44,6 +44,9 @@ def _layout(kwargs: dict[str, Any]) -> LayoutOptions:
         head_bias=bool(kwargs["head_bias"]),
         se_round_to_divisor=bool(kwargs["se_round_to_divisor"]),
         padding=Padding(kwargs["padding"]),
+        block_repeats=tuple(int(n) for n in kwargs["block_repeats"]) if kwargs.get("block_repeats") else None,
+        se_activation_from_block=bool(kwargs.get("se_activation_from_block", False)),
+        first_block_residual=bool(kwargs.get("first_block_residual", True)),
     )
 
 
@@ -72,6 +75,9 @@ class MobileNetV3(nn.Module):
         stem_stride: 2 as in the paper; 1 keeps full resolution for tiny inputs (28x28 Fashion-MNIST).
         expansion_rule, fix_stem, scale_head, head_bias, se_round_to_divisor, padding: layout rules that
             express the peers' variants exactly (see `spec.LayoutOptions`); the defaults are the paper's.
+        block_repeats, se_activation_from_block, first_block_residual: further layout rules for timm's
+            mobilenetv3_large_150d (depth multiplier) and mobilenetv3_rw (see `spec.LayoutOptions`).
+        final_conv_repeats: how many 1x1 convs end the features (timm's depth multiplier makes 2).
     """
 
     def __init__(
@@ -94,6 +100,10 @@ class MobileNetV3(nn.Module):
         head_bias: bool = True,
         se_round_to_divisor: bool = True,
         padding: str = Padding.SYMMETRIC.value,
+        block_repeats: list[int] | None = None,
+        se_activation_from_block: bool = False,
+        first_block_residual: bool = True,
+        final_conv_repeats: int = 1,
     ) -> None:
         super().__init__()
         config = dict(locals())
@@ -111,6 +121,8 @@ class MobileNetV3(nn.Module):
             raise UserError("drop_rate and drop_path_rate must be in [0, 1)")
         if not callable(norm_layer):
             config["norm_layer"] = norm_layer or "batchnorm"
+        if block_repeats is not None:
+            config["block_repeats"] = [int(n) for n in block_repeats]
         self.config = config
         self.spec: NetworkSpec = NETWORK_SPECS[arch]
         options = _layout(config)
@@ -150,15 +162,24 @@ class MobileNetV3(nn.Module):
                     norm_layer=norm,
                     padding=options.padding,
                     drop_path_rate=drop_path_rate * index / num_blocks,
+                    se_activation=block.se_activation,
+                    residual=block.residual,
                 )
             )
             reductions.append(stride_so_far)
             dilation = next_dilation
         self.blocks = nn.Sequential(*blocks)
-        self.final_conv = ConvNormAct(
-            network.blocks[-1].out_channels, network.final_conv_channels, 1, norm_layer=norm,
-            activation=self.spec.final_conv_activation,
-        )
+        if final_conv_repeats < 1:
+            raise UserError(f"final_conv_repeats must be >= 1, got {final_conv_repeats}")
+        final_convs = [
+            ConvNormAct(
+                network.blocks[-1].out_channels if index == 0 else network.final_conv_channels,
+                network.final_conv_channels, 1, norm_layer=norm, activation=self.spec.final_conv_activation,
+            )
+            for index in range(final_conv_repeats)
+        ]
+        # timm's depth multiplier also repeats the last 1x1 conv (mobilenetv3_large_150d has two).
+        self.final_conv = final_convs[0] if final_conv_repeats == 1 else nn.Sequential(*final_convs)
         reductions.append(stride_so_far)
         self.num_features = network.final_conv_channels
         self.head_hidden_size = network.head_channels

@@ -75,7 +75,12 @@ def create_model(
             norm_layer, output_stride, width_mult for the generic builders, ...).
     """
     entry = get_entry(name)
-    model_kwargs = {**entry.defaults, **kwargs}
+    weights_kwargs: dict[str, Any] = {}
+    if pretrained:  # the layout the weights were trained in (e.g. TF padding); explicit kwargs still win
+        from ..weights.pretrained import pretrained_kwargs
+
+        weights_kwargs = pretrained_kwargs(name, pretrained)
+    model_kwargs = {**entry.defaults, **weights_kwargs, **kwargs}
     model = MobileNetV3(entry.arch, **model_kwargs)
     model.model_name = name
     if pretrained:

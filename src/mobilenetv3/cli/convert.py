@@ -1,0 +1,147 @@
+"""Convert a torchvision / timm MobileNetV3 state dict to our weights file, or ours back to theirs.
+
+  mobilenetv3 convert --from torchvision --arch mobilenet_v3_large IN.pth OUT.safetensors
+  mobilenetv3 convert --from timm --arch tf_mobilenetv3_large_100 IN.pth OUT.safetensors --verify
+  mobilenetv3 convert --to torchvision OURS.safetensors OUT.pth
+
+--arch is the peer's own model name, optionally with its weights tag (timm style, e.g.
+mobilenetv3_large_100.miil_in21k_ft_in1k or mobilenet_v3_large.IMAGENET1K_V1): the tag selects the
+preprocessing written into the file.  Without --arch the variant is recognised from the tensor shapes
+when that is unambiguous.  IN may be a plain state dict, a training checkpoint wrapping one
+({"state_dict": ...}, {"model": ...}; pick another entry with --key) with or without "module." prefixes,
+or a .safetensors file.  Checkpoints are read with torch.load(weights_only=True).
+
+--verify builds the peer's own model (needs the peer library installed) and prints the largest output
+difference on a random batch in eval mode; it fails above --tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+HELP = "convert torchvision / timm MobileNetV3 weights to ours, and back"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..weights.convert import PEERS
+
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="from_peer", choices=PEERS, help="convert a peer's state dict to ours")
+    direction.add_argument("--to", dest="to_peer", choices=PEERS, help="convert our weights file to a peer's state dict")
+    parser.add_argument("--arch", metavar="PEER_NAME[.TAG]",
+                        help="the peer's model name (default: recognised from the tensors / the model's layout)")
+    parser.add_argument("--key", metavar="ENTRY", help="checkpoint entry holding the state dict (e.g. state_dict_ema)")
+    parser.add_argument("--ema", action="store_true", help="--to: take the EMA weights of a training checkpoint")
+    parser.add_argument("--verify", action="store_true", help="compare outputs with the peer's own model")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="--verify: largest allowed |difference|")
+    parser.add_argument("input", type=Path, help="--from: the peer's .pth/.safetensors; --to: our weights file or checkpoint")
+    parser.add_argument("output", type=Path, help="--from: OUT.safetensors; --to: OUT.pth")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_peer:
+        return _from_peer(args)
+    return _to_peer(args)
+
+
+def _read_peer_input(path: Path, key: str | None) -> dict:
+    from ..weights.convert import unwrap_state_dict
+    from ..weights.io import load_checkpoint, read_safetensors
+
+    raw = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_checkpoint(path)
+    return unwrap_state_dict(raw, key=key, source=str(path))
+
+
+def _from_peer(args: argparse.Namespace) -> int:
+    from ..errors import UserError
+    from ..weights.convert import convert_state_dict, matching_variants
+    from ..weights.io import save_model
+
+    if args.output.suffix != ".safetensors":
+        raise UserError(f"the output must be a .safetensors file, got {args.output}")
+    state_dict = _read_peer_input(args.input, args.key)
+    arch = args.arch
+    if arch is None:
+        fits = matching_variants(args.from_peer, state_dict)
+        if len(fits) != 1:
+            found = f"they fit {' / '.join(fits)}" if fits else "they fit none of its MobileNetV3s"
+            raise UserError(f"cannot tell which {args.from_peer} model {args.input} is from its tensors ({found}); "
+                            "pass --arch")
+        arch = fits[0]
+        logger.info("recognised %s %s from the tensor shapes", args.from_peer, arch)
+    converted = convert_state_dict(args.from_peer, arch, state_dict)
+    model = converted.build()
+    save_model(model, args.output, preprocessing=converted.preprocessing,
+               extra={"converted_from": converted.source})
+    prep = converted.preprocessing
+    print(f"wrote {args.output}: {converted.model_name} from {args.from_peer} {converted.source['arch']}"
+          f"{'.' + converted.source['tag'] if converted.source['tag'] else ''} "
+          f"(num_classes={model.num_classes}; eval: resize {prep.resize_size} {prep.interpolation}, "
+          f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)})")
+    if args.verify:
+        peer_model = _peer_model(args.from_peer, converted.source["arch"], model.num_classes,
+                                 model.config["in_chans"])
+        peer_model.load_state_dict(state_dict)
+        return _report_difference(peer_model, model, prep.input_size, args.tolerance)
+    return 0
+
+
+def _to_peer(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..weights.convert import to_peer
+    from ..weights.io import atomic_write, build_model, read_weights
+
+    weights = read_weights(args.input, ema=args.ema)
+    model = build_model(weights).eval()  # validates the file (strict load) before anything is written
+    peer_arch, state_dict = to_peer(args.to_peer, model.config, model.state_dict(),
+                                    peer_arch=args.arch.partition(".")[0] if args.arch else None)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.output, lambda tmp: torch.save(state_dict, tmp))
+    prep = weights.preprocessing
+    loader = (f"torchvision.models.{peer_arch}()" if args.to_peer == "torchvision"
+              else f"timm.create_model({peer_arch!r})")
+    print(f"wrote {args.output}: a {args.to_peer} {peer_arch} state dict (num_classes={model.num_classes}); "
+          f"load it into {loader}; eval preprocessing: resize {prep.resize_size} {prep.interpolation}, "
+          f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)}")
+    if args.verify:
+        peer_model = _peer_model(args.to_peer, peer_arch, model.num_classes, model.config["in_chans"])
+        peer_model.load_state_dict(state_dict)
+        return _report_difference(peer_model, model, prep.input_size, args.tolerance)
+    return 0
+
+
+def _peer_model(peer: str, name: str, num_classes: int, in_chans: int):
+    """The peer library's own model (the reference for --verify), built without weights."""
+    from ..errors import UserError
+
+    try:
+        if peer == "torchvision":
+            import torchvision
+
+            if in_chans != 3:
+                raise UserError("--verify: torchvision's MobileNetV3 takes 3 input channels only")
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    except ImportError:
+        raise UserError(f"--verify needs {peer} installed (pip install {peer})") from None
+
+
+def _report_difference(peer_model, model, input_size: int, tolerance: float) -> int:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, model.config["in_chans"], input_size, input_size, generator=generator)
+    with torch.no_grad():
+        expected, actual = peer_model.eval()(inputs), model.eval()(inputs)
+    difference = (expected - actual).abs().max().item()
+    verdict = "ok" if difference <= tolerance else "FAILED"
+    print(f"verify: max |peer - ours| = {difference:.3g} on a 2x{inputs.shape[1]}x{input_size}x{input_size} "
+          f"random batch (outputs up to {expected.abs().max().item():.3g}; tolerance {tolerance:g}): {verdict}")
+    return 0 if difference <= tolerance else 1

@@ -1,0 +1,58 @@
+"""Evaluate a training checkpoint or a weights file: top-1 / top-5 / loss.
+
+On a training checkpoint it uses the run's preprocessing and data settings, and reproduces the
+validation numbers training logged for that checkpoint; on a weights file it uses the stored
+preprocessing.  --input-size / --crop-pct override.  With --json the last line is
+{"top1": ..., "top5": ..., "loss": ..., "samples": ...}.
+
+examples:
+  mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
+  mobilenetv3 eval --checkpoint mobilenetv3_large_100.safetensors --data /data/imagenet --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "evaluate a checkpoint or weights file on a dataset"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="training checkpoint or .safetensors")
+    parser.add_argument("--data", required=True, help="fashion-mnist, synthetic, or an ImageNet-layout folder (val/)")
+    parser.add_argument("--data-dir", default=None, help="where fashion-mnist is looked for first")
+    parser.add_argument("--input-size", type=int, default=None, metavar="R")
+    parser.add_argument("--crop-pct", type=float, default=None, metavar="P")
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size, else 64")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--limit-batches", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError
+    from ..train.evaluation import evaluate_file
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    result = evaluate_file(
+        args.checkpoint, args.data, data_dir=args.data_dir, input_size=args.input_size, crop_pct=args.crop_pct,
+        ema=args.ema, batch_size=args.batch_size, workers=args.workers, limit_batches=args.limit_batches,
+        device=args.device,
+    )
+    prep = result["preprocessing"]
+    print(f"{args.checkpoint}{' (EMA)' if args.ema else ''} on {args.data} "
+          f"({prep['input_size']}px, crop {prep['crop_pct']}): top-1 {result['top1']:.2f}%  "
+          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  ({result['samples']} samples"
+          f"{', %d unreadable skipped' % result['skipped'] if result['skipped'] else ''})")
+    logged = result.get("logged")
+    if logged:
+        prefix = "ema_" if args.ema else ""
+        print(f"training logged for this checkpoint (epoch {logged['epoch']}): top-1 {logged[prefix + 'val_top1']:.2f}%  "
+              f"top-5 {logged[prefix + 'val_top5']:.2f}%  loss {logged[prefix + 'val_loss']:.4f}")
+    if args.json:
+        print(json.dumps({key: result[key] for key in ("top1", "top5", "loss", "samples")}))
+    return 0

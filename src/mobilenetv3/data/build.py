@@ -1,0 +1,141 @@
+"""`build_datasets(DataConfig) -> DatasetBundle` and `collate_skipping`: the data package's contract (see config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from ..errors import UserError
+from ..preprocessing import Preprocessing
+from . import fashion_mnist
+from .config import DataConfig
+from .folder import TolerantImageFolder, check_same_classes, split_dirs
+from .synthetic import VAL_SPLIT, SyntheticImages
+from .transforms import SmallImageTrainTransform, check_transform_settings, imagenet_train_transform
+
+BUILTIN_DATASETS = ("fashion-mnist", "synthetic")
+
+
+@dataclass
+class DatasetBundle:
+    """Datasets plus what the model and checkpoints need to know about them."""
+
+    train: Dataset | None
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    in_chans: int
+    preprocessing: Preprocessing
+    model_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        train = f"{len(self.train)} train, " if self.train is not None else ""
+        return (
+            f"{train}{len(self.val)} val samples, {self.num_classes} classes, {self.in_chans}x"
+            f"{self.preprocessing.input_size}x{self.preprocessing.input_size} input"
+        )
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """One-line UserError (naming the `data.` key) for a setting no dataset can use; build_datasets calls it too."""
+    if not cfg.dataset:
+        raise UserError("data.dataset (--data) is empty: give 'fashion-mnist', 'synthetic' or a folder")
+    if cfg.input_size is not None and cfg.input_size < 8:
+        raise UserError(f"data.input_size must be >= 8, got {cfg.input_size}")
+    if cfg.crop_pct is not None and not 0.0 < cfg.crop_pct <= 1.0:
+        raise UserError(f"data.crop_pct must be in (0, 1], got {cfg.crop_pct}")
+    check_transform_settings(cfg)
+    for name in ("hflip", "random_erasing"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise UserError(f"data.{name} is a probability in [0, 1], got {getattr(cfg, name)}")
+    if not 0.0 < cfg.scale_min <= 1.0:
+        raise UserError(f"data.scale_min must be in (0, 1], got {cfg.scale_min}")
+    if not 0 <= cfg.randaugment_magnitude <= 30:
+        raise UserError(f"data.randaugment_magnitude must be in [0, 30], got {cfg.randaugment_magnitude}")
+    if cfg.workers < 0:
+        raise UserError(f"data.workers must be >= 0, got {cfg.workers}")
+    for name in ("synthetic_train_samples", "synthetic_val_samples", "synthetic_classes"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _eval_preprocessing(default: Preprocessing, base: Preprocessing | None, cfg: DataConfig) -> Preprocessing:
+    """The dataset's default (or `base`, e.g. a checkpoint's), with the sizes the config sets explicitly."""
+    if base is None:
+        base = default.replace(interpolation=cfg.interpolation)
+    elif base.in_chans != default.in_chans:
+        raise UserError(
+            f"the weights expect {base.in_chans}-channel input "
+            f"but --data {cfg.dataset} has {default.in_chans} channel(s)"
+        )
+    return base.replace(input_size=cfg.input_size, crop_pct=cfg.crop_pct)
+
+
+def build_datasets(
+    cfg: DataConfig, *, need_train: bool = True, preprocessing: Preprocessing | None = None
+) -> DatasetBundle:
+    """Datasets for `cfg.dataset`: "fashion-mnist", "synthetic", or a folder in ImageNet layout.
+
+    `preprocessing` (optional) is the eval preprocessing to start from instead of the dataset's default,
+    e.g. a checkpoint's; `cfg.input_size` / `cfg.crop_pct` still override it when set.
+    """
+    check_data_config(cfg)
+    if cfg.dataset == "fashion-mnist":
+        return _fashion_mnist(cfg, need_train, preprocessing)
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg, need_train, preprocessing)
+    return _image_folder(cfg, need_train, preprocessing)
+
+
+def _image_folder(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    train_dir, val_dir = split_dirs(cfg.dataset, need_train=need_train)
+    prep = _eval_preprocessing(Preprocessing(), base, cfg)
+    val = TolerantImageFolder(val_dir, prep.eval_transform(), strict=cfg.strict_data)
+    train = None
+    if train_dir is not None:
+        train = TolerantImageFolder(train_dir, imagenet_train_transform(cfg, prep), strict=cfg.strict_data)
+        check_same_classes(train, val)
+    return DatasetBundle(train, val, len(val.classes), list(val.classes), 3, prep, {})
+
+
+def _fashion_mnist(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    default = Preprocessing(
+        input_size=fashion_mnist.IMAGE_SIZE, crop_pct=1.0, mean=fashion_mnist.MEAN, std=fashion_mnist.STD, in_chans=1
+    )
+    prep = _eval_preprocessing(default, base, cfg)
+    files = fashion_mnist.locate(cfg.data_dir)
+    classes = fashion_mnist.CLASS_NAMES
+    # Eval goes through Preprocessing.eval_transform, which accepts uint8 tensors as well as PIL images.
+    val = fashion_mnist.InMemoryImages(*fashion_mnist.load_split(files, "test"), classes, prep.eval_transform())
+    train = None
+    if need_train:
+        images, labels = fashion_mnist.load_split(files, "train")
+        transform = SmallImageTrainTransform(cfg, prep, native_size=fashion_mnist.IMAGE_SIZE)
+        train = fashion_mnist.InMemoryImages(images, labels, classes, transform)
+    return DatasetBundle(train, val, len(classes), list(classes), 1, prep, {"in_chans": 1, "stem_stride": 1})
+
+
+def _synthetic(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    # Random tensors fit any weights: follow a given preprocessing's channel count instead of checking it.
+    prep = _eval_preprocessing(base or Preprocessing(), base, cfg)
+    shape = dict(num_classes=cfg.synthetic_classes, input_size=prep.input_size, in_chans=prep.in_chans)
+    val = SyntheticImages(cfg.synthetic_val_samples, split=VAL_SPLIT, **shape)
+    train = SyntheticImages(cfg.synthetic_train_samples, **shape) if need_train else None
+    defaults = {} if prep.in_chans == 3 else {"in_chans": prep.in_chans}
+    return DatasetBundle(train, val, cfg.synthetic_classes, list(val.classes), prep.in_chans, prep, defaults)
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """default_collate of the items that are not None -> (images [B, C, H, W], targets [B] int64, skipped).
+
+    When every item of the batch is None, images and targets are empty (B = 0): skip the step.
+    """
+    kept = [item for item in batch if item is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = default_collate(kept)
+    return images, torch.as_tensor(targets, dtype=torch.long), skipped

@@ -1,0 +1,135 @@
+"""A folder in ImageNet layout (`train/<class>/*`, `val/<class>/*`) through a tolerant torchvision ImageFolder.
+
+Any image mode (L, RGBA, P, CMYK, 16-bit "I;16", ...) is converted to RGB when it is read.  A file that can't
+be decoded (truncated, empty, not an image) becomes a `None` item plus one warning naming the file, which
+`collate_skipping` drops and counts; with `strict=True` it is a `UserError` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..errors import UserError
+from ..preprocessing import ConvertMode
+
+logger = logging.getLogger(__name__)
+
+#: What PIL raises for a file it can't decode (open() raises UnidentifiedImageError, an OSError;
+#: load() raises OSError for truncation and SyntaxError/struct/zlib errors for corrupt chunks; a header that
+#: claims a gigantic size raises DecompressionBombError).
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
+)
+
+LAYOUT_HINT = "expected ImageNet layout: DIR/train/<class>/<image>, DIR/val/<class>/<image>"
+
+
+class TolerantImageFolder(ImageFolder):
+    """`torchvision.datasets.ImageFolder` that converts every image to `mode` and survives broken files.
+
+    Items are `(transform(image), class_index)`, or `None` for a file that can't be decoded.
+    Hidden folders (".ipynb_checkpoints", ".git", ...) are not classes.  `broken_files` lists the paths
+    this process has failed to read (each is warned about once per process).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, transform: Callable | None = None, *, strict: bool = False, mode: str = "RGB"
+    ) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"image folder not found: {root} ({LAYOUT_HINT})")
+        self.strict = strict
+        self.convert = ConvertMode(mode)
+        self.broken_files: set[str] = set()
+        Image.init()  # register every PIL plugin once, before workers fork
+        super().__init__(str(root), transform=transform, allow_empty=True)
+        empty = sorted(set(self.classes) - {self.classes[target] for target in self.targets})
+        if empty:
+            raise UserError(
+                f"class folder with no images: {_listed([str(root / name) for name in empty], 3)} "
+                f"(supported extensions: {' '.join(IMG_EXTENSIONS)})"
+            )
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        with os.scandir(directory) as entries:
+            classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise UserError(f"no class folders in {directory} ({LAYOUT_HINT})")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def read_image(self, path: str):
+        """The decoded image in `self.convert`'s mode, or None (after one warning) when it can't be decoded."""
+        try:
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                image.load()  # decode now: truncation is only detected here
+            return self.convert(image)
+        except DECODE_ERRORS as error:
+            reason = _describe(path, error)
+            if self.strict:
+                raise UserError(f"unreadable image {path}: {reason} (drop --strict-data to skip such files)") from None
+            if path not in self.broken_files:
+                self.broken_files.add(path)
+                logger.warning("skipping unreadable image %s: %s", path, reason)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, target = self.samples[index]
+        image = self.read_image(path)
+        if image is None:
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def _listed(names: list[str], most: int) -> str:
+    """'a, b, c and 4 more'."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _describe(path: str, error: BaseException) -> str:
+    """A short reason for a decode failure (PIL's own messages repeat the file object)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "empty file" if os.path.getsize(path) == 0 else "not an image, or a format PIL can't read"
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_same_classes(train: TolerantImageFolder, val: TolerantImageFolder) -> None:
+    """Val must have exactly the train classes (same names, hence the same label indices)."""
+    if train.classes == val.classes:
+        return
+    missing = sorted(set(train.classes) - set(val.classes))
+    extra = sorted(set(val.classes) - set(train.classes))
+    parts = []
+    if missing:
+        parts.append(f"missing in {val.root}: {_listed(missing, 5)}")
+    if extra:
+        parts.append(f"not in {train.root}: {_listed(extra, 5)}")
+    raise UserError(f"val classes differ from train classes ({'; '.join(parts)})")
+
+
+def split_dirs(root: str | os.PathLike, *, need_train: bool) -> tuple[Path | None, Path]:
+    """(train_dir or None, val_dir) of an ImageNet-layout folder, with a one-line error for what is missing."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data {root} is a file; give 'fashion-mnist', 'synthetic' or a folder ({LAYOUT_HINT})")
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root} (use 'fashion-mnist', 'synthetic' or a folder; {LAYOUT_HINT})")
+    wanted = ("train", "val") if need_train else ("val",)
+    missing = [name for name in wanted if not (root / name).is_dir()]
+    if missing:
+        raise UserError(f"{root} has no {' or '.join(f'{name}/' for name in missing)} folder ({LAYOUT_HINT})")
+    return (root / "train" if need_train else None), root / "val"

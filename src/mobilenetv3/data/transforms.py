@@ -1,0 +1,153 @@
+"""Train-time transform presets (torchvision.transforms.v2); the eval transform is `Preprocessing.eval_transform()`.
+
+Every random choice goes through torch's RNG (v2 transforms use torch.rand/randint only), so a DataLoader
+worker whose torch seed is known produces the same samples again: that is what bit-exact resume relies on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..preprocessing import INTERPOLATIONS, ConvertMode, Preprocessing
+from .config import DataConfig
+
+AUTO_AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
+
+
+def check_transform_settings(cfg: DataConfig) -> None:
+    """One-line UserError for an unknown `data.interpolation` or `data.auto_augment`."""
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise UserError(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {cfg.interpolation!r}")
+    if cfg.auto_augment not in (None, "none", *AUTO_AUGMENT_POLICIES):
+        raise UserError(
+            f"data.auto_augment must be one of {', '.join(AUTO_AUGMENT_POLICIES)} or none, got {cfg.auto_augment!r}"
+        )
+
+
+def _interpolation(cfg: DataConfig):
+    from torchvision.transforms import InterpolationMode
+
+    check_transform_settings(cfg)
+    return InterpolationMode(cfg.interpolation)
+
+
+def auto_augment_transform(cfg: DataConfig):
+    """The AutoAugment (ImageNet policy) / RandAugment / TrivialAugmentWide op `cfg.auto_augment` names.
+
+    None for `cfg.auto_augment` None or "none".  Works on PIL images and on uint8 tensors (1 or 3 channels).
+    """
+    from torchvision.transforms import v2
+
+    interpolation = _interpolation(cfg)
+    if cfg.auto_augment in (None, "none"):
+        return None
+    if cfg.auto_augment == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
+    if cfg.auto_augment == "randaugment":
+        return v2.RandAugment(magnitude=cfg.randaugment_magnitude, interpolation=interpolation)
+    return v2.TrivialAugmentWide(interpolation=interpolation)
+
+
+def imagenet_train_transform(cfg: DataConfig, preprocessing: Preprocessing):
+    """The standard ImageNet train transform, for PIL images of any mode.
+
+    RGB conversion, RandomResizedCrop(input_size, scale=(scale_min, 1)), horizontal flip, optional
+    AutoAugment/RandAugment/TrivialAugment, to float, normalise, optional RandomErasing.
+    """
+    from torchvision.transforms import v2
+
+    steps = [
+        ConvertMode("L" if preprocessing.in_chans == 1 else "RGB"),
+        v2.RandomResizedCrop(
+            preprocessing.input_size, scale=(cfg.scale_min, 1.0),
+            interpolation=_interpolation(cfg), antialias=True,
+        ),
+    ]
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    augment = auto_augment_transform(cfg)
+    if augment is not None:
+        steps.append(augment)
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std)]
+    if cfg.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
+    return v2.Compose(steps)
+
+
+class RandomPadCropFlip(torch.nn.Module):
+    """`v2.RandomCrop(size, padding)` + `v2.RandomHorizontalFlip(p)` with an offset and a flip drawn per image.
+
+    Takes one image [C, H, W] or a batch [B, C, H, W]: zero padding, a uniform crop offset and a flip with
+    probability p for each image (the v2 classes would apply one draw to a whole batch), done as one gather.
+    The random draws are the same for one image as for a batch of one, so both give the same crop.
+    """
+
+    def __init__(self, size: int, padding: int, flip_p: float) -> None:
+        super().__init__()
+        self.size, self.padding, self.flip_p = size, padding, flip_p
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
+        count = batch.shape[0]
+        padded = F.pad(batch, [self.padding])
+        height, width = padded.shape[-2:]
+        top = torch.randint(0, height - self.size + 1, (count,))
+        left = torch.randint(0, width - self.size + 1, (count,))
+        flip = torch.rand(count) < self.flip_p
+        if images.dim() == 3:  # one image: plain slicing is several times cheaper than the gather
+            y, x = int(top[0]), int(left[0])
+            crop = padded[0, :, y:y + self.size, x:x + self.size]
+            return crop.flip(-1) if bool(flip[0]) else crop
+        steps = torch.arange(self.size)
+        rows = top[:, None] + steps
+        cols = left[:, None] + torch.where(flip[:, None], self.size - 1 - steps, steps)
+        # advanced indices around a slice: the result is [count, size, size, C]
+        crops = padded[torch.arange(count)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        return crops.permute(0, 3, 1, 2).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, padding={self.padding}, flip_p={self.flip_p}"
+
+
+class SmallImageTrainTransform(torch.nn.Module):
+    """Train transform for small uint8 image tensors, on one image [C, H, W] or a batch [B, C, H, W].
+
+    resize (only when the crop size differs from the stored size) -> per-image pad-crop-flip -> optional
+    auto-augment (per image, uint8) -> float in [0, 1] and normalise -> optional random erasing (per image).
+    On a batch (`InMemoryImages.__getitems__`) the crop, flip and normalisation are single tensor ops.
+    """
+
+    batched = True  # InMemoryImages may call it on a whole batch
+
+    def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, native_size: int) -> None:
+        from torchvision.transforms import v2
+
+        super().__init__()
+        size = preprocessing.input_size
+        self.resize = None
+        if size != native_size:
+            self.resize = v2.Resize(size, interpolation=_interpolation(cfg), antialias=True)
+        self.crop_flip = RandomPadCropFlip(size, padding=max(1, round(size / 14)), flip_p=cfg.hflip)
+        self.augment = auto_augment_transform(cfg)
+        self.mean, self.std = list(preprocessing.mean), list(preprocessing.std)
+        self.erasing = v2.RandomErasing(p=cfg.random_erasing, value=0) if cfg.random_erasing > 0 else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
+        if self.resize is not None:
+            batch = self.resize(batch)
+        batch = self.crop_flip(batch)
+        if self.augment is not None:
+            batch = torch.stack([self.augment(image) for image in batch])
+        batch = F.normalize(F.to_dtype(batch, torch.float32, scale=True), self.mean, self.std)
+        if self.erasing is not None:
+            batch = torch.stack([self.erasing(image) for image in batch])
+        return batch[0] if images.dim() == 3 else batch
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"

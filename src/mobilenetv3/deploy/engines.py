@@ -1,0 +1,174 @@
+"""Inference engines behind `predict` and `bench`: eager PyTorch and ONNX Runtime, plus the export cache.
+
+An engine is a callable `images (N, C, H, W float32 numpy) -> logits (N, classes)`.  ONNX Runtime
+runs an ONNX export of the weights, cached under `cache_dir()` by the weights file's sha256 (and the
+input size), so only the first call on a set of weights pays for the export.
+
+Nothing here imports torch at module level: with a cached export, `predict` runs on ONNX Runtime,
+PIL and numpy alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset / cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cache_dir() -> Path:
+    """$MOBILENETV3_CACHE, else $XDG_CACHE_HOME/mobilenetv3, else ~/.cache/mobilenetv3."""
+    if os.environ.get("MOBILENETV3_CACHE"):
+        return Path(os.environ["MOBILENETV3_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mobilenetv3"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session with full graph optimisation, one intra-op thread per available CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed: pip install 'mobilenetv3[onnx]', or use --engine torch") from None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or available_cpus()
+    options.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # ORT raises its own exception types (InvalidGraph, Fail, NoSuchFile)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"ONNX Runtime cannot load {path}: {first}") from None
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.session = onnxruntime_session(self.path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+
+class TorchEngine:
+    """Eager PyTorch with BatchNorm folded; on a GPU it uses CUDA (and channels_last)."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, *, device: str | None = None) -> None:
+        import torch
+
+        from .fuse import fuse_batchnorm
+
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.memory_format = memory_format
+        self.model = fuse_batchnorm(model).to(self.device, memory_format=memory_format)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        with torch.inference_mode():
+            return self.model(batch).float().cpu().numpy()
+
+
+def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None = None) -> Path:
+    """The path of a verified ONNX export of a weights file / checkpoint, exporting it on first use.
+
+    Keyed by the file's sha256, the input size and `EXPORT_VERSION`; written atomically, so concurrent
+    callers never see a partial file.
+    """
+    from .export import EXPORT_VERSION
+
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise UserError(f"weights file not found: {weights_path}")
+    digest = file_sha256(weights_path)
+    size_tag = f"-{input_size}" if input_size else ""
+    target = cache_dir() / "onnx" / f"{digest[:24]}{size_tag}-v{EXPORT_VERSION}.onnx"
+    if target.is_file():
+        logger.debug("using cached export %s", target)
+        return target
+    from ..weights.io import load_model
+    from .export import ExportFormat, artifact_metadata, export_model
+
+    logger.info("exporting %s to ONNX once (cached at %s)", weights_path, target)
+    model = load_model(weights_path)
+    size = int(input_size or model.preprocessing.input_size)
+    metadata = artifact_metadata(model, model.preprocessing.replace(input_size=size), model.class_names, digest)
+    export_model(model, target, ExportFormat.ONNX, input_size=size, metadata=metadata)
+    return target
+
+
+def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int | None = None,
+                threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Build `name` ("auto", "torch", "onnxruntime") for a weights file, training checkpoint or .onnx file.
+
+    The returned engine has `.metadata` (weights-file vocabulary: preprocessing, class_names, ...).
+    """
+    if name not in ENGINES:
+        raise UserError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    weights_path = Path(weights_path)
+    is_onnx = weights_path.suffix == ".onnx"
+    if name == "auto":
+        name = "onnxruntime" if (is_onnx or onnxruntime_available()) else "torch"
+    if name == "onnxruntime":
+        path = weights_path if is_onnx else cached_onnx_export(weights_path, input_size)
+        if is_onnx and not weights_path.is_file():
+            raise UserError(f"ONNX file not found: {weights_path}")
+        return OnnxRuntimeEngine(path, threads=threads)
+    if is_onnx:
+        raise UserError(f"{weights_path} is an ONNX file: use --engine onnxruntime (or auto)")
+    import torch
+
+    from ..weights.io import load_model
+    from .export import artifact_metadata
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(weights_path)
+    engine = TorchEngine(model)
+    preprocessing = model.preprocessing.replace(input_size=input_size) if input_size else model.preprocessing
+    engine.metadata = artifact_metadata(model, preprocessing, model.class_names)
+    return engine

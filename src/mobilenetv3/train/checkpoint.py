@@ -1,0 +1,132 @@
+"""Training checkpoints: plain data only, written atomically, restored exactly.
+
+A checkpoint is a dict of tensors and plain Python values (it loads with `torch.load(weights_only=True)`):
+
+    model_name, model_kwargs      rebuild the network (`mobilenetv3.load_model` reads these)
+    model, ema                    state dicts (ema is None without EMA); ema_n_averaged
+    optimizer, scheduler, scaler  state dicts
+    epoch                         completed epochs; batch_in_epoch: micro-batches done in the next one
+    step                          optimizer steps so far; epoch_totals: the running sums of that epoch
+    rng                           per rank: python / numpy / torch / cuda generator states
+    sampler                       the seed and position the data order and per-sample augmentation derive from
+    config                        the resolved TrainConfig as a dict
+    preprocessing, class_names    what eval / predict need
+    metrics, best                 the epoch's logged row (epoch-end checkpoints only), the best so far
+    versions                      torch / torchvision / mobilenetv3
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..weights.io import atomic_write, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "mobilenetv3-train"
+FORMAT_VERSION = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's generator states, as plain data (numpy's array becomes a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = states["numpy"]
+    np.random.set_state((
+        numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    """torch.save to a temp file, fsync, rename: a crash (or SIGKILL) leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    payload = load_checkpoint(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path} is not a mobilenetv3 training checkpoint (no format={FORMAT!r}); "
+                        "use --pretrained to start from a weights file")
+    return payload
+
+
+def resolve_resume_path(resume: str, output: str | Path) -> Path:
+    """--resume (no value: "auto") means OUTPUT/checkpoints/last.pt."""
+    path = Path(output) / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
+    if not path.is_file():
+        raise UserError(f"cannot resume: {path} does not exist")
+    return path
+
+
+def check_compatible(payload: dict[str, Any], model_name: str, model_kwargs: dict[str, Any], path: Path) -> None:
+    """A checkpoint resumes only into the same network (anything else is a new run, not a resume)."""
+    if payload["model_name"] != model_name or dict(payload["model_kwargs"]) != dict(model_kwargs):
+        theirs = {**payload["model_kwargs"], "name": payload["model_name"]}
+        ours = {**model_kwargs, "name": model_name}
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff[:3])
+        raise UserError(f"cannot resume from {path}: the model differs ({details})")
+
+
+def restore_modules(
+    payload: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    ema: nn.Module | None,
+) -> None:
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    if ema is not None:
+        if payload.get("ema") is None:
+            logger.warning("the checkpoint has no EMA weights: the EMA starts from the current model")
+            ema.module.load_state_dict(payload["model"])
+        else:
+            ema.module.load_state_dict(payload["ema"])
+            ema.n_averaged.fill_(int(payload.get("ema_n_averaged", 1)))
+
+
+def weights_only_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training checkpoint that `load_model` and `average` need (for epoch_NNNN.pt files)."""
+    keys = ("format", "format_version", "model_name", "model_kwargs", "model", "ema", "epoch", "step",
+            "preprocessing", "class_names", "metrics", "config", "versions")
+    return {key: payload[key] for key in keys if key in payload}
+
+
+def prune_epoch_checkpoints(folder: Path, keep: int) -> None:
+    for stale in sorted(folder.glob("epoch_*.pt"))[:-keep] if keep > 0 else []:
+        stale.unlink()

@@ -1,0 +1,205 @@
+"""torchrun integration: process group, DDP, SyncBN, samplers, and exact distributed validation.
+
+There is no launcher here: `torchrun` (or `python -m torch.distributed.run`) starts the processes and
+sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python -m mobilenetv3 train`
+is world size 1 and never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from ..errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but no CUDA device is available")
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init(device_name: str = "auto") -> DistEnv:
+    """Join the torchrun job if there is one: NCCL on GPU, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        logger.info("distributed: %d processes, backend %s", world_size, backend)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool) -> nn.Module:
+    """SyncBN conversion (keeps state-dict keys) and DDP; returns the module to call in training."""
+    if sync_bn:
+        if env.device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
+        if not env.distributed:
+            logger.warning("--sync-bn has no effect without torchrun (world size 1)")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not env.distributed:
+        return model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: independent of workers, ranks and resume point."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (its shuffle is a pure function of seed + epoch) that can start mid-epoch.
+
+    It yields (index, sample_seed) pairs; `SeededSamples` seeds the RNGs with the second element before
+    the transform runs.  So sample i of epoch e always gets the same crop and flip, whichever worker
+    loads it and whether or not the run was resumed in the middle of the epoch: skipping the first
+    `start` samples then gives bit-identical batches to an uninterrupted run.
+    With one process it is simply a seeded shuffle (num_replicas=1).
+    """
+
+    def __init__(self, dataset: Dataset, env: DistEnv, *, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in list(super().__iter__())[self.start:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+@contextmanager
+def _isolated_rng():
+    """Run with temporarily reseeded RNGs and restore the caller's (matters when workers=0)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededSamples(Dataset):
+    """dataset[(index, seed)] = dataset[index] computed with torch / random / numpy seeded by `seed`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with _isolated_rng():
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            return self.dataset[index]
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r gets indices r, r + W, r + 2W, ...: every sample exactly once, no padding, no duplicates.
+
+    (DistributedSampler pads the last shard with repeated samples, which would count some images twice.)
+    """
+
+    def __init__(self, length: int, env: DistEnv) -> None:
+        self.indices = range(env.rank, length, env.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum plain numbers across ranks (float64, so counts stay exact)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_gather_objects(value):
+    """[value of rank 0, value of rank 1, ...] (a one-element list without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(value, src: int = 0):
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

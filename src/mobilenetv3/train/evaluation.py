@@ -1,0 +1,75 @@
+"""Evaluate a weights file or a training checkpoint on a dataset (the library side of `mobilenetv3 eval`).
+
+On a training checkpoint the data settings, preprocessing and batch size are the run's own, so the
+numbers reproduce what training logged for that checkpoint; on a weights file the stored preprocessing
+is used.  `input_size` / `crop_pct` override either.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import DataConfig, build_datasets, collate_skipping
+from ..errors import UserError
+from ..weights.io import SAFETENSORS_SUFFIXES, build_model, load_checkpoint, read_weights
+from .distributed import DistEnv, resolve_device
+from .loop import StepSettings, evaluate
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_file(
+    path: str | Path,
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+    ema: bool = False,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    limit_batches: int | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    path = Path(path)
+    weights = read_weights(path, ema=ema)
+    train_config: dict[str, Any] = {}
+    if path.suffix not in SAFETENSORS_SUFFIXES:
+        payload = load_checkpoint(path)
+        train_config = payload.get("config") or {}
+    known = {f.name for f in fields(DataConfig)}
+    data_cfg = DataConfig(**{k: v for k, v in train_config.get("data", {}).items() if k in known})
+    data_cfg.dataset = dataset
+    if data_dir is not None:
+        data_cfg.data_dir = data_dir
+    if workers is not None:
+        data_cfg.workers = workers
+    data_cfg.input_size = input_size if input_size is not None else weights.preprocessing.input_size
+    data_cfg.crop_pct = crop_pct if crop_pct is not None else weights.preprocessing.crop_pct
+    bundle = build_datasets(data_cfg, need_train=False, preprocessing=weights.preprocessing)
+
+    model = build_model(weights)
+    num_classes = int(weights.model_kwargs.get("num_classes", 1000))
+    if num_classes != bundle.num_classes:
+        raise UserError(f"{path} predicts {num_classes} classes but {dataset!r} has {bundle.num_classes}")
+    if weights.class_names and list(weights.class_names) != list(bundle.class_names):
+        logger.warning("the class names of %s differ from the dataset's; labels are compared by index", path)
+
+    env = DistEnv(device=resolve_device(device, 0))
+    model.to(env.device)
+    batch_size = batch_size or int(train_config.get("batch_size", 64))
+    loader = DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=data_cfg.workers,
+                        collate_fn=collate_skipping, pin_memory=env.device.type == "cuda")
+    settings = StepSettings(device=env.device, amp_dtype=None, channels_last=False, accumulation_steps=1,
+                            grad_clip_norm=None, label_smoothing=0.0, num_classes=bundle.num_classes)
+    with torch.inference_mode(False):
+        result = evaluate(model, loader, settings, num_batches=limit_batches, env=env, progress_label="eval")
+    result.update(checkpoint=str(path), ema=ema, preprocessing=bundle.preprocessing.to_dict(),
+                  logged=weights.extra.get("metrics"))
+    return result

@@ -1,0 +1,374 @@
+"""`run(config) -> summary`: data -> model -> optimizer -> resume -> epochs of train / validate / record.
+
+This is the library entry point of `mobilenetv3 train`; it never reads argv.  Under torchrun every
+process calls it; only rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import UserError
+from . import checkpoint as ckpt
+from . import distributed
+from .config import BEST_METRICS, TrainConfig, dump_yaml, to_dict
+from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
+from .loop import StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
+from .metrics import MetricsWriter
+from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
+from .regularization import DropBlockSchedule, ModelEma, build_mix
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and git commit of the code that made a run (written into config.yaml)."""
+    import torchvision
+
+    from .. import __version__
+
+    source = Path(__file__).resolve().parent
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "mobilenetv3": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(), "git_commit": commit, "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(config: TrainConfig, env: DistEnv) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: a few CUDA kernels have no deterministic version; on CPU every op used here has one.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    # Each rank draws its own dropout / mixup randomness; model init is broadcast from rank 0 by DDP.
+    seed_everything(config.seed + env.rank)
+
+
+def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
+    """Model kwargs: what the data implies (e.g. in_chans=1), then the config's explicit values."""
+    cfg = config.model
+    if cfg.num_classes is not None and cfg.num_classes != bundle.num_classes:
+        raise UserError(
+            f"model.num_classes={cfg.num_classes} but the dataset {config.data.dataset!r} has "
+            f"{bundle.num_classes} classes"
+        )
+    if cfg.in_chans is not None and cfg.in_chans != bundle.in_chans:
+        raise UserError(f"model.in_chans={cfg.in_chans} but the dataset has {bundle.in_chans}-channel images")
+    kwargs = dict(bundle.model_defaults)
+    for key in ("in_chans", "stem_stride", "width_mult", "bn_eps", "bn_momentum"):
+        if getattr(cfg, key) is not None:
+            kwargs[key] = getattr(cfg, key)
+    kwargs.update(num_classes=bundle.num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    return kwargs
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Start from any weights file or checkpoint; a classifier of another class count is replaced."""
+    from ..weights.io import load_state_dict_checked, read_weights
+
+    weights = read_weights(path)
+    own = model.state_dict()
+    state = dict(weights.state_dict)
+    classifier = [key for key in own if key.startswith("classifier.")]
+    if any(key in state and state[key].shape != own[key].shape for key in classifier):
+        previous = state.get("classifier.weight", torch.empty(0)).shape[0]
+        logger.info("pretrained %s: replacing the %d-class classifier with a new %d-class one",
+                    path, previous, own["classifier.weight"].shape[0])
+        for key in classifier:
+            state[key] = own[key]
+    load_state_dict_checked(model, state, source=str(path))
+
+
+def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+    from ..data import collate_skipping
+
+    common = dict(
+        num_workers=config.data.workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=config.data.workers > 0,
+        collate_fn=collate_skipping,
+    )
+    train_sampler = ResumableSampler(bundle.train, env, seed=config.seed)
+    # A private generator: creating a loader iterator must not consume the global torch RNG, or a
+    # resumed run's dropout / mixup draws would shift relative to an uninterrupted one.
+    train_loader = DataLoader(SeededSamples(bundle.train), batch_size=config.batch_size, sampler=train_sampler,
+                              drop_last=True, generator=torch.Generator().manual_seed(config.seed), **common)
+    val_loader = DataLoader(bundle.val, batch_size=config.batch_size, sampler=ShardSampler(len(bundle.val), env),
+                            generator=torch.Generator().manual_seed(config.seed), **common)
+    return train_loader, train_sampler, val_loader
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train as `config` says; returns a summary dict (also logged as the final line)."""
+    env = distributed.init(config.device)
+    try:
+        return Trainer(config, env).fit()
+    finally:
+        distributed.shutdown()
+
+
+class Trainer:
+    """Holds what one run builds; `fit` is the epoch loop.  Built in the order data -> model -> optim -> resume."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+        from ..data import build_datasets
+        from ..models.registry import create_model
+        from ..weights.io import model_description
+
+        self.config, self.env = config, env
+        self.output = Path(config.output)
+        self.log = logger.info if env.is_main else (lambda *args, **kwargs: None)
+        setup_runtime(config, env)
+        if env.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+
+        # 1. data
+        self.bundle = bundle = build_datasets(config.data)
+        self.log("data: %s", bundle.describe())
+        self.train_loader, self.train_sampler, self.val_loader = build_loaders(config, bundle, env)
+        accumulate = config.optim.accumulation_steps
+        batches = len(self.train_loader)
+        if config.limit_train_batches is not None:
+            batches = min(batches, config.limit_train_batches)
+        self.batches_per_epoch = batches // accumulate * accumulate
+        self.steps_per_epoch = self.batches_per_epoch // accumulate
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"the training set ({len(bundle.train)} samples over {env.world_size} process(es)) gives no full "
+                f"step at batch_size={config.batch_size} x accumulation_steps={accumulate}"
+            )
+
+        # 2. model (+ pretrained weights, EMA copy, DropBlock hooks)
+        model = create_model(config.model.name, **model_kwargs_for(config, bundle))
+        if config.model.pretrained:
+            load_pretrained(model, config.model.pretrained)
+        self.model_name, self.model_kwargs = model_description(model)
+        model.to(env.device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = ModelEma(model, config.ema) if config.ema.enabled else None
+        total_steps = self.steps_per_epoch * config.epochs
+        self.dropblock = (DropBlockSchedule(model, config.regularization, total_steps)
+                          if config.regularization.dropblock_prob > 0 else None)
+        self.mix = build_mix(config.regularization, bundle.num_classes)
+
+        # 3. optimizer and per-step schedule; lr scales with the global batch
+        self.global_batch = config.batch_size * env.world_size * accumulate
+        self.base_lr = scaled_lr(config.optim, self.global_batch)
+        self.optimizer = build_optimizer(model, config.optim, self.base_lr)
+        self.schedule = Schedule(config.schedule, self.base_lr, self.steps_per_epoch, config.epochs)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.amp == "fp16")
+        self.settings = StepSettings(
+            device=env.device, amp_dtype=AMP_DTYPES[config.amp], channels_last=config.channels_last,
+            accumulation_steps=accumulate, grad_clip_norm=config.optim.grad_clip_norm,
+            label_smoothing=config.regularization.label_smoothing, num_classes=bundle.num_classes,
+        )
+        self.log("model %s (%s params), global batch %d, lr %.4g (%s at %s images), %d steps/epoch",
+                 self.model_name, f"{sum(p.numel() for p in model.parameters()):,}", self.global_batch,
+                 self.base_lr, config.optim.lr, config.optim.lr_base_batch or "any", self.steps_per_epoch)
+
+        # 4. resume
+        self.state = TrainState()
+        if config.resume:
+            self._resume(ckpt.resolve_resume_path(config.resume, self.output))
+
+        # DDP / SyncBN / compile wrap last: checkpoints and EMA always use the plain module.
+        self.train_model = distributed.wrap_model(model, env, config.sync_bn)
+        if config.sync_bn and env.distributed:
+            self.model = distributed.unwrap(self.train_model)
+        if config.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.metrics = MetricsWriter(self.output, enabled=env.is_main, reference_top1=config.reference_top1,
+                                     reference_label=config.reference_label,
+                                     title=f"{self.model_name} on {config.data.dataset}")
+        if config.resume:
+            self.metrics.truncate_after(self.state.epoch)
+        if env.is_main:
+            config_text = dump_yaml(config, {**provenance(), "world_size": env.world_size})
+            (self.output / "config.yaml").write_text(config_text)
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def _resume(self, path: Path) -> None:
+        payload = ckpt.load(path)
+        ckpt.check_compatible(payload, self.model_name, self.model_kwargs, path)
+        sampler = payload["sampler"]
+        if payload["batch_in_epoch"] and (sampler["world_size"] != self.env.world_size
+                                          or sampler["batch_size"] != self.config.batch_size):
+            raise UserError(
+                f"cannot resume {path} mid-epoch with a different world size or batch size "
+                f"(checkpoint: {sampler['world_size']} x {sampler['batch_size']}, now: "
+                f"{self.env.world_size} x {self.config.batch_size}); resume from an epoch-end checkpoint"
+            )
+        ckpt.restore_modules(payload, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                             scaler=self.scaler, ema=self.ema)
+        self.state = TrainState(
+            epoch=payload["epoch"], batch_in_epoch=payload["batch_in_epoch"], step=payload["step"],
+            totals=EpochTotals(**payload["epoch_totals"]),
+            best_value=payload["best"]["value"], best_epoch=payload["best"]["epoch"],
+        )
+        if self.dropblock is not None:
+            self.dropblock.step(self.state.step)
+        per_rank = payload["rng"]
+        ckpt.restore_rng(per_rank[self.env.rank] if len(per_rank) == self.env.world_size else per_rank[0])
+        self.log("resumed from %s: epoch %d, batch %d, step %d", path, self.state.epoch,
+                 self.state.batch_in_epoch, self.state.step)
+
+    def checkpoint_payload(self, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything needed to continue exactly; a collective call under DDP (RNG states are gathered)."""
+        from ..weights.io import model_description  # noqa: F401  (kwargs computed once in __init__)
+
+        state = self.state
+        rng = distributed.all_gather_objects(ckpt.capture_rng())
+        return {
+            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
+            "model_name": self.model_name, "model_kwargs": self.model_kwargs,
+            "model": ckpt.cpu_state_dict(self.model),
+            "ema": ckpt.cpu_state_dict(self.ema.module) if self.ema is not None else None,
+            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
+            "epoch_totals": vars(state.totals).copy(),
+            "best": {"metric": self.config.checkpoint.best_metric, "value": state.best_value,
+                     "epoch": state.best_epoch},
+            "rng": rng,
+            "sampler": {"seed": self.config.seed, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                        "batch_size": self.config.batch_size, "world_size": self.env.world_size,
+                        "scheme": "DistributedSampler(seed + epoch) order; per-sample augmentation seed "
+                                  "SeedSequence([seed, epoch, index]), independent of workers"},
+            "config": to_dict(self.config),
+            "preprocessing": self.bundle.preprocessing.to_dict(), "class_names": list(self.bundle.class_names),
+            "metrics": metrics,
+            "versions": {"torch": str(torch.__version__)},
+        }
+
+    def _save_mid_epoch(self, state: TrainState) -> None:
+        every = self.config.checkpoint.every_steps
+        if every and state.step % every == 0 and state.batch_in_epoch < self.batches_per_epoch:
+            payload = self.checkpoint_payload(None)
+            if self.env.is_main:
+                ckpt.save(self.output / "checkpoints" / "last.pt", payload)
+
+    def _is_better(self, value: float) -> bool:
+        if self.state.best_value is None:
+            return True
+        larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
+        return value > self.state.best_value if larger_is_better else value < self.state.best_value
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        config, env, state = self.config, self.env, self.state
+        started = time.perf_counter()
+        row: dict[str, Any] = {}
+        for epoch in range(state.epoch, config.epochs):
+            # Mixup / cutmix can be switched off for the last epochs (clean images to finish on).
+            mix_on = self.mix is not None and epoch < config.epochs - config.regularization.mix_off_last_epochs
+            self.train_sampler.set_position(epoch, state.batch_in_epoch * config.batch_size)
+            bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch // config.optim.accumulation_steps,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not env.is_main,
+                       dynamic_ncols=True, leave=False)
+            totals = train_one_epoch(
+                self.train_model, self.train_loader, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, settings=self.settings, state=state, num_batches=self.batches_per_epoch,
+                mix=self.mix if mix_on else None, ema=self.ema, dropblock=self.dropblock,
+                on_step_end=self._save_mid_epoch, env=env, progress=bar,
+            )
+            bar.close()
+            train_loss_sum, train_correct, train_samples, train_skipped = distributed.all_reduce_sum(
+                [totals.loss_sum, totals.correct, totals.samples, totals.skipped], env.device)
+            val = evaluate(self.model, self.val_loader, self.settings, num_batches=config.limit_val_batches,
+                           env=env, progress_label="validate")
+            row = {
+                "epoch": epoch + 1, "step": state.step, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": train_loss_sum / max(train_samples, 1),
+                "train_top1": 100.0 * train_correct / max(train_samples, 1),
+                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                "val_samples": val["samples"],
+            }
+            if self.ema is not None:
+                ema_val = evaluate(self.ema.module, self.val_loader, self.settings,
+                                   num_batches=config.limit_val_batches, env=env, progress_label="validate EMA")
+                row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+            row.update(
+                world_size=env.world_size, global_batch=self.global_batch, epoch_time_s=totals.seconds,
+                train_images_per_s=train_samples / max(totals.seconds, 1e-9),
+                skipped_samples=int(train_skipped + val["skipped"]), mixup_cutmix=mix_on,
+            )
+            if self.dropblock is not None:
+                row["dropblock_prob"] = self.dropblock.prob
+            self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s | %.0fs",
+                     epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
+                     row["val_samples"],
+                     f" | EMA top1 {row['ema_val_top1']:.2f}" if self.ema is not None else "", totals.seconds)
+
+            # Epoch done: the next resume point is the start of the next epoch.
+            state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
+            improved = self._is_better(row[config.checkpoint.best_metric])
+            if improved:
+                state.best_value, state.best_epoch = row[config.checkpoint.best_metric], epoch + 1
+            row["best_epoch"] = state.best_epoch
+            # Record first, then checkpoint: a crash in between redoes this epoch, and resume drops the row.
+            self.metrics.record(row)
+            payload = self.checkpoint_payload(row)
+            if env.is_main:
+                folder = self.output / "checkpoints"
+                ckpt.save(folder / "last.pt", payload)
+                if improved:
+                    ckpt.save(folder / "best.pt", payload)
+                if config.checkpoint.keep_last_epochs:
+                    ckpt.save(folder / f"epoch_{epoch + 1:04d}.pt", ckpt.weights_only_checkpoint(payload))
+                    ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs)
+            distributed.barrier()
+        self.metrics.close()
+        summary = {
+            "output": str(self.output), "model": self.model_name, "dataset": config.data.dataset,
+            "epochs": state.epoch, "steps": state.step, "world_size": env.world_size,
+            "best_metric": config.checkpoint.best_metric, "best_value": state.best_value, "best_epoch": state.best_epoch,
+            "final": row, "wall_time_s": time.perf_counter() - started,
+        }
+        if row:
+            self.log("done: %s %.2f%% (best %s %.4g at epoch %s), %d steps in %.0fs -> %s",
+                     "val_top1", row["val_top1"], summary["best_metric"], state.best_value, state.best_epoch,
+                     state.step, summary["wall_time_s"], self.output / "checkpoints")
+        return summary

@@ -1,0 +1,510 @@
+"""Convert torchvision / timm MobileNetV3 state dicts to ours, and back.
+
+Each peer variant is one row of `PEER_VARIANTS`: the peer's own name, the registered model name and
+`MobileNetV3` kwargs that express its layout exactly, and the preprocessing of each published weights
+tag.  Key maps are not written out per variant: `_module_map` walks the resolved network once and names,
+for every module of ours, the peer module holding the same tensors (one function per peer layout).
+
+    converted = convert_state_dict("timm", "tf_mobilenetv3_large_100", peer_state_dict)
+    model = create_model(converted.model_name, **converted.model_kwargs)
+    model.load_state_dict(converted.state_dict)
+
+    peer_arch, peer_state_dict = to_peer("torchvision", model.config, model.state_dict())
+
+Neither peer library is imported here: the tables carry their values.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ..errors import UserError
+from ..models.mobilenetv3 import MobileNetV3
+from ..models.spec import NETWORK_SPECS
+from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+PEERS = ("torchvision", "timm")
+
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+#: Keys of a `MobileNetV3` config that change which tensors exist or what they compute.
+LAYOUT_KWARGS = (
+    "width_mult", "expansion_rule", "fix_stem", "scale_head", "head_bias", "se_round_to_divisor",
+    "padding", "block_repeats", "se_activation_from_block", "first_block_residual", "final_conv_repeats",
+)
+
+# timm builds MobileNetV3 from stages of block definitions; each definition covers some rows of the
+# paper's table and is what its depth multiplier repeats.  Rows per definition, per stage:
+_TIMM_STAGE_DEFS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "large": ((1,), (1, 1), (3,), (1, 1, 2), (2,), (3,)),
+    "small": ((1,), (1, 1), (1, 2), (2,), (3,)),
+}
+
+
+def _timm_stage_defs(arch: str) -> tuple[tuple[int, ...], ...]:
+    return _TIMM_STAGE_DEFS[arch.replace("_minimal", "")]
+
+
+def timm_block_repeats(arch: str, depth_multiplier: float) -> list[int] | None:
+    """Per-row repeats (our `block_repeats`) equal to timm's `decode_arch_def(depth_multiplier=...)`.
+
+    timm scales each stage's total with ceil, then hands the extra blocks out from the last definition
+    backwards; a definition's extra blocks are copies of its last row.
+    """
+    if depth_multiplier == 1.0:
+        return None
+    if depth_multiplier < 1.0:
+        raise UserError("depth multipliers below 1.0 would drop table rows; only >= 1.0 is supported")
+    repeats: list[int] = []
+    for stage in _timm_stage_defs(arch):
+        remaining, remaining_scaled = sum(stage), int(math.ceil(sum(stage) * depth_multiplier))
+        scaled_per_def = []
+        for rows in reversed(stage):
+            count = max(1, round(rows / remaining * remaining_scaled))
+            scaled_per_def.append(count)
+            remaining, remaining_scaled = remaining - rows, remaining_scaled - count
+        for rows, count in zip(stage, reversed(scaled_per_def)):
+            repeats.extend([1] * (rows - 1) + [count - rows + 1])
+    return repeats
+
+
+@dataclass(frozen=True)
+class PeerVariant:
+    """One MobileNetV3 network a peer library defines, expressed as our model name + kwargs."""
+
+    peer: str
+    name: str
+    model_name: str
+    model_kwargs: dict[str, Any]
+    #: published weights tag -> the preprocessing they were evaluated with (the first is the peer's default)
+    tags: dict[str, Preprocessing] = field(default_factory=dict)
+    #: classifier outputs of a tag when not 1000
+    tag_num_classes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return self.model_kwargs["arch"]
+
+    @property
+    def default_tag(self) -> str | None:
+        return next(iter(self.tags), None)
+
+
+def _prep(crop_pct: float = 0.875, interpolation: str = "bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+          input_size: int = 224) -> Preprocessing:
+    return Preprocessing(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
+
+
+_TORCHVISION_LAYOUT = dict(
+    expansion_rule="scaled_expansion", scale_head=True, bn_eps=1e-3, bn_momentum=0.01, drop_rate=0.2,
+)
+
+
+def _torchvision(name: str, arch: str, tags: dict[str, Preprocessing]) -> PeerVariant:
+    return PeerVariant("torchvision", name, f"mobilenetv3_{arch}_100", {"arch": arch, "width_mult": 1.0,
+                       **_TORCHVISION_LAYOUT}, tags)
+
+
+def _timm(name: str, arch: str, width: float, tags: dict[str, Preprocessing], *, tf: bool = False,
+          depth_multiplier: float = 1.0, tag_num_classes: dict[str, int] | None = None,
+          **layout: Any) -> PeerVariant:
+    kwargs: dict[str, Any] = {
+        "arch": arch, "width_mult": width, "expansion_rule": "from_rounded_input",
+        "fix_stem": width < 0.75, "scale_head": False, "drop_rate": 0.0,
+        # timm: PyTorch's BatchNorm defaults, except TF's eps for the tf_ ports (which also pad like TF).
+        "bn_eps": 1e-3 if tf else 1e-5, "bn_momentum": 0.1, "padding": "same" if tf else "symmetric",
+    }
+    repeats = timm_block_repeats(arch, depth_multiplier)
+    if repeats is not None:
+        kwargs["block_repeats"] = repeats
+        kwargs["final_conv_repeats"] = int(math.ceil(depth_multiplier))  # timm's last stage: one 1x1 conv, scaled
+    kwargs.update(layout)
+    suffix = f"{round(width * 100):03d}"
+    model_name = f"mobilenetv3_{arch}_{suffix}"
+    from ..models.registry import list_models
+
+    if model_name not in list_models():
+        model_name = f"mobilenetv3_{arch}"  # the generic builder (e.g. x1.5): width_mult is in the kwargs
+    return PeerVariant("timm", name, model_name, kwargs, tags, tag_num_classes or {})
+
+
+_TIMM_BICUBIC = _prep(interpolation="bicubic")
+_TF = {"in1k": _prep(mean=INCEPTION_MEAN, std=INCEPTION_STD)}
+_MIIL = _prep(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+PEER_VARIANTS: dict[tuple[str, str], PeerVariant] = {
+    (variant.peer, variant.name): variant
+    for variant in (
+        _torchvision("mobilenet_v3_large", "large", {
+            "IMAGENET1K_V2": _prep(crop_pct=224 / 232),  # torchvision's DEFAULT: resize 232, crop 224
+            "IMAGENET1K_V1": _prep(),  # resize 256, crop 224
+        }),
+        _torchvision("mobilenet_v3_small", "small", {"IMAGENET1K_V1": _prep()}),
+        _timm("mobilenetv3_large_075", "large", 0.75, {"untrained": _prep()}),
+        _timm("mobilenetv3_large_100", "large", 1.0, {
+            "ra_in1k": _TIMM_BICUBIC,
+            "ra4_e3600_r224_in1k": _prep(0.95, "bicubic", INCEPTION_MEAN, INCEPTION_STD),
+            "miil_in21k_ft_in1k": _MIIL,
+            "miil_in21k": _MIIL,
+        }, tag_num_classes={"miil_in21k": 11221}),
+        _timm("mobilenetv3_large_150d", "large", 1.5, {
+            "ra4_e3600_r256_in1k": _prep(0.95, "bilinear", INCEPTION_MEAN, INCEPTION_STD, input_size=256),
+        }, depth_multiplier=1.2),
+        _timm("mobilenetv3_small_050", "small", 0.5, {"lamb_in1k": _TIMM_BICUBIC}),
+        _timm("mobilenetv3_small_075", "small", 0.75, {"lamb_in1k": _TIMM_BICUBIC}),
+        _timm("mobilenetv3_small_100", "small", 1.0, {"lamb_in1k": _TIMM_BICUBIC}),
+        # Ross Wightman's own first port: SE squeeze widths rounded plainly, the SE's activation is the
+        # block's, no residual around the first block, no bias in the head conv, TF's BN eps.
+        _timm("mobilenetv3_rw", "large", 1.0, {"rmsp_in1k": _TIMM_BICUBIC}, bn_eps=1e-3, head_bias=False,
+              se_round_to_divisor=False, se_activation_from_block=True, first_block_residual=False),
+        _timm("tf_mobilenetv3_large_075", "large", 0.75, _TF, tf=True),
+        _timm("tf_mobilenetv3_large_100", "large", 1.0, _TF, tf=True),
+        _timm("tf_mobilenetv3_large_minimal_100", "large_minimal", 1.0, _TF, tf=True),
+        _timm("tf_mobilenetv3_small_075", "small", 0.75, _TF, tf=True),
+        _timm("tf_mobilenetv3_small_100", "small", 1.0, _TF, tf=True),
+        _timm("tf_mobilenetv3_small_minimal_100", "small_minimal", 1.0, _TF, tf=True),
+    )
+}
+
+
+def peer_variants(peer: str | None = None) -> list[PeerVariant]:
+    return [v for v in PEER_VARIANTS.values() if peer is None or v.peer == peer]
+
+
+def _check_peer(peer: str) -> None:
+    if peer not in PEERS:
+        raise UserError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+
+
+def get_variant(peer: str, peer_arch: str) -> tuple[PeerVariant, str | None]:
+    """(variant, tag) for "NAME" or "NAME.TAG" (timm's naming; torchvision tags are its Weights names)."""
+    _check_peer(peer)
+    name, _, tag = peer_arch.partition(".")
+    variant = PEER_VARIANTS.get((peer, name))
+    if variant is None:
+        names = ", ".join(v.name for v in peer_variants(peer))
+        raise UserError(f"unknown {peer} MobileNetV3 {name!r}; choose from {names}")
+    if tag and tag not in variant.tags:
+        raise UserError(f"{peer} {name} has no weights tag {tag!r}; choose from {', '.join(variant.tags)}")
+    return variant, (tag or variant.default_tag)
+
+
+# --- key maps -------------------------------------------------------------------------------------------
+
+def _block_parts(block: torch.nn.Module) -> list[str]:
+    """Our sub-modules of one bneck block that hold tensors, in forward order."""
+    parts = ["expand"] if hasattr(block.expand, "conv") else []  # nn.Identity when the block does not expand
+    parts.append("depthwise")
+    if hasattr(block.se, "fc1"):
+        parts.append("se")
+    parts.append("project")
+    return parts
+
+
+def _final_convs(model: MobileNetV3) -> list[str]:
+    """Our module name(s) of the last 1x1 conv(s): one, or a Sequential of `final_conv_repeats`."""
+    if isinstance(model.final_conv, torch.nn.Sequential):
+        return [f"final_conv.{index}" for index in range(len(model.final_conv))]
+    return ["final_conv"]
+
+
+def _torchvision_module_map(model: MobileNetV3) -> Iterator[tuple[str, str]]:
+    """(our module, torchvision module) pairs; torchvision numbers everything in `features`."""
+    yield "stem.conv", "features.0.0"
+    yield "stem.bn", "features.0.1"
+    for index, block in enumerate(model.blocks):
+        peer = f"features.{index + 1}.block"
+        for position, part in enumerate(_block_parts(block)):
+            if part == "se":
+                yield f"blocks.{index}.se.fc1", f"{peer}.{position}.fc1"
+                yield f"blocks.{index}.se.fc2", f"{peer}.{position}.fc2"
+            else:
+                yield f"blocks.{index}.{part}.conv", f"{peer}.{position}.0"
+                yield f"blocks.{index}.{part}.bn", f"{peer}.{position}.1"
+    last = len(model.blocks) + 1
+    (final_conv,) = _final_convs(model)  # torchvision has exactly one
+    yield f"{final_conv}.conv", f"features.{last}.0"
+    yield f"{final_conv}.bn", f"features.{last}.1"
+    yield "conv_head", "classifier.0"  # a Linear in torchvision: weights are reshaped
+    yield "classifier", "classifier.3"
+
+
+_TIMM_DS = {"depthwise.conv": "conv_dw", "depthwise.bn": "bn1", "project.conv": "conv_pw", "project.bn": "bn2"}
+_TIMM_IR = {"expand.conv": "conv_pw", "expand.bn": "bn1", "depthwise.conv": "conv_dw", "depthwise.bn": "bn2",
+            "project.conv": "conv_pwl", "project.bn": "bn3"}
+
+
+def _timm_block_names(model: MobileNetV3) -> list[str]:
+    """timm's "blocks.STAGE.INDEX" for each of our blocks (stage sizes follow the repeats)."""
+    repeats = model.config.get("block_repeats") or [1] * len(model.spec.blocks)
+    names, row = [], 0
+    for stage_index, stage in enumerate(_timm_stage_defs(model.config["arch"])):
+        count = sum(repeats[row:row + sum(stage)])
+        names.extend(f"blocks.{stage_index}.{i}" for i in range(count))
+        row += sum(stage)
+    return names
+
+
+def _timm_module_map(model: MobileNetV3) -> Iterator[tuple[str, str]]:
+    yield "stem.conv", "conv_stem"
+    yield "stem.bn", "bn1"
+    names = _timm_block_names(model)
+    for index, (block, peer) in enumerate(zip(model.blocks, names)):
+        parts = _block_parts(block)
+        table = _TIMM_IR if "expand" in parts else _TIMM_DS  # timm: DepthwiseSeparable when not expanding
+        for part in parts:
+            if part == "se":
+                yield f"blocks.{index}.se.fc1", f"{peer}.se.conv_reduce"
+                yield f"blocks.{index}.se.fc2", f"{peer}.se.conv_expand"
+            else:
+                yield f"blocks.{index}.{part}.conv", f"{peer}.{table[part + '.conv']}"
+                yield f"blocks.{index}.{part}.bn", f"{peer}.{table[part + '.bn']}"
+    last_stage = len(_timm_stage_defs(model.config["arch"]))
+    for index, final_conv in enumerate(_final_convs(model)):
+        yield f"{final_conv}.conv", f"blocks.{last_stage}.{index}.conv"
+        yield f"{final_conv}.bn", f"blocks.{last_stage}.{index}.bn1"
+    yield "conv_head", "conv_head"
+    yield "classifier", "classifier"
+
+
+_MODULE_MAPS = {"torchvision": _torchvision_module_map, "timm": _timm_module_map}
+
+
+def key_map(peer: str, model: MobileNetV3) -> dict[str, str]:
+    """Every state-dict key of `model` -> the peer's key holding the same tensor."""
+    _check_peer(peer)
+    modules = dict(_MODULE_MAPS[peer](model))
+    out = {}
+    for key in model.state_dict():
+        module, _, leaf = key.rpartition(".")
+        out[key] = f"{modules[module]}.{leaf}"
+    return out
+
+
+def _template(model_kwargs: Mapping[str, Any], num_classes: int, in_chans: int) -> MobileNetV3:
+    """Our network on the meta device: names and shapes, no memory."""
+    kwargs = {k: v for k, v in model_kwargs.items() if k != "arch"}
+    with torch.device("meta"):
+        return MobileNetV3(model_kwargs["arch"], **{**kwargs, "num_classes": num_classes, "in_chans": in_chans})
+
+
+def _peer_shape(our_key: str, shape: torch.Size, peer: str) -> tuple[int, ...]:
+    if peer == "torchvision" and our_key == "conv_head.weight":
+        return tuple(shape[:2])  # Linear(960, 1280) in torchvision, a 1x1 conv here
+    return tuple(shape)
+
+
+# --- state-dict hygiene ---------------------------------------------------------------------------------
+
+#: Where training scripts keep the model's weights inside a checkpoint dict (tried in this order).
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_state_dict(obj: Any, *, key: str | None = None, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The plain state dict inside `obj`: unwraps {"state_dict": ...} / {"model": ...} and strips "module.".
+
+    `key` picks a wrapper entry explicitly (e.g. "state_dict_ema" / "model_ema" for EMA weights).
+    """
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{source} holds a {type(obj).__name__}, not a state dict")
+    if key is not None:
+        if key not in obj:
+            raise UserError(f"{source} has no entry {key!r}; it has {', '.join(map(str, obj)) or 'nothing'}")
+        obj = obj[key]
+    elif not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for candidate in WRAPPER_KEYS:
+            if isinstance(obj.get(candidate), Mapping):
+                obj = obj[candidate]
+                break
+        else:
+            raise UserError(
+                f"{source} is not a state dict and has none of the entries {', '.join(WRAPPER_KEYS)} "
+                f"(it has {', '.join(map(str, list(obj)[:8]))}); pick one with --key"
+            )
+    state_dict = {}
+    for name, value in obj.items():
+        if name == "n_averaged":  # torch.optim.swa_utils.AveragedModel's counter
+            continue
+        for prefix in _STRIP_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"entry {name!r} of {source} is a {type(value).__name__}, not a tensor")
+        state_dict[name] = value
+    return state_dict
+
+
+def _infer_heads(peer: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(num_classes, in_chans) of a peer state dict, read off its classifier and stem shapes."""
+    classifier, stem = {"torchvision": ("classifier.3.weight", "features.0.0.weight"),
+                        "timm": ("classifier.weight", "conv_stem.weight")}[peer]
+    if stem not in state_dict:
+        other = next((p for p in PEERS if p != peer and _looks_like(p, state_dict)), None)
+        hint = f"; it looks like a {other} state dict (use --from {other})" if other else ""
+        raise UserError(f"missing key {stem!r}: not a {peer} MobileNetV3 state dict{hint}")
+    num_classes = int(state_dict[classifier].shape[0]) if classifier in state_dict else 0
+    return num_classes, int(state_dict[stem].shape[1])
+
+
+def _looks_like(peer: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return {"torchvision": "features.0.0.weight", "timm": "conv_stem.weight"}[peer] in state_dict
+
+
+def detect_peer(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """"torchvision" or "timm" by the stem's key, None if neither."""
+    return next((peer for peer in PEERS if _looks_like(peer, state_dict)), None)
+
+
+def matching_variants(peer: str, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the peer's variants whose keys and shapes are exactly those of `state_dict`."""
+    num_classes, in_chans = _infer_heads(peer, state_dict)
+    names = []
+    for variant in peer_variants(peer):
+        template = _template(variant.model_kwargs, num_classes, in_chans)
+        expected = {k: _peer_shape(o, t.shape, peer) for (o, k), t in zip(key_map(peer, template).items(),
+                                                                            template.state_dict().values())}
+        if expected == {k: tuple(v.shape) for k, v in state_dict.items()}:
+            names.append(variant.name)
+    return names
+
+
+# --- conversion -----------------------------------------------------------------------------------------
+
+@dataclass
+class ConvertedWeights:
+    """Everything `save_model` needs: how to build the network, its tensors, its preprocessing."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    preprocessing: Preprocessing
+    source: dict[str, str]
+
+    def build(self) -> MobileNetV3:
+        """Our model with these weights loaded (strict), in eval mode."""
+        from ..models.registry import create_model
+        from .io import load_state_dict_checked
+
+        model = create_model(self.model_name, **self.model_kwargs)
+        load_state_dict_checked(model, self.state_dict, source=f"{self.source['peer']} {self.source['arch']}")
+        model.preprocessing = self.preprocessing
+        return model.eval()
+
+
+def convert_state_dict(peer: str, peer_arch: str, state_dict: Mapping[str, torch.Tensor]) -> ConvertedWeights:
+    """A peer's state dict (of the network named `peer_arch`, optionally "NAME.TAG") in our layout.
+
+    Raises `UserError` naming the first peer key that is missing or has another shape than `peer_arch`
+    needs, or the first key left over.
+    """
+    variant, tag = get_variant(peer, peer_arch)
+    state_dict = unwrap_state_dict(state_dict, source=f"the {peer} state dict")
+    num_classes, in_chans = _infer_heads(peer, state_dict)
+    template = _template(variant.model_kwargs, num_classes, in_chans)
+    converted: dict[str, torch.Tensor] = {}
+    for (our_key, peer_key), expected in zip(key_map(peer, template).items(), template.state_dict().values()):
+        if peer_key not in state_dict:
+            raise UserError(f"missing key {peer_key!r} in the {peer} state dict for {variant.name}"
+                            f"{_variant_hint(peer, state_dict, variant.name)}")
+        value = state_dict[peer_key]
+        if tuple(value.shape) != _peer_shape(our_key, expected.shape, peer):
+            raise UserError(
+                f"shape mismatch for {peer_key!r}: the state dict has {tuple(value.shape)}, {peer} "
+                f"{variant.name} has {_peer_shape(our_key, expected.shape, peer)}"
+                f"{_variant_hint(peer, state_dict, variant.name)}"
+            )
+        converted[our_key] = value.detach().reshape(expected.shape).clone()
+    used = set(key_map(peer, template).values())
+    leftover = [key for key in state_dict if key not in used]
+    if leftover:
+        raise UserError(f"unexpected key {leftover[0]!r} in the {peer} state dict for {variant.name} "
+                        f"({len(leftover)} unused in all){_variant_hint(peer, state_dict, variant.name)}")
+    kwargs = {k: v for k, v in variant.model_kwargs.items() if k != "arch"}
+    kwargs.update(num_classes=num_classes, in_chans=in_chans)
+    preprocessing = variant.tags.get(tag, _prep()) if tag else _prep()
+    if in_chans != preprocessing.in_chans:
+        preprocessing = preprocessing.replace(in_chans=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+    source = {"peer": peer, "arch": variant.name, "tag": tag or ""}
+    return ConvertedWeights(variant.model_name, kwargs, converted, preprocessing, source)
+
+
+def _variant_hint(peer: str, state_dict: Mapping[str, torch.Tensor], wanted: str) -> str:
+    try:
+        matches = [name for name in matching_variants(peer, state_dict) if name != wanted]
+    except UserError:
+        return ""
+    return f" (the tensors fit {peer} {' / '.join(matches)})" if matches else ""
+
+
+def _signature(config: Mapping[str, Any]) -> tuple:
+    """What must agree for two configs to compute the same function from the same tensors (bar BN eps)."""
+    from ..models.mobilenetv3 import _layout
+    from ..models.spec import resolve
+
+    defaults = {name: p.default for name, p in inspect.signature(MobileNetV3.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    full = {**defaults, **config}
+    options = _layout(full)
+    return (full["arch"], resolve(NETWORK_SPECS[full["arch"]], options), options.padding, options.head_bias,
+            int(full["final_conv_repeats"]), int(full["stem_stride"]), int(full["output_stride"]))
+
+
+def peer_variant_for(peer: str, config: Mapping[str, Any], peer_arch: str | None = None) -> PeerVariant:
+    """The peer variant computing the same function as a model with `config` (or check `peer_arch` does)."""
+    _check_peer(peer)
+    ours = _signature(config)
+    candidates = [get_variant(peer, peer_arch)[0]] if peer_arch else peer_variants(peer)
+    for variant in candidates:
+        if _signature(variant.model_kwargs) == ours:
+            return variant
+    described = ", ".join(f"{k}={config[k]}" for k in ("arch", *LAYOUT_KWARGS) if k in config)
+    target = f"{peer} {peer_arch}" if peer_arch else f"any {peer} MobileNetV3"
+    raise UserError(f"this model ({described}) has no equivalent in {target}; "
+                    f"{peer} defines {', '.join(v.name for v in peer_variants(peer))}")
+
+
+def to_peer(
+    peer: str, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, peer_arch: str | None = None,
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(peer model name, state dict that the peer's model of that name loads) for one of our models.
+
+    When our BN eps differs from the peer's, running variances are shifted by the difference, so the peer
+    computes the same outputs in eval mode.
+    """
+    variant = peer_variant_for(peer, config, peer_arch)
+    num_classes, in_chans = int(config.get("num_classes", 1000)), int(config.get("in_chans", 3))
+    if peer == "torchvision" and num_classes == 0:
+        raise UserError("torchvision's MobileNetV3 always has a classifier; this model has num_classes=0")
+    template = _template(variant.model_kwargs, num_classes, in_chans)
+    eps_shift = float(config.get("bn_eps", 1e-3)) - float(variant.model_kwargs["bn_eps"])
+    out: dict[str, torch.Tensor] = {}
+    for (our_key, peer_key), expected in zip(key_map(peer, template).items(), template.state_dict().values()):
+        if our_key not in state_dict:
+            raise UserError(f"missing key {our_key!r} in the model's state dict")
+        value = state_dict[our_key].detach()
+        if tuple(value.shape) != tuple(expected.shape):
+            raise UserError(f"shape mismatch for {our_key!r}: {tuple(value.shape)} vs {tuple(expected.shape)}")
+        if our_key.endswith("running_var") and eps_shift:
+            value = value + eps_shift
+            if (value <= 0).any():
+                raise UserError(f"cannot express BN eps {config.get('bn_eps')} as {peer}'s "
+                                f"{variant.model_kwargs['bn_eps']}: {our_key} would become non-positive")
+        out[peer_key] = value.reshape(_peer_shape(our_key, expected.shape, peer)).clone()
+    return variant.name, out
+
+
+def to_torchvision(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """`to_peer("torchvision", ...)`: load the result into `torchvision.models.<name>()`."""
+    return to_peer("torchvision", config, state_dict)
+
+
+def to_timm(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """`to_peer("timm", ...)`: load the result into `timm.create_model(<name>)`."""
+    return to_peer("timm", config, state_dict)

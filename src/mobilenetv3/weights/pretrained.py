@@ -1,0 +1,270 @@
+"""Pretrained weights by name: the peers' published files, downloaded through torch.hub's cache.
+
+`create_model(name, pretrained=...)` accepts:
+
+* ``True``: this model's default published weights (torchvision's where it has them, else timm's);
+* ``"torchvision"``, ``"timm"`` or ``"tf"`` (timm's ports of the TF reference weights), optionally with a
+  weights tag: ``"torchvision.IMAGENET1K_V1"``, ``"timm.miil_in21k_ft_in1k"``;
+* a peer's own name, optionally tagged: ``"mobilenetv3_rw"``, ``"tf_mobilenetv3_large_100.in1k"``;
+* a path or URL of one of our weights files (``.safetensors``) or training checkpoints.
+
+Files are fetched with `torch.hub.download_url_to_file` into ``torch.hub.get_dir()/checkpoints`` and
+checked against the SHA-256 prefix their published file name carries (torchvision's and timm's naming),
+then converted with `weights.convert`.  The model must have the peer's layout: `pretrained_kwargs` gives
+the constructor kwargs that `create_model` merges in before building.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .convert import PEER_VARIANTS, PeerVariant, convert_state_dict, get_variant, peer_variant_for
+
+logger = logging.getLogger(__name__)
+
+_TORCHVISION = "https://download.pytorch.org/models/"
+_TIMM_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/"
+_HF = "https://huggingface.co/timm/"
+
+#: (peer, peer model name, tag) -> published URL.  A "-<hex>." in the file name is the first hex digits
+#: of the file's SHA-256 (torch.hub's convention), checked on download.
+PUBLISHED_URLS: dict[tuple[str, str, str], str] = {
+    ("torchvision", "mobilenet_v3_large", "IMAGENET1K_V1"): _TORCHVISION + "mobilenet_v3_large-8738ca79.pth",
+    ("torchvision", "mobilenet_v3_large", "IMAGENET1K_V2"): _TORCHVISION + "mobilenet_v3_large-5c1a4163.pth",
+    ("torchvision", "mobilenet_v3_small", "IMAGENET1K_V1"): _TORCHVISION + "mobilenet_v3_small-047dcff4.pth",
+    ("timm", "mobilenetv3_large_100", "ra_in1k"):
+        _TIMM_RELEASES + "v0.1-weights/mobilenetv3_large_100_ra-f55367f5.pth",
+    ("timm", "mobilenetv3_large_100", "miil_in21k_ft_in1k"):
+        _TIMM_RELEASES + "v0.1-tresnet/mobilenetv3_large_100_1k_miil_78_0-66471c13.pth",
+    ("timm", "mobilenetv3_large_100", "miil_in21k"):
+        _TIMM_RELEASES + "v0.1-tresnet/mobilenetv3_large_100_in21k_miil-d71cc17b.pth",
+    # Published on the Hugging Face hub only, without a hash in the name: downloaded unverified.
+    ("timm", "mobilenetv3_large_100", "ra4_e3600_r224_in1k"):
+        _HF + "mobilenetv3_large_100.ra4_e3600_r224_in1k/resolve/main/model.safetensors",
+    ("timm", "mobilenetv3_large_150d", "ra4_e3600_r256_in1k"):
+        _HF + "mobilenetv3_large_150d.ra4_e3600_r256_in1k/resolve/main/model.safetensors",
+    ("timm", "mobilenetv3_small_050", "lamb_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_small_050_lambc-4b7bbe87.pth",
+    ("timm", "mobilenetv3_small_075", "lamb_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_small_075_lambc-384766db.pth",
+    ("timm", "mobilenetv3_small_100", "lamb_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_small_100_lamb-266a294c.pth",
+    ("timm", "mobilenetv3_rw", "rmsp_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_100-35495452.pth",
+    ("timm", "tf_mobilenetv3_large_075", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_large_075-150ee8b0.pth",
+    ("timm", "tf_mobilenetv3_large_100", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_large_100-427764d5.pth",
+    ("timm", "tf_mobilenetv3_large_minimal_100", "in1k"):
+        _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_large_minimal_100-8596ae28.pth",
+    ("timm", "tf_mobilenetv3_small_075", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_small_075-da427f52.pth",
+    ("timm", "tf_mobilenetv3_small_100", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_small_100-37f49e2b.pth",
+    ("timm", "tf_mobilenetv3_small_minimal_100", "in1k"):
+        _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_small_minimal_100-922a7843.pth",
+}
+
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub.HASH_REGEX, but at least 8 digits
+_SOURCE_ORDER = ("torchvision", "timm", "tf")
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Published weights: which peer network and tag, and where the file is."""
+
+    variant: PeerVariant
+    tag: str
+    url: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.peer} {self.variant.name}.{self.tag}"
+
+    @property
+    def file_name(self) -> str:
+        """Name in the hub cache: the published one, or "<name>.<tag>.<ext>" when that is generic."""
+        name = os.path.basename(urlparse(self.url).path)
+        if _HASH_IN_NAME.search(name):
+            return name
+        return f"{self.variant.name}.{self.tag}{Path(name).suffix}"
+
+
+def _kind(variant: PeerVariant) -> str:
+    if variant.peer == "torchvision":
+        return "torchvision"
+    return "tf" if variant.name.startswith("tf_") else "timm"
+
+
+def _published(variant: PeerVariant, tag: str) -> PretrainedSource | None:
+    url = PUBLISHED_URLS.get((variant.peer, variant.name, tag))
+    return PretrainedSource(variant, tag, url) if url else None
+
+
+def _candidates(model_name: str) -> list[PeerVariant]:
+    """Peer variants with published weights for this model name, in the order `pretrained=True` tries them."""
+    from ..models.registry import get_entry
+
+    arch = get_entry(model_name).arch
+    found = [v for v in PEER_VARIANTS.values() if any(_published(v, t) for t in v.tags)]
+    exact = [v for v in found if v.model_name == model_name]
+    # Same name first (timm's mobilenetv3_large_100 before its mobilenetv3_rw), then by source kind.
+    exact.sort(key=lambda v: (_SOURCE_ORDER.index(_kind(v)), v.name != model_name and v.name != f"tf_{model_name}"))
+    generic = [v for v in found if v.model_name != model_name and v.arch == arch and model_name == f"mobilenetv3_{arch}"]
+    return exact + generic
+
+
+def is_location(pretrained: str) -> bool:
+    """Whether `pretrained` names a file (path or URL) rather than published weights."""
+    return "://" in pretrained or os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in (
+        ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def resolve_source(model_name: str, pretrained: bool | str) -> PretrainedSource:
+    """The published weights `pretrained` (True, "torchvision", "timm.TAG", "tf_mobilenetv3_...", ...) selects."""
+    candidates = _candidates(model_name)
+    if not candidates:
+        raise UserError(f"no published weights for {model_name}; pretrained=<path> loads your own weights file")
+    choices = sorted({_kind(v) for v in candidates} | {v.name for v in candidates})
+    name, tag = ("", "") if pretrained is True else str(pretrained).partition(".")[::2]
+    matching = [v for v in candidates if pretrained is True or name in (_kind(v), v.name)]
+    if not matching:
+        raise UserError(f"no {name!r} weights for {model_name}; choose from {', '.join(choices)} or a path/URL")
+    variant = matching[0]
+    if tag:
+        get_variant(variant.peer, f"{variant.name}.{tag}")  # an unknown tag is an error naming the known ones
+    tags = [tag] if tag else list(variant.tags)
+    for candidate in tags:
+        source = _published(variant, candidate)
+        if source is not None:
+            return source
+    raise UserError(f"{variant.peer} publishes no weights for {variant.name}.{tags[0]}; published: "
+                    f"{', '.join(t for t in variant.tags if _published(variant, t)) or 'none'}")
+
+
+def pretrained_kwargs(model_name: str, pretrained: bool | str) -> dict[str, Any]:
+    """Constructor kwargs the weights need (the peer's layout, BN eps, num_classes), for `create_model`."""
+    if not pretrained:
+        return {}
+    if isinstance(pretrained, str) and is_location(pretrained):
+        from .io import read_weights
+
+        weights = read_weights(fetch(pretrained))
+        return {k: v for k, v in weights.model_kwargs.items() if k not in ("features_only", "out_indices")}
+    source = resolve_source(model_name, pretrained)
+    kwargs = {k: v for k, v in source.variant.model_kwargs.items() if k != "arch"}
+    kwargs["num_classes"] = source.variant.tag_num_classes.get(source.tag, 1000)
+    return kwargs
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(location: str, *, file_name: str | None = None, progress: bool = True) -> Path:
+    """A local path as is, or a URL downloaded once into torch.hub's cache with its hash checked.
+
+    The expected SHA-256 prefix is the "-<hex>." in the file name, as torch.hub does; a cached file is
+    checked again, so a truncated or tampered cache entry is an error instead of a silent bad model.
+    """
+    if "://" not in location:
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise UserError(f"pretrained weights file not found: {path}")
+        return path
+    file_name = file_name or os.path.basename(urlparse(location).path)
+    if not file_name:
+        raise UserError(f"cannot tell a file name from the URL {location}")
+    match = _HASH_IN_NAME.search(file_name)
+    hash_prefix = match.group(1) if match else None
+    destination = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not destination.is_file():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if hash_prefix is None:
+            logger.warning("%s carries no SHA-256 in its name: downloading it unverified", location)
+        logger.info("downloading %s to %s", location, destination)
+        try:
+            torch.hub.download_url_to_file(location, str(destination), hash_prefix=hash_prefix, progress=progress)
+        except RuntimeError as error:  # torch.hub: 'invalid hash value (expected "...", got "...")'
+            raise UserError(f"download of {location} failed its hash check ({error})") from None
+        except (URLError, OSError, ValueError) as error:
+            raise UserError(f"could not download {location} ({error})") from None
+    elif hash_prefix is not None and not _sha256(destination).startswith(hash_prefix):
+        raise UserError(f"cached {destination} does not match its SHA-256 prefix {hash_prefix}; delete it to re-download")
+    return destination
+
+
+def _read_peer_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from .io import read_safetensors
+
+        return read_safetensors(path)[0]
+    from .io import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """RGB stem weights for another channel count: summed for 1 channel, else tiled and rescaled (as timm)."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str) -> None:
+    """Load published (or local) weights into `model`, built with `pretrained_kwargs(model_name, pretrained)`.
+
+    A different `num_classes` keeps the model's freshly initialised classifier; a different `in_chans`
+    adapts the stem.  Sets `model.preprocessing` to the weights' preprocessing.
+    """
+    from .io import load_state_dict_checked, read_weights
+
+    if isinstance(pretrained, str) and is_location(pretrained):
+        weights = read_weights(fetch(pretrained))
+        state_dict, preprocessing, label = weights.state_dict, weights.preprocessing, str(weights.path)
+        weights_config = {**weights.model_kwargs, "arch": model.config["arch"]}
+    else:
+        source = resolve_source(model_name, pretrained)
+        path = fetch(source.url, file_name=source.file_name)
+        converted = convert_state_dict(source.variant.peer, f"{source.variant.name}.{source.tag}",
+                                       _read_peer_file(path))
+        state_dict, preprocessing, label = converted.state_dict, converted.preprocessing, source.label
+        weights_config = {**converted.model_kwargs, "arch": source.variant.arch}
+        try:
+            peer_variant_for(source.variant.peer, model.config, source.variant.name)
+        except UserError as error:
+            raise UserError(f"{error}; build it with create_model({model_name!r}, pretrained=...) so the "
+                            f"layout kwargs of {label} are applied") from None
+    if float(weights_config.get("bn_eps", model.config["bn_eps"])) != float(model.config["bn_eps"]):
+        logger.warning("%s was trained with BN eps %s; this model uses %s", label, weights_config["bn_eps"],
+                       model.config["bn_eps"])
+    state_dict = dict(state_dict)
+    own = model.state_dict()
+    stem_key = "stem.conv.weight"
+    if state_dict[stem_key].shape[1] != own[stem_key].shape[1]:
+        logger.info("adapting the %d-channel stem of %s to in_chans=%d", state_dict[stem_key].shape[1], label,
+                    own[stem_key].shape[1])
+        state_dict[stem_key] = _adapt_stem(state_dict[stem_key], own[stem_key].shape[1])
+    classifier_keys = [k for k in own if k.startswith("classifier.")]
+    file_classifier = [k for k in state_dict if k.startswith("classifier.")]
+    if [tuple(own[k].shape) for k in classifier_keys] != [tuple(state_dict[k].shape) for k in file_classifier]:
+        logger.info("%s has another classifier; keeping this model's new one (num_classes=%d)", label,
+                    model.num_classes)
+        for key in file_classifier:
+            del state_dict[key]
+        state_dict.update({k: own[k] for k in classifier_keys})
+    load_state_dict_checked(model, state_dict, source=label)
+    in_chans = int(model.config["in_chans"])
+    if preprocessing.in_chans != in_chans:
+        preprocessing = preprocessing.replace(in_chans=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+    model.preprocessing = preprocessing
+    logger.info("loaded pretrained weights %s", label)
