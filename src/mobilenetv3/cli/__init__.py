@@ -44,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run_command(args) or 0)
     except UserError as error:
-        print(f"mobilenetv3 {args.command}: error: {error}", file=sys.stderr)
+        print(f"mobilenetv3 {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mobilenetv3 {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(error: UserError) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        return lines[-1].split("UserError: ", 1)[-1]
+    return " ".join(line.strip() for line in lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import typing
 
 HELP = "train a model (recipes, resume, torchrun DDP)"
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import run as train_run
 
     summary = train_run(config)
-    print(json.dumps({key: summary[key] for key in ("output", "epochs", "steps", "best_metric", "best_value",
-                                                      "best_epoch", "wall_time_s")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary line per job, not per process
+        keys = ("output", "epochs", "steps", "best_metric", "best_value", "best_epoch", "wall_time_s")
+        print(json.dumps({key: summary[key] for key in keys}))
     return 0

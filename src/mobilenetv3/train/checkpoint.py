@@ -18,6 +18,7 @@ A checkpoint is a dict of tensors and plain Python values (it loads with `torch.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
     """torch.save to a temp file, fsync, rename: a crash (or SIGKILL) leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-write leaves its temp file (".last.pt.XXXX.tmp"); one process writes this folder, so
+    # any such file is stale: remove it before it piles up over many preemptions.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
@@ -86,6 +91,17 @@ def resolve_resume_path(resume: str, output: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"cannot resume: {path} does not exist")
     return path
+
+
+def resume_after_restart(resume: str | None, output: str | Path) -> str | None:
+    """`resume`, or "auto" when torchrun restarted the worker group (--max-restarts) after a checkpoint.
+
+    torchrun sets TORCHELASTIC_RESTART_COUNT > 0 in a restarted group: it continues from
+    OUTPUT/checkpoints/last.pt by itself (or starts over if the first group died before writing one).
+    """
+    if resume is not None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return resume
+    return "auto" if (Path(output) / "checkpoints" / "last.pt").is_file() else None
 
 
 def check_compatible(payload: dict[str, Any], model_name: str, model_kwargs: dict[str, Any], path: Path) -> None:

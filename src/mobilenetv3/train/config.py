@@ -196,12 +196,15 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _unknown_key(key: str) -> UserError:
-    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
-    if not close:  # e.g. "lr" for "optim.lr": match on the last component too
-        tail = key.rsplit(".", 1)[-1]
-        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == tail] or difflib.get_close_matches(
-            tail, all_keys(), n=3, cutoff=0.6
-        )
+    keys = all_keys()
+    section, _, tail = key.rpartition(".")
+    # First the same section ("optim.lrr" -> "optim.lr"), then any section with that exact name
+    # ("lr" -> "optim.lr"), then anything close.
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section]
+    close = [f"{section}.{name}" if section else name
+             for name in difflib.get_close_matches(tail, siblings, n=3, cutoff=0.6)]
+    if not close:
+        close = [k for k in keys if k.rpartition(".")[2] == tail] or difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return UserError(f"unknown config key {key!r}{hint}")
 

@@ -33,6 +33,8 @@ class EpochTotals:
     samples: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    #: fp16: optimizer steps the GradScaler skipped because the scaled gradients overflowed (inf / nan).
+    amp_skipped_steps: int = 0
 
 
 @dataclass
@@ -146,8 +148,11 @@ def train_one_epoch(
         if settings.grad_clip_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(optimizer)
         scaler.update()
+        if scale_before is not None and scaler.get_scale() < scale_before:  # update() halves it after a skip
+            totals.amp_skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # per-step schedule: the lr of the next step
         state.step += 1

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..errors import UserError
 from . import checkpoint as ckpt
 from . import distributed
-from .config import BEST_METRICS, TrainConfig, dump_yaml, to_dict
+from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
 from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
 from .loop import StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
 from .metrics import MetricsWriter
@@ -136,6 +136,11 @@ def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train as `config` says; returns a summary dict (also logged as the final line)."""
     env = distributed.init(config.device)
+    resume = ckpt.resume_after_restart(config.resume, config.output)
+    if resume != config.resume:
+        logger.info("torchrun restart %s: resuming from %s/checkpoints/last.pt",
+                    os.environ.get("TORCHELASTIC_RESTART_COUNT"), config.output)
+        config = replace_config(config, resume=resume)
     try:
         return Trainer(config, env).fit()
     finally:
@@ -337,6 +342,12 @@ class Trainer:
             )
             if self.dropblock is not None:
                 row["dropblock_prob"] = self.dropblock.prob
+            if self.scaler.is_enabled():  # fp16: overflowing steps are skipped by the scaler, not fatal
+                row["amp_skipped_steps"] = totals.amp_skipped_steps
+                if totals.amp_skipped_steps and env.is_main:
+                    logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (gradients overflowed); "
+                                   "loss scale now %g", epoch + 1, totals.amp_skipped_steps, self.steps_per_epoch,
+                                   self.scaler.get_scale())
             self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s | %.0fs",
                      epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
                      row["val_samples"],
@@ -353,11 +364,14 @@ class Trainer:
             payload = self.checkpoint_payload(row)
             if env.is_main:
                 folder = self.output / "checkpoints"
-                ckpt.save(folder / "last.pt", payload)
-                if improved:
-                    ckpt.save(folder / "best.pt", payload)
+                # last.pt goes last: it commits the epoch.  Killed before it, a resume redoes the epoch and
+                # rewrites best.pt / epoch_NNNN.pt identically; after it, they already exist.
                 if config.checkpoint.keep_last_epochs:
                     ckpt.save(folder / f"epoch_{epoch + 1:04d}.pt", ckpt.weights_only_checkpoint(payload))
+                if improved:
+                    ckpt.save(folder / "best.pt", payload)
+                ckpt.save(folder / "last.pt", payload)
+                if config.checkpoint.keep_last_epochs:
                     ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs)
             distributed.barrier()
         self.metrics.close()

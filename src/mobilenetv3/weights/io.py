@@ -101,10 +101,33 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as error:
+        full = _disk_full(error, path.parent)  # judged before the partial temp file is removed
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise UserError(f"no space left on device while writing {path}; the previous file is unchanged "
+                            "(free some space, then resume)") from error
         raise
+
+
+#: Below this much free space, a failed write is reported as a full disk: torch.save reports ENOSPC as a
+#: RuntimeError ("unexpected pos ..." / "file write failed") without an errno.
+DISK_FULL_MARGIN_BYTES = 1 << 20
+
+
+def _disk_full(error: BaseException, directory: Path) -> bool:
+    import errno
+    import shutil
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < DISK_FULL_MARGIN_BYTES
+    except OSError:
+        return False
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,0 +1,67 @@
+"""Classify images with a weights file, a training checkpoint or an exported .onnx file.
+
+Each INPUT is an image file or a folder (scanned recursively).  The resize / crop / normalisation
+and the class names come from the weights' metadata (ImageNet's names for a 1000-class model without
+names).  The default engine is ONNX Runtime when installed: the weights are exported to ONNX once and
+the export is cached by the weights' sha256 ($MOBILENETV3_CACHE, default ~/.cache/mobilenetv3).
+Decoding runs in threads, overlapped with inference.
+
+Unreadable images are reported on stderr and skipped.  Exit status: 0 all images classified,
+1 some were skipped, 2 usage error (no images, bad weights file, ...).
+
+examples:
+  mobilenetv3 predict --checkpoint large.safetensors photos/ cat.jpg
+  mobilenetv3 predict --checkpoint large.safetensors --topk 1 --json photos/ > predictions.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "classify image files and folders (top-k, JSON lines)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (recursive)")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="weights file (.safetensors), training checkpoint, or exported .onnx")
+    parser.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per engine call (default 32)")
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="auto (default): onnxruntime if installed, else torch")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: all available CPUs)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 4)")
+    parser.add_argument("--json", action="store_true",
+                        help='one JSON object per image: {"path", "topk": [{"index", "label", "prob"}]}')
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..deploy.engines import make_engine
+    from ..deploy.predict import Skipped, class_names_for, find_images, predict_files
+    from ..errors import UserError
+    from ..preprocessing import Preprocessing
+
+    if args.topk < 1 or args.batch_size < 1:
+        raise UserError(f"--topk and --batch-size must be positive, got {args.topk} and {args.batch_size}")
+    paths = find_images(args.inputs)
+    if not paths:
+        raise UserError(f"no image files found in {' '.join(args.inputs)}")
+    engine = make_engine(args.engine, args.checkpoint, threads=args.threads)
+    metadata = engine.metadata
+    if "preprocessing" not in metadata:
+        raise UserError(f"{args.checkpoint} carries no preprocessing metadata (export it with `mobilenetv3 export`)")
+    preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
+    results = predict_files(paths, engine, preprocessing, class_names=class_names_for(metadata), topk=args.topk,
+                            batch_size=args.batch_size, workers=args.workers)
+    skipped = 0
+    for result in results:
+        if isinstance(result, Skipped):
+            skipped += 1
+            continue
+        print(json.dumps(result.to_dict()) if args.json else result.to_text())
+    if skipped:
+        print(f"mobilenetv3 predict: skipped {skipped} of {len(paths)} images (unreadable)", file=sys.stderr)
+    return 1 if skipped else 0

@@ -1,0 +1,300 @@
+"""Latency / throughput of our model per engine and batch size, side by side with torchvision and timm.
+
+Method (the usual one): every network is warmed up, then timed call by call; the networks being
+compared run interleaved, round by round, so that drift of the machine (clock, other load) hits
+them alike.  Latency is the median and 90th percentile of single calls; throughput is batch / median.
+On a GPU each call is timed with CUDA events after a synchronize.
+
+Every network gets BatchNorm statistics calibrated on the same random batch (`calibrate_batchnorm`):
+freshly initialised MobileNetV3s produce activations that shrink towards denormal floats, which are
+slow on CPUs and would make the comparison depend on the initialisation instead of the code.
+
+"Peak" is the machine's measured dense matmul rate in the same dtype (a large GEMM, timed here), so
+`peak_fraction` says how much of what this machine's BLAS reaches the network reaches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PEERS = ("torchvision", "timm")
+CPU_ENGINES = ("eager", "compile", "onnxruntime")
+GPU_ENGINES = ("eager", "channels-last", "amp-bf16", "amp-fp16", "compile")
+TORCH_ENGINES = ("eager", "compile", "channels-last", "amp-bf16", "amp-fp16")  # peers can run these
+
+
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Set every BatchNorm's running mean/var to the statistics of `images` (a cumulative average over
+    one forward pass in train mode), then return the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average: exactly this batch's statistics
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.eval()
+
+
+def peer_model(peer: str, model_name: str, **kwargs: Any) -> nn.Module:
+    """The peer library's network matching one of our registered names (same arch and width)."""
+    from ..models.registry import get_entry
+
+    entry = get_entry(model_name)
+    width = float(kwargs.get("width_mult", entry.defaults.get("width_mult", 1.0)))
+    num_classes = int(kwargs.get("num_classes", 1000))
+    if entry.arch not in ("large", "small"):
+        raise UserError(f"{peer} has no {entry.arch} MobileNetV3 to compare with")
+    if peer == "torchvision":
+        import torchvision
+
+        build = getattr(torchvision.models, f"mobilenet_v3_{entry.arch}")
+        return build(width_mult=width, num_classes=num_classes)
+    if peer == "timm":
+        import timm
+
+        name = f"mobilenetv3_{entry.arch}_{round(width * 100):03d}"
+        if name not in timm.list_models(name):
+            raise UserError(f"timm has no {name} to compare with")
+        return timm.create_model(name, num_classes=num_classes)
+    raise UserError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (the practical dense peak)."""
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = time_calls(lambda: torch.mm(a, b), device=device, warmup=2, min_repeats=5, min_seconds=seconds)
+    return 2 * size**3 / min(times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_one(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def time_calls(fn: Callable[[], Any], *, device: torch.device, warmup: int, min_repeats: int,
+               min_seconds: float) -> list[float]:
+    return time_interleaved({"fn": fn}, device=device, warmup=warmup, min_repeats=min_repeats,
+                             min_seconds=min_seconds)["fn"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, warmup: int, min_repeats: int,
+                     min_seconds: float) -> dict[str, list[float]]:
+    """Per-call seconds of each function, run round-robin until each has `min_repeats` calls and has
+    been timed for `min_seconds` in total."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while any(len(t) < min_repeats or sum(t) < min_seconds for t in times.values()):
+        for name, fn in fns.items():
+            times[name].append(time_one(fn, device))
+    return times
+
+
+@dataclass
+class BenchRow:
+    network: str  # "ours", "torchvision", "timm"
+    engine: str
+    batch_size: int
+    mode: str  # "inference" or "train"
+    median_ms: float
+    p90_ms: float
+    images_per_s: float
+    gflop_per_image: float
+    peak_fraction: float
+    calls: int
+    speedup: dict[str, float] = field(default_factory=dict)  # peer -> peer median / our median
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _engine_dtype(engine: str) -> torch.dtype:
+    return {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(engine, torch.float32)
+
+
+def _inference_fn(model: nn.Module, engine: str, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:
+    """A no-argument callable running `model` on `images` the way `engine` means."""
+    model = model.eval().to(device)
+    if engine == "onnxruntime":
+        import tempfile
+        from pathlib import Path
+
+        from .engines import OnnxRuntimeEngine
+        from .export import ExportFormat, export_model
+
+        folder = tempfile.mkdtemp(prefix="mobilenetv3-bench-")
+        path = Path(folder) / "model.onnx"
+        export_model(model.cpu(), path, ExportFormat.ONNX, input_size=images.shape[-1], metadata={})
+        session = OnnxRuntimeEngine(path)
+        array = images.cpu().numpy()
+        return lambda: session(array)
+    if engine in ("channels-last", "amp-bf16", "amp-fp16") or (engine == "compile" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    runner: Callable = model
+    if engine == "compile":
+        runner = torch.compile(model)
+    dtype = _engine_dtype(engine)
+
+    def call() -> Any:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return runner(images)
+
+    return call
+
+
+def _train_fn(model: nn.Module, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:
+    """One SGD step (forward, cross-entropy, backward, step) on a fixed batch."""
+    model = model.train().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    num_classes = model(images[:2]).shape[1]
+    targets = torch.randint(0, num_classes, (images.shape[0],), device=device,
+                            generator=torch.Generator(device=device).manual_seed(0))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def benchmark(
+    model_name: str,
+    *,
+    batch_sizes: Sequence[int] = (1, 32),
+    engines: Sequence[str] | None = None,
+    compare: Sequence[str] = (),
+    train: bool = False,
+    resolution: int = 224,
+    device: str | None = None,
+    warmup: int = 3,
+    min_repeats: int = 10,
+    min_seconds: float = 1.0,
+    model_kwargs: dict[str, Any] | None = None,
+) -> list[BenchRow]:
+    """Time our `model_name` (and the peers in `compare`) for every engine and batch size.
+
+    Peers run in every torch engine; ONNX Runtime rows are compared with the peers' eager rows.
+    """
+    from ..models.registry import create_model
+    from ..profile import count_macs
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available")
+    engines = list(engines or (GPU_ENGINES if dev.type == "cuda" else ("eager", "onnxruntime")))
+    known = set(CPU_ENGINES) | set(GPU_ENGINES)
+    for engine in engines:
+        if engine not in known:
+            raise UserError(f"unknown engine {engine!r}; choose from {', '.join(sorted(known))}")
+        if engine in ("channels-last", "amp-bf16", "amp-fp16") and dev.type != "cuda":
+            raise UserError(f"engine {engine} needs a CUDA GPU (CPU engines: {', '.join(CPU_ENGINES)})")
+    if any(b < 1 for b in batch_sizes):
+        raise UserError("batch sizes must be positive")
+    model_kwargs = dict(model_kwargs or {})
+
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.randn(8, 3, resolution, resolution, generator=generator)
+    networks: dict[str, nn.Module] = {"ours": create_model(model_name, **model_kwargs)}
+    for peer in compare:
+        networks[peer] = peer_model(peer, model_name, **model_kwargs)
+    flops = {}
+    for name, network in networks.items():
+        calibrate_batchnorm(network, calibration)
+        flops[name] = 2 * count_macs(network, resolution)
+    peaks = {dtype: measure_peak_flops(dev, dtype) for dtype in {_engine_dtype(e) for e in engines}}
+    logger.info("measured matmul peak on %s: %s", dev,
+                ", ".join(f"{str(d).replace('torch.', '')} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()))
+
+    rows: list[BenchRow] = []
+    jobs = [(engine, "inference") for engine in engines] + ([("eager", "train")] if train else [])
+    for batch in batch_sizes:
+        images = torch.randn(batch, 3, resolution, resolution, generator=generator).to(dev)
+        for engine, mode in jobs:
+            fns: dict[str, Callable[[], Any]] = {}
+            for name, network in networks.items():
+                if name != "ours" and mode == "inference" and engine not in TORCH_ENGINES:
+                    continue
+                net = copy.deepcopy(network)
+                fns[name] = _train_fn(net, images, dev) if mode == "train" else _inference_fn(net, engine, images, dev)
+            logger.info("timing %s %s batch %d: %s", engine, mode, batch, ", ".join(fns))
+            times = time_interleaved(fns, device=dev, warmup=warmup, min_repeats=min_repeats, min_seconds=min_seconds)
+            peak = peaks[_engine_dtype(engine)]
+            for name, calls in times.items():
+                median = statistics.median(calls)
+                work = flops[name] * (3 if mode == "train" else 1)  # backward is ~2x the forward
+                rows.append(BenchRow(
+                    network=name, engine=engine, batch_size=batch, mode=mode, median_ms=median * 1e3,
+                    p90_ms=_percentile(calls, 0.9) * 1e3, images_per_s=batch / median,
+                    gflop_per_image=flops[name] / 1e9, peak_fraction=work * batch / median / peak,
+                    calls=len(calls),
+                ))
+    _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows: list[BenchRow]) -> None:
+    """On our rows: peer median / our median, against the peer in the same engine (else its eager row)."""
+    index = {(r.network, r.engine, r.batch_size, r.mode): r for r in rows}
+    for row in rows:
+        if row.network != "ours":
+            continue
+        for (network, engine, batch, mode), other in index.items():
+            if network == "ours" or batch != row.batch_size or mode != row.mode:
+                continue
+            same = (network, row.engine, batch, mode) in index
+            if engine == row.engine or (not same and engine == "eager"):
+                row.speedup[network] = other.median_ms / row.median_ms
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    peers = sorted({p for r in rows for p in r.speedup})
+    header = (f"{'network':12s} {'engine':13s} {'mode':9s} {'batch':>5s} {'median ms':>10s} {'p90 ms':>9s} "
+              f"{'img/s':>8s} {'% peak':>7s}" + "".join(f" {'vs ' + p:>14s}" for p in peers))
+    lines = [header]
+    for r in rows:
+        ratios = "".join(f" {r.speedup[p]:13.2f}x" if p in r.speedup else f" {'':14s}" for p in peers)
+        lines.append(f"{r.network:12s} {r.engine:13s} {r.mode:9s} {r.batch_size:5d} {r.median_ms:10.2f} "
+                     f"{r.p90_ms:9.2f} {r.images_per_s:8.1f} {100 * r.peak_fraction:6.1f}%{ratios}")
+    return "\n".join(lines)

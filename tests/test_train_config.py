@@ -1,0 +1,148 @@
+"""Training config: recipes load and validate, overrides are typed, unknown keys and bad values are clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mobilenetv3.errors import UserError
+from mobilenetv3.train.config import TrainConfig, all_keys, list_recipes, load_config, set_key, to_dict
+
+RECIPES = ("imagenet-paper", "imagenet-torchvision", "imagenet-timm", "imagenet-seed", "fashion-mnist")
+
+
+def test_every_issue_recipe_is_shipped_and_validates():
+    assert set(RECIPES) <= set(list_recipes())
+    for name in RECIPES:
+        config = load_config(name)
+        assert config.description, name
+
+
+def test_recipes_hold_their_sources_settings():
+    paper = load_config("imagenet-paper")
+    assert (paper.optim.name, paper.optim.lr, paper.optim.lr_base_batch, paper.optim.eps) == ("rmsproptf", 0.1, 4096, 0.001)
+    assert (paper.schedule.name, paper.schedule.step_epochs, paper.schedule.gamma) == ("exponential", 3.0, 0.99)
+    assert paper.optim.weight_decay == 1e-5 and paper.optim.no_decay_norm_and_bias
+    assert (paper.model.drop_rate, paper.regularization.label_smoothing, paper.ema.decay) == (0.2, 0.1, 0.9999)
+    assert paper.ema.enabled and paper.schedule.warmup_epochs > 0 and paper.reference_top1 == 75.2
+
+    tv = load_config("imagenet-torchvision")
+    assert (tv.optim.name, tv.optim.lr, tv.optim.lr_base_batch, tv.optim.weight_decay) == ("rmsprop", 0.064, 1024, 1e-5)
+    assert (tv.schedule.name, tv.schedule.step_epochs, tv.schedule.gamma, tv.epochs) == ("step", 2.0, 0.973, 600)
+    assert (tv.data.auto_augment, tv.data.random_erasing) == ("autoaugment", 0.2)
+
+    timm = load_config("imagenet-timm")
+    assert (timm.optim.name, timm.optim.eps, timm.optim.lr, timm.optim.lr_base_batch) == ("rmsproptf", 0.001, 0.064, 1024)
+    assert (timm.schedule.step_epochs, timm.schedule.gamma, timm.batch_size, timm.epochs) == (2.4, 0.973, 512, 600)
+    assert (timm.data.auto_augment, timm.data.randaugment_magnitude, timm.data.random_erasing) == ("randaugment", 9, 0.2)
+    assert timm.model.drop_path_rate == 0.2 and timm.ema.enabled and timm.ema.decay == 0.9999
+
+    seed = load_config("imagenet-seed")
+    assert (seed.optim.name, seed.optim.nesterov, seed.schedule.name, seed.schedule.cyclic_mode) == (
+        "sgd", True, "cyclic", "triangular2")
+    assert (seed.regularization.mixup_alpha, seed.regularization.label_smoothing) == (0.2, 0.1)
+    assert seed.regularization.dropblock_prob > 0
+
+    fm = load_config("fashion-mnist")
+    assert fm.data.dataset == "fashion-mnist" and fm.reference_top1 == 95.0
+
+
+def test_overrides_are_typed_for_every_key():
+    config = TrainConfig()
+    flat = to_dict(config)
+    for key in all_keys():
+        value = flat
+        for part in key.split("."):
+            value = value[part]
+        if value is None:
+            text = "null"
+        elif isinstance(value, str):
+            text = value
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        set_key(config, key, text)  # every key accepts its own value written as on the command line
+    assert to_dict(config) == flat
+
+    config = load_config(overrides=[("optim.lr", "0.5"), ("epochs", "3"), ("ema.enabled", "true"),
+                                    ("schedule.milestones", "10,20"), ("model.num_classes", "none"),
+                                    ("optim.betas", "[0.8, 0.99]"), ("data.input_size", "64")])
+    assert config.optim.lr == 0.5 and config.epochs == 3 and config.ema.enabled is True
+    assert config.schedule.milestones == [10.0, 20.0] and config.model.num_classes is None
+    assert config.optim.betas == (0.8, 0.99) and config.data.input_size == 64
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("optim.lrr", "unknown config key 'optim.lrr'; did you mean optim.lr?"),
+    ("lr", "unknown config key 'lr'; did you mean optim.lr?"),
+    ("schedule.warmup", "unknown config key 'schedule.warmup'; did you mean schedule.warmup_epochs"),
+    ("regularisation.label_smoothing", "unknown config key 'regularisation'"),
+])
+def test_unknown_keys_name_the_key_and_close_matches(key, message):
+    with pytest.raises(UserError) as error:
+        load_config(overrides=[(key, "1")])
+    assert message in str(error.value)
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  name: sgd\n  momentun: 0.9\n")
+    with pytest.raises(UserError, match=r"unknown config key 'optim.momentun'; did you mean optim.momentum\?"):
+        load_config(config_file=path)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("epochs", "0", "epochs must be positive, got 0"),
+    ("batch_size", "-8", "batch_size must be positive, got -8"),
+    ("epochs", "2.5", "epochs must be an integer, got 2.5"),
+    ("optim.lr", "fast", "optim.lr must be a number, got 'fast'"),
+    ("optim.name", "lamb", "optim.name must be one of sgd, rmsproptf, rmsprop, adamw, got 'lamb'"),
+    ("amp", "fp8", "amp must be one of none, bf16, fp16"),
+    ("regularization.label_smoothing", "1.5", "regularization.label_smoothing must be in [0.0, 1.0]"),
+    ("regularization.dropblock_size", "4", "dropblock_size must be odd"),
+    ("checkpoint.best_metric", "ema_val_top1", "needs ema.enabled=true"),
+    ("model.name", "mobilenetv3_large_1000", "unknown model 'mobilenetv3_large_1000'"),
+    ("ema.enabled", "maybe", "ema.enabled must be true or false"),
+])
+def test_bad_values_are_user_errors(key, value, message):
+    with pytest.raises(UserError) as error:
+        load_config(overrides=[(key, value)])
+    assert message in str(error.value)
+
+
+def test_cli_flags_map_onto_config_keys():
+    from mobilenetv3.cli import build_parser
+    from mobilenetv3.cli.train import resolve_config
+
+    args = build_parser().parse_args([
+        "train", "--recipe", "fashion-mnist", "--lr", "0.01", "--epochs", "3", "--batch-size", "32", "--amp", "bf16",
+        "--ema", "--ema-decay", "0.99", "--no-channels-last", "--limit-train-batches", "5", "--data-dir", "/x",
+        "--set", "schedule.name=cosine", "--set", "optim.weight_decay=0",
+    ])
+    config = resolve_config(args)
+    assert (config.optim.lr, config.epochs, config.batch_size, config.amp) == (0.01, 3, 32, "bf16")
+    assert (config.ema.enabled, config.ema.decay, config.channels_last) == (True, 0.99, False)
+    assert (config.limit_train_batches, config.data.data_dir, config.schedule.name) == (5, "/x", "cosine")
+    assert config.optim.weight_decay == 0.0
+    assert config.model.name == "mobilenetv3_small_050"  # from the recipe, untouched
+
+
+def test_cli_reports_a_bad_key_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "mobilenetv3", "train", "--set", "optim.lrr=0.1"], capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mobilenetv3 train: error: unknown config key 'optim.lrr'; did you mean optim.lr?"
+    ]
+
+
+def test_print_config_round_trips(tmp_path):
+    from mobilenetv3.train.config import dump_yaml
+
+    config = load_config("imagenet-timm", overrides=[("epochs", "7")])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(config, {"git_commit": "abc"}))
+    assert to_dict(load_config(config_file=path)) == to_dict(config)
