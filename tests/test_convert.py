@@ -23,6 +23,17 @@ from mobilenetv3.weights.io import read_safetensors
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny inputs: one intra-op thread is fastest, and it keeps a shared CI machine responsive."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Odd sizes: TF 'SAME' padding is asymmetric there, so a wrong padding rule changes the outputs.
 INPUT_SHAPE = (2, 3, 37, 29)
 
@@ -34,29 +45,34 @@ def peer_model(peer: str, name: str, **kwargs) -> torch.nn.Module:
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights with BN running statistics measured on random data, then perturbed: nothing is 0 or 1."""
+    """Random weights; BN running statistics measured on random data, then perturbed (nothing is 0 or 1).
+
+    Returns the model in float64 and eval mode, so comparisons are free of float32 rounding.
+    """
     generator = torch.Generator().manual_seed(seed)
-    model.double()
+
+    def noise(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.randn(tensor.shape, generator=generator)
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator, dtype=torch.double) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator, dtype=torch.double) * 0.2)
-                module.momentum = 1.0  # running stats := this batch's
+                module.weight.copy_(noise(module.weight).abs() * 0.5 + 0.5)
+                module.bias.copy_(noise(module.bias) * 0.2)
+                module.momentum = None  # running stats := the calibration batch's
+                module.reset_running_stats()
             elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator, dtype=torch.double)
-                                    * (2.0 / fan_in) ** 0.5)
+                module.weight.copy_(noise(module.weight) * (2.0 / module.weight[0].numel()) ** 0.5)
                 if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator, dtype=torch.double) * 0.1)
-        model.train()(torch.randn(2, 3, 32, 32, generator=generator, dtype=torch.double))
+                    module.bias.copy_(noise(module.bias) * 0.1)
+        # 64x64 leaves 2x2 maps at the deepest layers: enough values per channel for a sane variance.
+        in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+        model.train()(torch.randn(4, in_chans, 64, 64, generator=generator))
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_var.mul_(torch.rand(module.running_var.shape, generator=generator,
-                                                   dtype=torch.double) * 0.4 + 0.8)
-                module.running_mean.add_(torch.randn(module.running_mean.shape, generator=generator,
-                                                     dtype=torch.double) * 0.1 * module.running_var.sqrt())
-    return model.eval()
+                module.running_var.clamp_(min=1e-2).mul_(noise(module.running_var).abs() * 0.2 + 0.9)
+                module.running_mean.add_(noise(module.running_mean) * 0.1 * module.running_var.sqrt())
+    return model.double().eval()
 
 
 def build_double(converted) -> torch.nn.Module:
@@ -71,7 +87,7 @@ def max_difference(first: torch.nn.Module, second: torch.nn.Module, seed: int = 
     with torch.no_grad():
         a, b = first.eval()(inputs), second.eval()(inputs)
     assert a.shape == b.shape
-    assert a.abs().max() > 1.0  # a meaningful comparison, not two vectors of zeros
+    assert 0.1 < a.abs().max() < 100  # a meaningful comparison: neither all zeros nor blown up
     return (a - b).abs().max().item()
 
 

@@ -152,22 +152,26 @@ def _engine_dtype(engine: str) -> torch.dtype:
     return {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(engine, torch.float32)
 
 
-def _inference_fn(model: nn.Module, engine: str, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:
-    """A no-argument callable running `model` on `images` the way `engine` means."""
-    model = model.eval().to(device)
-    if engine == "onnxruntime":
-        import tempfile
-        from pathlib import Path
+def onnxruntime_engine(model: nn.Module, resolution: int):
+    """ONNX Runtime on a verified dynamic-batch export of `model` (in a temporary folder)."""
+    import tempfile
+    from pathlib import Path
 
-        from .engines import OnnxRuntimeEngine
-        from .export import ExportFormat, export_model
+    from .engines import OnnxRuntimeEngine
+    from .export import ExportFormat, export_model
 
-        folder = tempfile.mkdtemp(prefix="mobilenetv3-bench-")
+    with tempfile.TemporaryDirectory(prefix="mobilenetv3-bench-") as folder:
         path = Path(folder) / "model.onnx"
-        export_model(model.cpu(), path, ExportFormat.ONNX, input_size=images.shape[-1], metadata={})
-        session = OnnxRuntimeEngine(path)
+        export_model(model.cpu().eval(), path, ExportFormat.ONNX, input_size=resolution, metadata={})
+        return OnnxRuntimeEngine(path)  # the session holds the graph; the file can go
+
+
+def _inference_fn(model: nn.Module, engine: str, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:
+    """A no-argument callable running `model` (a torch module, or an ONNX Runtime engine) on `images`."""
+    if engine == "onnxruntime":
         array = images.cpu().numpy()
-        return lambda: session(array)
+        return lambda: model(array)
+    model = model.eval().to(device)
     if engine in ("channels-last", "amp-bf16", "amp-fp16") or (engine == "compile" and device.type == "cuda"):
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -248,15 +252,19 @@ def benchmark(
                 ", ".join(f"{str(d).replace('torch.', '')} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()))
 
     rows: list[BenchRow] = []
-    jobs = [(engine, "inference") for engine in engines] + ([("eager", "train")] if train else [])
+    onnx_engines = {name: onnxruntime_engine(copy.deepcopy(networks[name]), resolution)
+                    for name in ("ours",) if "onnxruntime" in engines}
+    if train and 1 in batch_sizes:
+        logger.info("no training rows at batch 1: BatchNorm cannot train on one image")
     for batch in batch_sizes:
         images = torch.randn(batch, 3, resolution, resolution, generator=generator).to(dev)
+        jobs = [(engine, "inference") for engine in engines] + ([("eager", "train")] if train and batch > 1 else [])
         for engine, mode in jobs:
             fns: dict[str, Callable[[], Any]] = {}
             for name, network in networks.items():
                 if name != "ours" and mode == "inference" and engine not in TORCH_ENGINES:
                     continue
-                net = copy.deepcopy(network)
+                net = onnx_engines[name] if engine == "onnxruntime" else copy.deepcopy(network)
                 fns[name] = _train_fn(net, images, dev) if mode == "train" else _inference_fn(net, engine, images, dev)
             logger.info("timing %s %s batch %d: %s", engine, mode, batch, ", ".join(fns))
             times = time_interleaved(fns, device=dev, warmup=warmup, min_repeats=min_repeats, min_seconds=min_seconds)

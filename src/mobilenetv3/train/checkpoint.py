@@ -6,7 +6,7 @@ A checkpoint is a dict of tensors and plain Python values (it loads with `torch.
     model, ema                    state dicts (ema is None without EMA); ema_n_averaged
     optimizer, scheduler, scaler  state dicts
     epoch                         completed epochs; batch_in_epoch: micro-batches done in the next one
-    step                          optimizer steps so far; epoch_totals: the running sums of that epoch
+    step                          optimizer steps so far; epoch_totals: per rank, the running sums of that epoch
     rng                           per rank: python / numpy / torch / cuda generator states
     sampler                       the seed and position the data order and per-sample augmentation derive from
     config                        the resolved TrainConfig as a dict

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -251,6 +252,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 pass
+        # PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string, from the command line and from files alike.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key} must be a number, got {value!r}")
         if hint is int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
 from ..errors import UserError
 
@@ -61,9 +61,26 @@ def init(device_name: str = "auto") -> DistEnv:
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        store = restart_safe_store(world_size)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                **({} if store is None else {"store": store, "rank": rank, "world_size": world_size}))
         logger.info("distributed: %d processes, backend %s", world_size, backend)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def restart_safe_store(world_size: int):
+    """torchrun's own TCPStore under a per-attempt prefix, or None (init_process_group's default).
+
+    torchrun shares its rendezvous store with the workers (TORCHELASTIC_USE_AGENT_STORE) and keeps it
+    across `--max-restarts`, but the process group's keys carry no attempt number: a restarted group reads
+    the dead group's addresses and gloo / NCCL fail to connect (pytorch/pytorch#135712).  A prefix per
+    TORCHELASTIC_RESTART_COUNT keeps the attempts apart, so a restart resumes by itself.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return dist.PrefixStore(f"mobilenetv3/attempt_{restart}", store)
 
 
 def shutdown() -> None:
@@ -129,19 +146,31 @@ class ResumableSampler(DistributedSampler):
 
 
 @contextmanager
-def _isolated_rng():
-    """Run with temporarily reseeded RNGs and restore the caller's (matters when workers=0)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def _preserved_rng():
+    """Restore the caller's torch / random / numpy generator states afterwards.
+
+    Only needed in the main process (workers=0), where the same generators drive dropout and mixup;
+    a DataLoader worker's generators serve nothing else.
+    """
+    if get_worker_info() is not None:
+        yield
+        return
+    generator = torch.default_generator
+    torch_state, py_state, np_state = generator.get_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class SeededSamples(Dataset):
-    """dataset[(index, seed)] = dataset[index] computed with torch / random / numpy seeded by `seed`."""
+    """dataset[(index, seed)] = dataset[index] computed with torch / random / numpy seeded by `seed`.
+
+    The DataLoader fetches a whole batch through `__getitems__`, so the caller's generator states are
+    saved and restored once per batch, not once per sample.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -149,13 +178,19 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _seeded_item(self, index: int, seed: int):
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed CUDA: 50x slower)
+        random.seed(seed)
+        np.random.seed(seed)
+        return self.dataset[index]
+
     def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
-        with _isolated_rng():
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
-            return self.dataset[index]
+        with _preserved_rng():
+            return self._seeded_item(*key)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        with _preserved_rng():
+            return [self._seeded_item(index, seed) for index, seed in keys]
 
 
 class ShardSampler(Sampler[int]):

@@ -138,7 +138,7 @@ def train_one_epoch(
             totals.correct += topk_correct(logits.detach(), hard_targets, (1,))[0]
             totals.samples += images.shape[0]
         if not torch.isfinite(loss.detach()):
-            raise UserError(f"the training loss became {float(loss)} at step {state.step + 1}; "
+            raise UserError(f"the training loss became {float(loss.detach())} at step {state.step + 1}; "
                             "lower the learning rate or enable gradient clipping")
         if not last_micro_batch:
             continue

@@ -99,9 +99,11 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
 
 def load_pretrained(model: nn.Module, path: str) -> None:
     """Start from any weights file or checkpoint; a classifier of another class count is replaced."""
-    from ..weights.io import load_state_dict_checked, read_weights
+    from ..weights.io import build_model, load_state_dict_checked, read_weights
 
     weights = read_weights(path)
+    # The file must first be what it says it is: a known architecture whose tensors all fit it.
+    build_model(weights)
     own = model.state_dict()
     state = dict(weights.state_dict)
     classifier = [key for key in own if key.startswith("classifier.")]
@@ -244,9 +246,12 @@ class Trainer:
             )
         ckpt.restore_modules(payload, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                              scaler=self.scaler, ema=self.ema)
+        totals = payload["epoch_totals"]  # one per rank: each rank resumes its own running sums
+        if isinstance(totals, list):
+            totals = totals[self.env.rank] if len(totals) == self.env.world_size else totals[0]
         self.state = TrainState(
             epoch=payload["epoch"], batch_in_epoch=payload["batch_in_epoch"], step=payload["step"],
-            totals=EpochTotals(**payload["epoch_totals"]),
+            totals=EpochTotals(**totals),
             best_value=payload["best"]["value"], best_epoch=payload["best"]["epoch"],
         )
         if self.dropblock is not None:
@@ -271,7 +276,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
-            "epoch_totals": vars(state.totals).copy(),
+            "epoch_totals": distributed.all_gather_objects(vars(state.totals).copy()),
             "best": {"metric": self.config.checkpoint.best_metric, "value": state.best_value,
                      "epoch": state.best_epoch},
             "rng": rng,
@@ -313,13 +318,13 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch // config.optim.accumulation_steps,
                        desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not env.is_main,
                        dynamic_ncols=True, leave=False)
-            totals = train_one_epoch(
-                self.train_model, self.train_loader, optimizer=self.optimizer, scheduler=self.scheduler,
-                scaler=self.scaler, settings=self.settings, state=state, num_batches=self.batches_per_epoch,
-                mix=self.mix if mix_on else None, ema=self.ema, dropblock=self.dropblock,
-                on_step_end=self._save_mid_epoch, env=env, progress=bar,
-            )
-            bar.close()
+            with bar:  # closed (its line cleared) also when the epoch raises: an error gets a line of its own
+                totals = train_one_epoch(
+                    self.train_model, self.train_loader, optimizer=self.optimizer, scheduler=self.scheduler,
+                    scaler=self.scaler, settings=self.settings, state=state, num_batches=self.batches_per_epoch,
+                    mix=self.mix if mix_on else None, ema=self.ema, dropblock=self.dropblock,
+                    on_step_end=self._save_mid_epoch, env=env, progress=bar,
+                )
             train_loss_sum, train_correct, train_samples, train_skipped = distributed.all_reduce_sum(
                 [totals.loss_sum, totals.correct, totals.samples, totals.skipped], env.device)
             val = evaluate(self.model, self.val_loader, self.settings, num_batches=config.limit_val_batches,

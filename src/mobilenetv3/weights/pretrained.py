@@ -256,7 +256,7 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str) -
         state_dict[stem_key] = _adapt_stem(state_dict[stem_key], own[stem_key].shape[1])
     classifier_keys = [k for k in own if k.startswith("classifier.")]
     file_classifier = [k for k in state_dict if k.startswith("classifier.")]
-    if [tuple(own[k].shape) for k in classifier_keys] != [tuple(state_dict[k].shape) for k in file_classifier]:
+    if {k: own[k].shape for k in classifier_keys} != {k: state_dict[k].shape for k in file_classifier}:
         logger.info("%s has another classifier; keeping this model's new one (num_classes=%d)", label,
                     model.num_classes)
         for key in file_classifier:

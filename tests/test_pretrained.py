@@ -1,0 +1,136 @@
+"""Pretrained weights by name, through torch.hub's cache with hash checks, served from local files
+(file:// URLs) because this machine has no network: the same code path as the published URLs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobilenetv3 import UserError, create_model, save_model
+from mobilenetv3.weights import pretrained as pretrained_module
+from mobilenetv3.weights.convert import PEER_VARIANTS
+from mobilenetv3.weights.pretrained import PUBLISHED_URLS, pretrained_kwargs, resolve_source
+
+from test_convert import max_difference, peer_model, randomize  # noqa: E402  (tests/ is on sys.path)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def hub_dir(tmp_path):
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path / "hub" / "checkpoints"
+    torch.hub.set_dir(previous)
+    torch.set_num_threads(previous_threads)
+
+
+def publish(monkeypatch, tmp_path, key, state_dict, *, hash_override: str | None = None) -> Path:
+    """Save `state_dict` as the peer would publish it ("<name>-<sha256 prefix>.pth") and point the table at it."""
+    staging = tmp_path / "staging.pth"
+    torch.save(state_dict, staging)
+    digest = hash_override or hashlib.sha256(staging.read_bytes()).hexdigest()[:8]
+    published = tmp_path / "published" / f"{key[1]}-{digest}.pth"
+    published.parent.mkdir(exist_ok=True)
+    staging.rename(published)
+    monkeypatch.setitem(PUBLISHED_URLS, key, published.as_uri())
+    return published
+
+
+def test_published_table_names_known_variants_and_carries_hashes():
+    for (peer, name, tag), url in PUBLISHED_URLS.items():
+        assert tag in PEER_VARIANTS[(peer, name)].tags, (peer, name, tag)
+        assert url.startswith("https://")
+        if "huggingface.co" not in url:
+            assert pretrained_module._HASH_IN_NAME.search(url.rsplit("/", 1)[1]), url
+
+
+def test_pretrained_torchvision_downloads_once_into_hub_cache(monkeypatch, tmp_path, hub_dir):
+    reference = randomize(peer_model("torchvision", "mobilenet_v3_small")).float()
+    published = publish(monkeypatch, tmp_path, ("torchvision", "mobilenet_v3_small", "IMAGENET1K_V1"),
+                        reference.state_dict())
+    model = create_model("mobilenetv3_small_100", pretrained="torchvision").eval()
+    assert (hub_dir / published.name).is_file()
+    assert max_difference(reference.double(), model.double()) <= 1e-4
+    assert (model.preprocessing.resize_size, model.preprocessing.input_size) == (256, 224)
+    published.unlink()  # the second load is served from the cache
+    again = create_model("mobilenetv3_small_100", pretrained=True).eval()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.float().state_dict().values()))
+
+
+def test_pretrained_tf_port_builds_the_tf_layout(monkeypatch, tmp_path):
+    reference = randomize(peer_model("timm", "tf_mobilenetv3_small_100")).float()
+    publish(monkeypatch, tmp_path, ("timm", "tf_mobilenetv3_small_100", "in1k"), reference.state_dict())
+    model = create_model("mobilenetv3_small_100", pretrained="tf").eval()
+    assert model.config["padding"] == "same" and model.config["bn_eps"] == 1e-3
+    assert model.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert max_difference(reference.double(), model.double()) <= 1e-4
+
+
+def test_new_head_and_input_channels_keep_the_backbone(monkeypatch, tmp_path):
+    reference = randomize(peer_model("timm", "mobilenetv3_small_050")).float()
+    publish(monkeypatch, tmp_path, ("timm", "mobilenetv3_small_050", "lamb_in1k"), reference.state_dict())
+    model = create_model("mobilenetv3_small_050", pretrained="timm", num_classes=10).eval()
+    assert model.classifier.out_features == 10
+    inputs = torch.randn(2, 3, 37, 29)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(inputs), reference.forward_features(inputs), atol=1e-5)
+    gray = create_model("mobilenetv3_small_050", pretrained="timm", in_chans=1)
+    assert torch.allclose(gray.stem.conv.weight, reference.conv_stem.weight.sum(dim=1, keepdim=True))
+    assert gray.preprocessing.in_chans == 1
+
+
+def test_hash_mismatch_and_corrupt_cache_are_errors(monkeypatch, tmp_path, hub_dir):
+    key = ("torchvision", "mobilenet_v3_small", "IMAGENET1K_V1")
+    state_dict = peer_model("torchvision", "mobilenet_v3_small").state_dict()
+    publish(monkeypatch, tmp_path, key, state_dict, hash_override="00000000")
+    with pytest.raises(UserError, match="failed its hash check"):
+        create_model("mobilenetv3_small_100", pretrained="torchvision")
+    assert not any(hub_dir.glob("*.pth"))  # nothing half-trusted is left in the cache
+    published = publish(monkeypatch, tmp_path, key, state_dict)
+    create_model("mobilenetv3_small_100", pretrained="torchvision")
+    (hub_dir / published.name).write_bytes(b"truncated")
+    with pytest.raises(UserError, match="does not match its SHA-256 prefix"):
+        create_model("mobilenetv3_small_100", pretrained="torchvision")
+
+
+def test_pretrained_from_our_weights_file(tmp_path):
+    source = randomize(create_model("mobilenetv3_small_075", num_classes=4, in_chans=1)).float()
+    path = save_model(source, tmp_path / "mine.safetensors")
+    model = create_model("mobilenetv3_small_075", pretrained=str(path)).eval()
+    assert model.config["num_classes"] == 4 and model.config["in_chans"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    with pytest.raises(UserError, match="pretrained weights file not found"):
+        create_model("mobilenetv3_small_075", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_weights_selection():
+    assert resolve_source("mobilenetv3_large_100", True).label == "torchvision mobilenet_v3_large.IMAGENET1K_V2"
+    assert resolve_source("mobilenetv3_large_100", "timm").label == "timm mobilenetv3_large_100.ra_in1k"
+    assert resolve_source("mobilenetv3_large_100", "mobilenetv3_rw").label == "timm mobilenetv3_rw.rmsp_in1k"
+    assert resolve_source("mobilenetv3_large", "mobilenetv3_large_150d").variant.model_kwargs["width_mult"] == 1.5
+    assert resolve_source("mobilenetv3_small_050", True).label == "timm mobilenetv3_small_050.lamb_in1k"
+    assert pretrained_kwargs("mobilenetv3_large_100", "timm.miil_in21k")["num_classes"] == 11221
+    assert pretrained_kwargs("mobilenetv3_large_100", "mobilenetv3_rw")["head_bias"] is False
+    with pytest.raises(UserError, match="no 'keras' weights for mobilenetv3_small_100; choose from .*torchvision"):
+        resolve_source("mobilenetv3_small_100", "keras")
+    with pytest.raises(UserError, match="no published weights for mobilenetv3_large_035"):
+        create_model("mobilenetv3_large_035", pretrained=True)
+    with pytest.raises(UserError, match="no 'timm' weights for mobilenetv3_large_075; choose from tf, "):
+        resolve_source("mobilenetv3_large_075", "timm")  # timm defines it, but untrained
+    with pytest.raises(UserError, match="no weights tag 'v9'"):
+        resolve_source("mobilenetv3_large_100", "timm.v9")
+
+
+def test_hubconf_entry_points(monkeypatch, tmp_path):
+    model = torch.hub.load(str(REPO_ROOT), "mobilenetv3_small_075", source="local", num_classes=5)
+    assert model.classifier.out_features == 5
+    reference = randomize(peer_model("torchvision", "mobilenet_v3_small")).float()
+    publish(monkeypatch, tmp_path, ("torchvision", "mobilenet_v3_small", "IMAGENET1K_V1"), reference.state_dict())
+    model = torch.hub.load(str(REPO_ROOT), "mobilenetv3_small_100", source="local", pretrained="torchvision")
+    assert max_difference(reference.double(), model.double()) <= 1e-4
