@@ -44,7 +44,7 @@ def peer_model(peer: str, name: str, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize(model: torch.nn.Module, seed: int = 0, calibration_size: int = 64) -> torch.nn.Module:
     """Random weights; BN running statistics measured on random data, then perturbed (nothing is 0 or 1).
 
     Returns the model in float64 and eval mode, so comparisons are free of float32 rounding.
@@ -67,7 +67,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                     module.bias.copy_(noise(module.bias) * 0.1)
         # 64x64 leaves 2x2 maps at the deepest layers: enough values per channel for a sane variance.
         in_chans = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-        model.train()(torch.randn(4, in_chans, 64, 64, generator=generator))
+        model.train()(torch.randn(4, in_chans, calibration_size, calibration_size, generator=generator))
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_var.clamp_(min=1e-2).mul_(noise(module.running_var).abs() * 0.2 + 0.9)

@@ -80,6 +80,9 @@ def test_new_head_and_input_channels_keep_the_backbone(monkeypatch, tmp_path):
     inputs = torch.randn(2, 3, 37, 29)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(inputs), reference.forward_features(inputs), atol=1e-5)
+    backbone = create_model("mobilenetv3_small_050", pretrained="timm", features_only=True, output_stride=16)
+    assert torch.equal(backbone.stem.conv.weight, reference.conv_stem.weight)
+    assert backbone.feature_info[-1]["reduction"] == 16
     gray = create_model("mobilenetv3_small_050", pretrained="timm", in_chans=1)
     assert torch.allclose(gray.stem.conv.weight, reference.conv_stem.weight.sum(dim=1, keepdim=True))
     assert gray.preprocessing.in_chans == 1

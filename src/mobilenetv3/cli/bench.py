@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per network (default 3)")
     parser.add_argument("--repeats", type=int, default=10, help="least timed calls per network (default 10)")
     parser.add_argument("--min-time", type=float, default=1.0, help="least timed seconds per network (default 1)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall (default) or cpu: this process's CPU seconds, for a shared machine (with --threads 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
 
 
@@ -56,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
     rows = benchmark(
         args.model, batch_sizes=args.batch_size, engines=_split(args.engines) or None, compare=_split(args.compare),
         train=args.train, resolution=args.resolution, device=args.device, warmup=args.warmup,
-        min_repeats=args.repeats, min_seconds=args.min_time,
+        min_repeats=args.repeats, min_seconds=args.min_time, clock=args.clock,
     )
     if args.json:
         for row in rows:
             print(json.dumps(row.to_dict()))
     else:
         print(f"{args.model} at {args.resolution}x{args.resolution}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+              f"{torch.get_num_threads()} threads, {args.clock} clock")
         print(format_table(rows))
     return 0

@@ -76,12 +76,14 @@ def peer_model(peer: str, model_name: str, **kwargs: Any) -> nn.Module:
     raise UserError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0,
+                       clock: str = "wall") -> float:
     """FLOP/s of a large square matmul in `dtype` on `device` (the practical dense peak)."""
     size = 4096 if device.type == "cuda" else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = time_calls(lambda: torch.mm(a, b), device=device, warmup=2, min_repeats=5, min_seconds=seconds)
+    times = time_calls(lambda: torch.mm(a, b), device=device, warmup=2, min_repeats=5, min_seconds=seconds,
+                       clock=clock)
     return 2 * size**3 / min(times)
 
 
@@ -90,8 +92,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_one(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of one call: CUDA events on a GPU, perf_counter on the CPU."""
+CLOCKS = ("wall", "cpu")
+
+
+def time_one(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    """Seconds of one call: CUDA events on a GPU, perf_counter on the CPU.
+
+    `clock="cpu"` counts this process's CPU seconds instead (time.process_time): on a machine shared with
+    other work it measures the work done rather than the wait for a core.  All threads count, so use it
+    with one thread (`--threads 1`), or spinning worker threads are counted as work.
+    """
+    if clock == "cpu" and device.type != "cuda":
+        begin = time.process_time()
+        fn()
+        return time.process_time() - begin
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -105,13 +119,13 @@ def time_one(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def time_calls(fn: Callable[[], Any], *, device: torch.device, warmup: int, min_repeats: int,
-               min_seconds: float) -> list[float]:
+               min_seconds: float, clock: str = "wall") -> list[float]:
     return time_interleaved({"fn": fn}, device=device, warmup=warmup, min_repeats=min_repeats,
-                             min_seconds=min_seconds)["fn"]
+                            min_seconds=min_seconds, clock=clock)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, warmup: int, min_repeats: int,
-                     min_seconds: float) -> dict[str, list[float]]:
+                     min_seconds: float, clock: str = "wall") -> dict[str, list[float]]:
     """Per-call seconds of each function, run round-robin until each has `min_repeats` calls and has
     been timed for `min_seconds` in total."""
     for fn in fns.values():
@@ -121,7 +135,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device,
     times: dict[str, list[float]] = {name: [] for name in fns}
     while any(len(t) < min_repeats or sum(t) < min_seconds for t in times.values()):
         for name, fn in fns.items():
-            times[name].append(time_one(fn, device))
+            times[name].append(time_one(fn, device, clock))
     return times
 
 
@@ -216,6 +230,7 @@ def benchmark(
     min_repeats: int = 10,
     min_seconds: float = 1.0,
     model_kwargs: dict[str, Any] | None = None,
+    clock: str = "wall",
 ) -> list[BenchRow]:
     """Time our `model_name` (and the peers in `compare`) for every engine and batch size.
 
@@ -236,6 +251,8 @@ def benchmark(
             raise UserError(f"engine {engine} needs a CUDA GPU (CPU engines: {', '.join(CPU_ENGINES)})")
     if any(b < 1 for b in batch_sizes):
         raise UserError("batch sizes must be positive")
+    if clock not in CLOCKS:
+        raise UserError(f"unknown clock {clock!r}; choose from {', '.join(CLOCKS)}")
     model_kwargs = dict(model_kwargs or {})
 
     generator = torch.Generator().manual_seed(0)
@@ -247,7 +264,8 @@ def benchmark(
     for name, network in networks.items():
         calibrate_batchnorm(network, calibration)
         flops[name] = 2 * count_macs(network, resolution)
-    peaks = {dtype: measure_peak_flops(dev, dtype) for dtype in {_engine_dtype(e) for e in engines}}
+    peaks = {dtype: measure_peak_flops(dev, dtype, seconds=min(1.0, min_seconds), clock=clock)
+             for dtype in {_engine_dtype(e) for e in engines}}
     logger.info("measured matmul peak on %s: %s", dev,
                 ", ".join(f"{str(d).replace('torch.', '')} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()))
 
@@ -267,7 +285,7 @@ def benchmark(
                 net = onnx_engines[name] if engine == "onnxruntime" else copy.deepcopy(network)
                 fns[name] = _train_fn(net, images, dev) if mode == "train" else _inference_fn(net, engine, images, dev)
             logger.info("timing %s %s batch %d: %s", engine, mode, batch, ", ".join(fns))
-            times = time_interleaved(fns, device=dev, warmup=warmup, min_repeats=min_repeats, min_seconds=min_seconds)
+            times = time_interleaved(fns, device=dev, warmup=warmup, min_repeats=min_repeats, min_seconds=min_seconds, clock=clock)
             peak = peaks[_engine_dtype(engine)]
             for name, calls in times.items():
                 median = statistics.median(calls)

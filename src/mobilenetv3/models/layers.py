@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from .spec import Activation, Padding
 
@@ -90,9 +89,11 @@ class ConvNormAct(nn.Module):
         )
         self.bn = norm_layer(out_channels)
         self.act = make_activation(activation) if activation is not None else nn.Identity()
+        self.has_act = activation is not None  # forward skips the Identity call (eager overhead at batch 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        x = self.bn(self.conv(x))
+        return self.act(x) if self.has_act else x
 
 
 class SqueezeExcite(nn.Module):
@@ -162,10 +163,23 @@ class InvertedResidual(nn.Module):
         )
         self.project = ConvNormAct(expanded_channels, out_channels, 1, norm_layer=norm_layer, activation=None)
         # Stochastic depth only makes sense on a residual path.
-        self.drop_path = StochasticDepth(drop_path_rate, "row") if self.has_skip and drop_path_rate > 0 else nn.Identity()
+        self.has_drop_path = self.has_skip and drop_path_rate > 0
+        if self.has_drop_path:
+            from torchvision.ops import StochasticDepth  # imported on use: torchvision costs ~1 s to import
+
+            self.drop_path: nn.Module = StochasticDepth(drop_path_rate, "row")
+        else:
+            self.drop_path = nn.Identity()
+        # Identity modules stay (module names are the contract) but forward does not call them.
+        self.has_expand = expanded_channels != in_channels
+        self.has_se = squeeze_channels is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.project(self.se(self.depthwise(self.expand(x))))
+        out = self.expand(x) if self.has_expand else x
+        out = self.depthwise(out)
+        if self.has_se:
+            out = self.se(out)
+        out = self.project(out)
         if self.has_skip:
-            out = x + self.drop_path(out)
+            out = x + (self.drop_path(out) if self.has_drop_path else out)
         return out

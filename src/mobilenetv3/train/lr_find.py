@@ -79,7 +79,7 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = float(loss)
+            value = float(loss.detach())
             # Exponential smoothing with bias correction (the first values are not pulled towards 0).
             average = smoothing * value + (1 - smoothing) * average
             debiased = average / (1 - (1 - smoothing) ** (step + 1))

@@ -28,7 +28,19 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                from ..errors import UserError
+
+                raise UserError(f"{path}, line {number}, is not a JSON object: {line[:80]!r}") from None
+            # A process killed (or a disk filled) in the middle of an append leaves a torn last line.
+            logger.warning("%s: ignoring its torn last line (the run died while writing it)", path)
+    return rows
 
 
 class MetricsWriter:

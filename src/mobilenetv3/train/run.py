@@ -167,6 +167,7 @@ class Trainer:
         # 1. data
         self.bundle = bundle = build_datasets(config.data)
         self.log("data: %s", bundle.describe())
+        model_kwargs = model_kwargs_for(config, bundle)  # class / channel mismatches fail before any work
         self.train_loader, self.train_sampler, self.val_loader = build_loaders(config, bundle, env)
         accumulate = config.optim.accumulation_steps
         batches = len(self.train_loader)
@@ -181,7 +182,7 @@ class Trainer:
             )
 
         # 2. model (+ pretrained weights, EMA copy, DropBlock hooks)
-        model = create_model(config.model.name, **model_kwargs_for(config, bundle))
+        model = create_model(config.model.name, **model_kwargs)
         if config.model.pretrained:
             load_pretrained(model, config.model.pretrained)
         self.model_name, self.model_kwargs = model_description(model)

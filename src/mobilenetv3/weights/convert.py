@@ -294,6 +294,12 @@ def _template(model_kwargs: Mapping[str, Any], num_classes: int, in_chans: int) 
         return MobileNetV3(model_kwargs["arch"], **{**kwargs, "num_classes": num_classes, "in_chans": in_chans})
 
 
+def _pairs(peer: str, template: MobileNetV3) -> list[tuple[str, str, torch.Size]]:
+    """(our key, peer key, our shape) for every tensor, in our state-dict order."""
+    shapes = {key: tensor.shape for key, tensor in template.state_dict().items()}
+    return [(ours, theirs, shapes[ours]) for ours, theirs in key_map(peer, template).items()]
+
+
 def _peer_shape(our_key: str, shape: torch.Size, peer: str) -> tuple[int, ...]:
     if peer == "torchvision" and our_key == "conv_head.weight":
         return tuple(shape[:2])  # Linear(960, 1280) in torchvision, a 1x1 conv here
@@ -357,19 +363,13 @@ def _looks_like(peer: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
     return {"torchvision": "features.0.0.weight", "timm": "conv_stem.weight"}[peer] in state_dict
 
 
-def detect_peer(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """"torchvision" or "timm" by the stem's key, None if neither."""
-    return next((peer for peer in PEERS if _looks_like(peer, state_dict)), None)
-
-
 def matching_variants(peer: str, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the peer's variants whose keys and shapes are exactly those of `state_dict`."""
     num_classes, in_chans = _infer_heads(peer, state_dict)
     names = []
     for variant in peer_variants(peer):
         template = _template(variant.model_kwargs, num_classes, in_chans)
-        expected = {k: _peer_shape(o, t.shape, peer) for (o, k), t in zip(key_map(peer, template).items(),
-                                                                            template.state_dict().values())}
+        expected = {peer_key: _peer_shape(our_key, shape, peer) for our_key, peer_key, shape in _pairs(peer, template)}
         if expected == {k: tuple(v.shape) for k, v in state_dict.items()}:
             names.append(variant.name)
     return names
@@ -409,19 +409,20 @@ def convert_state_dict(peer: str, peer_arch: str, state_dict: Mapping[str, torch
     num_classes, in_chans = _infer_heads(peer, state_dict)
     template = _template(variant.model_kwargs, num_classes, in_chans)
     converted: dict[str, torch.Tensor] = {}
-    for (our_key, peer_key), expected in zip(key_map(peer, template).items(), template.state_dict().values()):
+    pairs = _pairs(peer, template)
+    for our_key, peer_key, shape in pairs:
         if peer_key not in state_dict:
             raise UserError(f"missing key {peer_key!r} in the {peer} state dict for {variant.name}"
                             f"{_variant_hint(peer, state_dict, variant.name)}")
         value = state_dict[peer_key]
-        if tuple(value.shape) != _peer_shape(our_key, expected.shape, peer):
+        if tuple(value.shape) != _peer_shape(our_key, shape, peer):
             raise UserError(
                 f"shape mismatch for {peer_key!r}: the state dict has {tuple(value.shape)}, {peer} "
-                f"{variant.name} has {_peer_shape(our_key, expected.shape, peer)}"
+                f"{variant.name} has {_peer_shape(our_key, shape, peer)}"
                 f"{_variant_hint(peer, state_dict, variant.name)}"
             )
-        converted[our_key] = value.detach().reshape(expected.shape).clone()
-    used = set(key_map(peer, template).values())
+        converted[our_key] = value.detach().reshape(shape).clone()
+    used = {peer_key for _, peer_key, _ in pairs}
     leftover = [key for key in state_dict if key not in used]
     if leftover:
         raise UserError(f"unexpected key {leftover[0]!r} in the {peer} state dict for {variant.name} "
@@ -443,8 +444,12 @@ def _variant_hint(peer: str, state_dict: Mapping[str, torch.Tensor], wanted: str
     return f" (the tensors fit {peer} {' / '.join(matches)})" if matches else ""
 
 
-def _signature(config: Mapping[str, Any]) -> tuple:
-    """What must agree for two configs to compute the same function from the same tensors (bar BN eps)."""
+def _signature(config: Mapping[str, Any], *, strides: bool = True) -> tuple:
+    """What must agree for two configs to compute the same function from the same tensors (bar BN eps).
+
+    `strides=False` leaves out stem_stride / output_stride: weights still fit a dilated or full-resolution
+    copy of the network (e.g. a segmentation backbone), which computes something else on purpose.
+    """
     from ..models.mobilenetv3 import _layout
     from ..models.spec import resolve
 
@@ -452,17 +457,23 @@ def _signature(config: Mapping[str, Any]) -> tuple:
                 if p.default is not inspect.Parameter.empty}
     full = {**defaults, **config}
     options = _layout(full)
-    return (full["arch"], resolve(NETWORK_SPECS[full["arch"]], options), options.padding, options.head_bias,
-            int(full["final_conv_repeats"]), int(full["stem_stride"]), int(full["output_stride"]))
+    signature = (full["arch"], resolve(NETWORK_SPECS[full["arch"]], options), options.padding, options.head_bias,
+                 int(full["final_conv_repeats"]))
+    return signature + ((int(full["stem_stride"]), int(full["output_stride"])) if strides else ())
 
 
-def peer_variant_for(peer: str, config: Mapping[str, Any], peer_arch: str | None = None) -> PeerVariant:
-    """The peer variant computing the same function as a model with `config` (or check `peer_arch` does)."""
+def peer_variant_for(
+    peer: str, config: Mapping[str, Any], peer_arch: str | None = None, *, strides: bool = True,
+) -> PeerVariant:
+    """The peer variant computing the same function as a model with `config` (or check `peer_arch` does).
+
+    With `strides=False`, a model that differs only in stem_stride / output_stride matches too.
+    """
     _check_peer(peer)
-    ours = _signature(config)
+    ours = _signature(config, strides=strides)
     candidates = [get_variant(peer, peer_arch)[0]] if peer_arch else peer_variants(peer)
     for variant in candidates:
-        if _signature(variant.model_kwargs) == ours:
+        if _signature(variant.model_kwargs, strides=strides) == ours:
             return variant
     described = ", ".join(f"{k}={config[k]}" for k in ("arch", *LAYOUT_KWARGS) if k in config)
     target = f"{peer} {peer_arch}" if peer_arch else f"any {peer} MobileNetV3"
@@ -485,18 +496,18 @@ def to_peer(
     template = _template(variant.model_kwargs, num_classes, in_chans)
     eps_shift = float(config.get("bn_eps", 1e-3)) - float(variant.model_kwargs["bn_eps"])
     out: dict[str, torch.Tensor] = {}
-    for (our_key, peer_key), expected in zip(key_map(peer, template).items(), template.state_dict().values()):
+    for our_key, peer_key, shape in _pairs(peer, template):
         if our_key not in state_dict:
             raise UserError(f"missing key {our_key!r} in the model's state dict")
         value = state_dict[our_key].detach()
-        if tuple(value.shape) != tuple(expected.shape):
-            raise UserError(f"shape mismatch for {our_key!r}: {tuple(value.shape)} vs {tuple(expected.shape)}")
+        if tuple(value.shape) != tuple(shape):
+            raise UserError(f"shape mismatch for {our_key!r}: {tuple(value.shape)} vs {tuple(shape)}")
         if our_key.endswith("running_var") and eps_shift:
             value = value + eps_shift
             if (value <= 0).any():
                 raise UserError(f"cannot express BN eps {config.get('bn_eps')} as {peer}'s "
                                 f"{variant.model_kwargs['bn_eps']}: {our_key} would become non-positive")
-        out[peer_key] = value.reshape(_peer_shape(our_key, expected.shape, peer)).clone()
+        out[peer_key] = value.reshape(_peer_shape(our_key, shape, peer)).clone()
     return variant.name, out
 
 

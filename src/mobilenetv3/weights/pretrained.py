@@ -240,7 +240,7 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str) -
         state_dict, preprocessing, label = converted.state_dict, converted.preprocessing, source.label
         weights_config = {**converted.model_kwargs, "arch": source.variant.arch}
         try:
-            peer_variant_for(source.variant.peer, model.config, source.variant.name)
+            peer_variant_for(source.variant.peer, model.config, source.variant.name, strides=False)
         except UserError as error:
             raise UserError(f"{error}; build it with create_model({model_name!r}, pretrained=...) so the "
                             f"layout kwargs of {label} are applied") from None

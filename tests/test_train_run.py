@@ -1,0 +1,271 @@
+"""End-to-end training on tiny data: run folder, EMA, eval reproduction, averaging, resume after SIGKILL,
+2-rank DDP (standalone and a 2-node rendezvous), lr-find, fine-tuning with another class count."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mobilenetv3 import create_model, load_model
+from mobilenetv3.cli import main
+from mobilenetv3.train.metrics import REQUIRED_KEYS, read_rows
+
+MODEL = ["--model", "mobilenetv3_small_035", "--input-size", "32", "--workers", "0", "--set", "threads=1"]
+SYNTHETIC = ["--data", "synthetic", "--set", "data.synthetic_train_samples=32", "--set", "data.synthetic_val_samples=21"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mobilenetv3", "train", *MODEL, *args]
+
+
+def run_ok(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def state_dict(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)[key]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def make_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 3) -> Path:
+    """Two classes of 40x40 images (bright vs dark, so the task is learnable), PNG and JPEG mixed."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label, base in (("bright", 180), ("dark", 60)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = np.clip(base + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+                suffix = "png" if index % 2 else "jpg"
+                Image.fromarray(pixels).save(folder / f"{index}.{suffix}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory) -> Path:
+    """One 2-epoch run with EMA and per-epoch checkpoints, shared by the checks below."""
+    output = tmp_path_factory.mktemp("run")
+    run_ok(train_command(*SYNTHETIC, "--batch-size", "8", "--epochs", "2", "--ema", "--ema-decay", "0.5",
+                         "--set", "checkpoint.keep_last_epochs=2", "--output", str(output)))
+    return output
+
+
+def test_run_folder_contents(ema_run):
+    config = yaml.safe_load((ema_run / "config.yaml").read_text())
+    assert config["model"]["name"] == "mobilenetv3_small_035" and config["epochs"] == 2
+    provenance = config["provenance"]
+    assert provenance["torch"] == str(torch.__version__) and provenance["world_size"] == 1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert provenance["git_commit"].startswith(head.stdout.strip())
+
+    rows = read_rows(ema_run / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [1, 2] and [row["step"] for row in rows] == [4, 8]
+    for row in rows:
+        assert set(REQUIRED_KEYS) <= set(row)
+        assert row["val_samples"] == 21 and row["world_size"] == 1 and row["skipped_samples"] == 0
+        assert 0 <= row["val_top1"] <= row["val_top5"] <= 100
+    with open(ema_run / "metrics.csv") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [float(row["val_top1"]) for row in csv_rows] == [row["val_top1"] for row in rows]
+    assert (ema_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((ema_run / "tensorboard").glob("events.out.tfevents.*"))
+
+    names = sorted(path.name for path in (ema_run / "checkpoints").iterdir())
+    assert names == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]  # no temp files left behind
+    last = torch.load(ema_run / "checkpoints" / "last.pt", weights_only=True)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "rng", "sampler", "config", "model_name",
+                "model_kwargs", "preprocessing", "class_names", "epoch", "step", "metrics"):
+        assert key in last, key
+    assert (last["epoch"], last["step"], last["batch_in_epoch"]) == (2, 8, 0)
+    assert set(last["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert last["metrics"] == rows[-1]
+    model = load_model(ema_run / "checkpoints" / "last.pt")
+    assert model.num_classes == 10 and model.preprocessing.input_size == 32
+
+
+def test_ema_differs_from_raw_and_is_reported(ema_run):
+    last = torch.load(ema_run / "checkpoints" / "last.pt", weights_only=True)
+    raw, ema = last["model"], last["ema"]
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if raw[k].is_floating_point())
+    assert last["ema_n_averaged"] == 8  # one update per optimizer step (AveragedModel copies on the first)
+    row = last["metrics"]
+    assert {"ema_val_loss", "ema_val_top1", "ema_val_top5"} <= set(row)
+    assert row["ema_val_loss"] != row["val_loss"]
+
+
+def test_eval_reproduces_the_logged_validation(ema_run, capsys):
+    last = ema_run / "checkpoints" / "last.pt"
+    row = read_rows(ema_run / "metrics.jsonl")[-1]
+    for ema, prefix in ((False, ""), (True, "ema_")):
+        assert main(["eval", "--checkpoint", str(last), "--data", "synthetic", "--json", *(["--ema"] if ema else [])]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert set(result) == {"top1", "top5", "loss", "samples"}
+        assert result["samples"] == row["val_samples"] == 21
+        assert (result["top1"], result["top5"]) == (row[f"{prefix}val_top1"], row[f"{prefix}val_top5"])
+        assert result["loss"] == pytest.approx(row[f"{prefix}val_loss"], rel=1e-6)
+
+
+def test_average_of_the_last_epochs(ema_run, tmp_path, capsys):
+    output = tmp_path / "avg.safetensors"
+    assert main(["average", "--run", str(ema_run), "--last", "2", "-o", str(output)]) == 0
+    first, second = (state_dict(ema_run / "checkpoints" / f"epoch_000{i}.pt") for i in (1, 2))
+    averaged = load_model(output).state_dict()
+    for key, value in first.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(averaged[key], (value.double() + second[key].double()).div(2).float())
+        else:
+            assert torch.equal(averaged[key], second[key])
+    assert not torch.equal(averaged["classifier.weight"], second["classifier.weight"])
+
+
+def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):
+    data = make_image_folder(tmp_path / "images")
+    common = ["--data", str(data), "--batch-size", "4", "--epochs", "2", "--deterministic", "--seed", "3",
+              "--ema", "--ema-decay", "0.9", "--checkpoint-every-steps", "1",
+              "--set", "regularization.mixup_alpha=0.4", "--set", "regularization.dropblock_prob=0.2",
+              "--set", "model.drop_rate=0.3", "--set", "optim.name=sgd", "--set", "optim.lr=0.5"]
+    reference = tmp_path / "reference"
+    run_ok(train_command(*common, "--output", str(reference)))
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(train_command(*common, "--output", str(killed)), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be killed mid-epoch"
+            if last.is_file():
+                payload = torch.load(last, weights_only=True)
+                if payload["batch_in_epoch"] > 0 and payload["step"] >= 2:
+                    break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    payload = torch.load(last, weights_only=True)
+    assert payload["batch_in_epoch"] > 0, "the kill must interrupt an epoch"
+
+    # Resume from the run folder alone; with a DataLoader worker this time: per-sample seeds make the
+    # augmentation independent of the worker setup.
+    run_ok([sys.executable, "-m", "mobilenetv3", "train", "--output", str(killed), "--resume", "--workers", "1"])
+    expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["step"] == expected["step"] == 12
+    assert_same_tensors(resumed["model"], expected["model"])
+    assert_same_tensors(resumed["ema"], expected["ema"])
+    for group_a, group_b in zip(resumed["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert_same_tensors(group_a, group_b)
+    volatile = ("epoch_time_s", "train_images_per_s")
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in volatile} for row in rows]  # noqa: E731
+    assert strip(read_rows(killed / "metrics.jsonl")) == strip(read_rows(reference / "metrics.jsonl"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_ranks_standalone_and_two_node_rendezvous(tmp_path):
+    common = [*MODEL, *SYNTHETIC, "--batch-size", "4", "--epochs", "1", "--seed", "1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run"]
+    standalone = tmp_path / "standalone"
+    run_ok([*launcher, "--standalone", "--nproc_per_node=2", "-m", "mobilenetv3", "train", *common,
+            "--output", str(standalone)])
+
+    two_nodes = tmp_path / "two_nodes"
+    port = free_port()
+    nodes = [
+        subprocess.Popen([*launcher, "--nnodes=2", f"--node-rank={rank}", "--nproc_per_node=1",
+                          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mnv3-test",
+                          "-m", "mobilenetv3", "train", *common, "--output", str(two_nodes)],
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+
+    for folder in (standalone, two_nodes):
+        (row,) = read_rows(folder / "metrics.jsonl")
+        # 21 validation images over 2 ranks: 11 + 10, each counted once (no padding duplicates).
+        assert (row["world_size"], row["val_samples"], row["global_batch"]) == (2, 21, 8)
+        assert row["step"] == 4  # 32 samples / (2 ranks x 4)
+    # Same seeds, same world size: the two launch modes train the very same model.
+    assert_same_tensors(state_dict(standalone / "checkpoints" / "last.pt"),
+                        state_dict(two_nodes / "checkpoints" / "last.pt"))
+
+
+def test_lr_find_writes_plot_and_suggestion(tmp_path, capsys):
+    output = tmp_path / "lr"
+    assert main(["lr-find", *MODEL, *SYNTHETIC, "--batch-size", "8", "--output", str(output),
+                 "--steps", "12", "--start-lr", "1e-4", "--end-lr", "10"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (output / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((output / "lr_find.json").read_text())
+    assert 1e-4 <= result["range"][0] <= result["range"][1] <= 10
+    assert result["steepest"] in saved["lrs"] and result["max"] == pytest.approx(result["min_loss"] / 10)
+
+
+def test_pretrained_with_another_class_count(ema_run, tmp_path):
+    from mobilenetv3.train.run import load_pretrained
+
+    source = ema_run / "checkpoints" / "last.pt"
+    model = create_model("mobilenetv3_small_035", num_classes=4)
+    load_pretrained(model, str(source))
+    pretrained = state_dict(source)
+    assert model.classifier.weight.shape == (4, 1024)
+    for key, value in model.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, pretrained[key]), key
+
+    output = tmp_path / "finetune"
+    run_ok(train_command("--data", "synthetic", "--set", "data.synthetic_classes=4", "--set",
+                         "data.synthetic_train_samples=16", "--set", "data.synthetic_val_samples=8",
+                         "--batch-size", "8", "--epochs", "1", "--pretrained", str(source), "--output", str(output)))
+    assert state_dict(output / "checkpoints" / "last.pt")["classifier.weight"].shape == (4, 1024)
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")], "missing"),
+        (["train", *SYNTHETIC, "--num-classes", "3", "--output", str(tmp_path / "o2")],
+         "model.num_classes=3 but the dataset 'synthetic' has 10 classes"),
+        (["train", "--epochs", "0"], "epochs must be positive, got 0"),
+        (["train", "--output", str(tmp_path / "nothing"), "--resume"], "cannot resume"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mobilenetv3 train: error:") and message in lines[0], lines
+
+
+def test_resume_refuses_another_model(ema_run, capsys):
+    assert main(["train", "--output", str(ema_run), "--resume", "--model", "mobilenetv3_small_050"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "cannot resume from" in error and "the model differs" in error and "width_mult" in error
