@@ -7,6 +7,7 @@ the library code it calls never sees argparse.  A `UserError` becomes one line o
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run_command(args) or 0)
     except UserError as error:
         print(f"mobilenetv3 {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        where = f" while writing {error.filename}" if error.filename else ""
+        print(f"mobilenetv3 {args.command}: error: no space left on device{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mobilenetv3 {args.command}: interrupted", file=sys.stderr)

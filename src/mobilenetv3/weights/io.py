@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -154,15 +153,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (not a torch.save zip archive)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message is long; keep the line that says what was refused (e.g. "GLOBAL posix.system").
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
-        raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({reason})") from None
+        refused = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+        if refused is None:  # not a pickle at all (garbage bytes, a truncated legacy file, ...)
+            raise UserError(f"{path} is not a readable PyTorch checkpoint ({lines[-1] if lines else 'bad data'})") from None
+        raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({refused})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
