@@ -32,15 +32,22 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU seconds, robust to other load on a shared machine (use --threads 1)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (mobilenetv3.deploy.allocator), for all three alike")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from mobilenetv3.deploy.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     rows = benchmark(args.model, batch_sizes=args.batch_size, engines=("eager",), compare=("torchvision", "timm"),
                      warmup=5, min_repeats=args.repeats, min_seconds=args.min_time, device="cpu", clock=args.clock)
     print(f"{args.model}, eager CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"{'malloc keeps freed memory' if args.keep_freed_memory else 'default malloc'}, "
           f"interleaved, >= {args.repeats} calls and >= {args.min_time:g} s per network and batch size")
     print(format_table(rows))
     verdicts = []

@@ -68,12 +68,12 @@ def test_speedups_use_the_same_engine_else_the_peers_eager_row():
 
 
 def test_benchmark_rows_for_engines_peers_and_training():
-    rows = benchmark("mobilenetv3_small_035", batch_sizes=(1, 2), engines=("eager", "onnxruntime"),
+    rows = benchmark("mobilenetv3_small_035", batch_sizes=(2,), engines=("eager", "onnxruntime"),
                      compare=("torchvision",), train=True, resolution=32, warmup=1, min_repeats=2, min_seconds=0.0)
     keys = [(r.network, r.engine, r.mode, r.batch_size) for r in rows]
-    inference = [("ours", "eager", "inference"), ("torchvision", "eager", "inference"), ("ours", "onnxruntime", "inference")]
-    train = [("ours", "eager", "train"), ("torchvision", "eager", "train")]  # not at batch 1: BN can't train on one
-    assert keys == [(*k, 1) for k in inference] + [(*k, 2) for k in inference + train]
+    assert keys == [("ours", "eager", "inference", 2), ("torchvision", "eager", "inference", 2),
+                    ("ours", "onnxruntime", "inference", 2), ("ours", "eager", "train", 2),
+                    ("torchvision", "eager", "train", 2)]
     for r in rows:
         assert r.calls >= 2 and r.p90_ms >= r.median_ms > 0
         assert r.images_per_s == pytest.approx(r.batch_size / r.median_ms * 1e3)
@@ -85,10 +85,11 @@ def test_benchmark_rows_for_engines_peers_and_training():
     assert ours_eager.gflop_per_image == pytest.approx(2 * count_macs(create_model("mobilenetv3_small_035").eval(), 32) / 1e9)
 
 
-def test_cli_json_rows(capsys):
-    assert main(["bench", "--model", "mobilenetv3_small_035", "--batch-size", "1", "--engines", "eager",
+def test_cli_json_rows_and_no_training_at_batch_1(capsys):
+    assert main(["bench", "--model", "mobilenetv3_small_035", "--batch-size", "1", "--engines", "eager", "--train",
                  "--resolution", "32", "--warmup", "0", "--repeats", "2", "--min-time", "0", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # BatchNorm cannot train on one image: batch 1 has inference rows only.
     assert [(r["network"], r["engine"], r["batch_size"], r["mode"]) for r in rows] == [("ours", "eager", 1, "inference")]
     assert {"median_ms", "p90_ms", "images_per_s", "peak_fraction", "speedup"} <= set(rows[0])
 

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-time", type=float, default=1.0, help="least timed seconds per network (default 1)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall (default) or cpu: this process's CPU seconds, for a shared machine (with --threads 1)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (no page faults per forward; see deploy/allocator.py); "
+                             "applies to every network alike")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
 
 
@@ -55,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--warmup must be >= 0 and --repeats >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from ..deploy.allocator import keep_freed_memory
+
+        keep_freed_memory()
     rows = benchmark(
         args.model, batch_sizes=args.batch_size, engines=_split(args.engines) or None, compare=_split(args.compare),
         train=args.train, resolution=args.resolution, device=args.device, warmup=args.warmup,
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(row.to_dict()))
     else:
         print(f"{args.model} at {args.resolution}x{args.resolution}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {args.clock} clock")
+              f"{torch.get_num_threads()} threads, {args.clock} clock"
+              f"{', malloc keeps freed memory' if args.keep_freed_memory else ''}")
         print(format_table(rows))
     return 0

@@ -256,7 +256,10 @@ def benchmark(
     model_kwargs = dict(model_kwargs or {})
 
     generator = torch.Generator().manual_seed(0)
-    calibration = torch.randn(8, 3, resolution, resolution, generator=generator)
+    # At least ~64 values per channel in the last (stride 32) stage, or the statistics are degenerate
+    # (near-zero variances) and activations leave the normal float range.
+    calibration_images = max(8, math.ceil(64 / max(1, resolution // 32) ** 2))
+    calibration = torch.randn(calibration_images, 3, resolution, resolution, generator=generator)
     networks: dict[str, nn.Module] = {"ours": create_model(model_name, **model_kwargs)}
     for peer in compare:
         networks[peer] = peer_model(peer, model_name, **model_kwargs)

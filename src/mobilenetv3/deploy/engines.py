@@ -165,8 +165,11 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
     from ..weights.io import load_model
     from .export import artifact_metadata
 
+    from .allocator import keep_freed_memory
+
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # a predict process: no page faults on every batch (see allocator.py)
     model = load_model(weights_path)
     engine = TorchEngine(model)
     preprocessing = model.preprocessing.replace(input_size=input_size) if input_size else model.preprocessing

@@ -102,8 +102,13 @@ class SqueezeExcite(nn.Module):
     `activation` replaces the inner ReLU (timm's mobilenetv3_rw uses the block's own activation).
     """
 
-    def __init__(self, channels: int, squeeze_channels: int, activation: Activation = Activation.RELU) -> None:
+    def __init__(
+        self, channels: int, squeeze_channels: int, activation: Activation = Activation.RELU, inplace: bool = False
+    ) -> None:
         super().__init__()
+        #: Scale the input in place when autograd is off (the bneck block owns its input; a stand-alone
+        #: layer must not overwrite the caller's tensor, hence off by default).
+        self.inplace = inplace
         self.fc1 = nn.Conv2d(channels, squeeze_channels, 1)
         self.act = make_activation(activation)
         self.fc2 = nn.Conv2d(squeeze_channels, channels, 1)
@@ -112,6 +117,8 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = x.mean((2, 3), keepdim=True)
         scale = self.gate(self.fc2(self.act(self.fc1(scale))))
+        if self.inplace and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+            return x.mul_(scale)  # same product, one feature map fewer to allocate
         return x * scale
 
 
@@ -159,7 +166,8 @@ class InvertedResidual(nn.Module):
             padding=padding,
         )
         self.se: nn.Module = (
-            SqueezeExcite(expanded_channels, squeeze_channels, se_activation) if squeeze_channels is not None else nn.Identity()
+            SqueezeExcite(expanded_channels, squeeze_channels, se_activation, inplace=True)
+            if squeeze_channels is not None else nn.Identity()
         )
         self.project = ConvNormAct(expanded_channels, out_channels, 1, norm_layer=norm_layer, activation=None)
         # Stochastic depth only makes sense on a residual path.
@@ -181,5 +189,7 @@ class InvertedResidual(nn.Module):
             out = self.se(out)
         out = self.project(out)
         if self.has_skip:
-            out = x + (self.drop_path(out) if self.has_drop_path else out)
+            if self.has_drop_path:
+                out = self.drop_path(out)
+            out += x  # in place: `out` is a fresh BN/conv output that backward does not need
         return out

@@ -1,0 +1,120 @@
+"""The training step in isolation: accumulation, clipping, AMP, EMA arithmetic, DropBlock ramp and hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mobilenetv3 import create_model
+from mobilenetv3.train.config import EMAConfig, RegularizationConfig, ScheduleConfig
+from mobilenetv3.train.loop import StepSettings, TrainState, evaluate, train_one_epoch
+from mobilenetv3.train.optim import Schedule, build_scheduler
+from mobilenetv3.train.regularization import DropBlockSchedule, ModelEma, default_dropblock_blocks
+
+
+def batches(count: int, size: int, features: int = 6, classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, features, generator=generator), torch.randint(classes, (size,), generator=generator), 0)
+            for _ in range(count)]
+
+
+def settings(**changes) -> StepSettings:
+    values = dict(device=torch.device("cpu"), amp_dtype=None, channels_last=False, accumulation_steps=1,
+                  grad_clip_norm=None, label_smoothing=0.0, num_classes=3)
+    values.update(changes)
+    return StepSettings(**values)
+
+
+def run_epoch(model, data, optimizer, step_settings, num_batches=None):
+    scheduler = build_scheduler(optimizer, Schedule(ScheduleConfig(name="constant", warmup_epochs=0), 1.0, 1, 1))
+    state = TrainState()
+    scaler = torch.amp.GradScaler("cpu", enabled=step_settings.amp_dtype == torch.float16)
+    train_one_epoch(model, data, optimizer=optimizer, scheduler=scheduler, scaler=scaler, settings=step_settings,
+                    state=state, num_batches=num_batches or len(data))
+    return state
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    big_model, small_model = nn.Linear(6, 3), nn.Linear(6, 3)
+    small_model.load_state_dict(big_model.state_dict())
+    data = batches(4, 4)
+    merged = [(torch.cat([data[i][0], data[i + 1][0]]), torch.cat([data[i][1], data[i + 1][1]]), 0) for i in (0, 2)]
+    big = run_epoch(big_model, merged, torch.optim.SGD(big_model.parameters(), lr=0.5), settings())
+    small = run_epoch(small_model, data, torch.optim.SGD(small_model.parameters(), lr=0.5),
+                      settings(accumulation_steps=2))
+    assert (big.step, small.step, small.batch_in_epoch) == (2, 2, 4)
+    for a, b in zip(big_model.parameters(), small_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_clipping_bounds_the_update():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    run_epoch(model, batches(1, 8), torch.optim.SGD(model.parameters(), lr=1.0), settings(grad_clip_norm=1e-3))
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert update.norm() == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_amp_steps_update_the_model(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Hardswish(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3))
+    data = [(torch.randn(4, 1, 12, 12), torch.randint(3, (4,)), 0) for _ in range(2)]
+    before = model[-1].weight.detach().clone()
+    state = run_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), settings(amp_dtype=dtype))
+    assert state.step == 2 and torch.isfinite(torch.tensor(state.totals.loss_sum))
+    assert not torch.equal(before, model[-1].weight)
+    result = evaluate(model, data, settings(amp_dtype=dtype))
+    assert result["samples"] == 8 and 0 <= result["top1"] <= 100
+
+
+def test_ema_is_an_exponential_average_of_weights_and_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = ModelEma(model, EMAConfig(enabled=True, decay=0.75, warmup=False))
+    ema.update_parameters(model)  # the first update copies
+    snapshot = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    model.train()
+    model(torch.randn(8, 4))  # moves BN running stats and num_batches_tracked
+    ema.update_parameters(model)
+    current = model.state_dict()
+    for key, value in ema.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.75 * snapshot[key] + 0.25 * current[key])
+        else:
+            assert torch.equal(value, current[key])  # integer buffers follow the model
+
+
+def test_dropblock_ramps_and_keeps_state_dict_keys():
+    model = create_model("mobilenetv3_small_035", num_classes=3)
+    keys = list(model.state_dict())
+    blocks = default_dropblock_blocks(model)
+    assert blocks == [3, 4, 5, 6, 7, 8, 9, 10]  # strides 16 and 32 of MobileNetV3-Small
+    dropblock = DropBlockSchedule(model, RegularizationConfig(dropblock_prob=0.2, dropblock_size=3), total_steps=100)
+    assert list(model.state_dict()) == keys
+    probs = []
+    for step in (0, 50, 100, 150):
+        dropblock.step(step)
+        probs.append(dropblock.prob)
+    assert probs == pytest.approx([0.0, 0.1, 0.2, 0.2])
+    block = model.blocks[blocks[0]]
+    features = torch.randn(2, model.network.blocks[blocks[0]].in_channels, 8, 8)
+    block.eval()
+    with torch.no_grad():
+        reference = block(features)
+        torch.testing.assert_close(block(features), reference)  # eval mode: no DropBlock
+        block.train()
+        for module in block.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()  # isolate DropBlock from batch statistics
+        dropped = block(features)
+        assert (dropped == 0).float().mean() > (reference == 0).float().mean()  # whole blocks zeroed
+        dropblock.remove()
+        torch.testing.assert_close(block(features), reference)  # the hook is gone
