@@ -264,8 +264,6 @@ class Trainer:
 
     def checkpoint_payload(self, metrics: dict[str, Any] | None) -> dict[str, Any]:
         """Everything needed to continue exactly; a collective call under DDP (RNG states are gathered)."""
-        from ..weights.io import model_description  # noqa: F401  (kwargs computed once in __init__)
-
         state = self.state
         rng = distributed.all_gather_objects(ckpt.capture_rng())
         return {
