@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per engine call (default 32)")
     parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
                         help="auto (default): onnxruntime if installed, else torch")
-    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: all available CPUs)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads (default: the CPUs not decoding; oversubscribing is slow)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: a quarter of the CPUs, >= 1)")
     parser.add_argument("--json", action="store_true",
                         help='one JSON object per image: {"path", "topk": [{"index", "label", "prob"}]}')
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..deploy.engines import make_engine
+    from ..deploy.engines import make_engine, split_threads
     from ..deploy.predict import Skipped, class_names_for, find_images, predict_files
     from ..errors import UserError
     from ..preprocessing import Preprocessing
@@ -49,13 +50,14 @@ def run(args: argparse.Namespace) -> int:
     paths = find_images(args.inputs)
     if not paths:
         raise UserError(f"no image files found in {' '.join(args.inputs)}")
-    engine = make_engine(args.engine, args.checkpoint, threads=args.threads)
+    threads, workers = split_threads(args.workers, args.threads)
+    engine = make_engine(args.engine, args.checkpoint, threads=threads)
     metadata = engine.metadata
     if "preprocessing" not in metadata:
         raise UserError(f"{args.checkpoint} carries no preprocessing metadata (export it with `mobilenetv3 export`)")
     preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
     results = predict_files(paths, engine, preprocessing, class_names=class_names_for(metadata), topk=args.topk,
-                            batch_size=args.batch_size, workers=args.workers)
+                            batch_size=args.batch_size, workers=workers)
     skipped = 0
     for result in results:
         if isinstance(result, Skipped):

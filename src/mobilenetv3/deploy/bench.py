@@ -177,7 +177,7 @@ def onnxruntime_engine(model: nn.Module, resolution: int):
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-bench-") as folder:
         path = Path(folder) / "model.onnx"
         export_model(model.cpu().eval(), path, ExportFormat.ONNX, input_size=resolution, metadata={})
-        return OnnxRuntimeEngine(path)  # the session holds the graph; the file can go
+        return OnnxRuntimeEngine(path, threads=torch.get_num_threads())  # the session holds the graph
 
 
 def _inference_fn(model: nn.Module, engine: str, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:

@@ -23,6 +23,8 @@ from ..errors import UserError
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
+#: Bumped whenever the exported graph would change for the same weights (invalidates predict's cache).
+EXPORT_VERSION = "1"
 
 
 def available_cpus() -> int:
@@ -31,6 +33,20 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def split_threads(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """(engine threads, decoding threads) that together use each available CPU once.
+
+    Oversubscribing is expensive: both ONNX Runtime's and PyTorch's (OpenMP) pools spin-wait between
+    parallel regions, so a decoding thread sharing their cores slows inference down far more than it
+    overlaps.  Measured on 2 CPUs, 512 JPEGs: torch engine 40 s with 2 + 2 threads, 8.6 s with 1 + 1;
+    ONNX Runtime 8.4 s against 6.6 s.  Decoding gets a quarter of the CPUs (at least one).
+    """
+    cpus = available_cpus()
+    workers = workers or max(1, cpus // 4)
+    threads = threads or max(1, cpus - workers)
+    return threads, workers
 
 
 def cache_dir() -> Path:
@@ -119,8 +135,6 @@ def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None =
     Keyed by the file's sha256, the input size and `EXPORT_VERSION`; written atomically, so concurrent
     callers never see a partial file.
     """
-    from .export import EXPORT_VERSION
-
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise UserError(f"weights file not found: {weights_path}")

@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import UserError
 from ..preprocessing import Preprocessing
 from ..weights.io import atomic_write, model_description
+from .engines import EXPORT_VERSION
 from .fuse import fuse_batchnorm
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ DEFAULT_TOLERANCE = 1e-4
 DEFAULT_OPSET = 18
 #: Key of the JSON metadata inside TorchScript / ExportedProgram archives (ONNX uses metadata_props).
 METADATA_FILE = "mobilenetv3.json"
-#: Bumped whenever the exported graph would change for the same weights (invalidates predict's cache).
-EXPORT_VERSION = "1"
 
 
 class ExportFormat(str, enum.Enum):

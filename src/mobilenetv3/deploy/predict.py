@@ -55,7 +55,8 @@ class Skipped:
 
 def imagenet_class_names() -> list[str]:
     """ImageNet-1k's 1000 class names, in the standard index order (shipped with the package)."""
-    text = resources.files("mobilenetv3.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    # Through the top-level package: resolving "mobilenetv3.data" would import that package (and torchvision).
+    text = resources.files("mobilenetv3").joinpath("data", "imagenet_classes.txt").read_text(encoding="utf-8")
     return text.splitlines()
 
 
@@ -169,7 +170,10 @@ def predict_files(
         raise UserError(f"--topk and --batch-size must be positive, got {topk} and {batch_size}")
     loader = ImageLoader(preprocessing)
     decode_errors = _decode_errors()
-    workers = workers or min(4, max(1, (os.cpu_count() or 1)))
+    if workers is None:
+        from .engines import split_threads
+
+        workers = split_threads()[1]
 
     def load(path: Path) -> np.ndarray | Skipped:
         try:
