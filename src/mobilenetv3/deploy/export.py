@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..preprocessing import Preprocessing
 from ..weights.io import atomic_write, model_description
 from .engines import EXPORT_VERSION
-from .fuse import fuse_batchnorm
+from .fuse import count_batchnorms, fuse_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def export_model(
                                      getattr(model, "class_names", None))
     reference = model.eval()
     fused = fuse_batchnorm(reference)
-    folded = sum(1 for m in reference.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    folded = count_batchnorms(reference)
     example = _example_input(in_chans, input_size, batch or 2)
     batch_sizes = verification_batch_sizes(batch)
     output = Path(output)
