@@ -19,13 +19,18 @@ from ..errors import UserError
 COMMANDS = ("list", "profile", "train", "eval", "average", "lr-find", "convert", "export", "predict", "bench")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only` (a command name), only that command's module is imported
+    (the others get bare subparsers), so a command's start-up does not pay for every other's imports."""
     parser = argparse.ArgumentParser(
         prog="mobilenetv3", description="MobileNetV3 for PyTorch: build, convert, train, evaluate, export, deploy."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
+        if only in COMMANDS and name != only:
+            commands.add_parser(name)
+            continue
         module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
         sub = commands.add_parser(
             name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -36,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     # Only rank 0 of a torchrun job logs at INFO; the others keep warnings and errors.
     rank = int(os.environ.get("RANK", "0"))

@@ -85,6 +85,15 @@ def save_model(
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(tmp_path), fsync, then rename onto `path`: a crash never leaves a half-written file."""
     path = Path(path)
@@ -94,6 +103,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -162,7 +172,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if refused is None:  # not a pickle at all (garbage bytes, a truncated legacy file, ...)
             raise UserError(f"{path} is not a readable PyTorch checkpoint ({lines[-1] if lines else 'bad data'})") from None
         raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({refused})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # garbage bytes make the unpickler fail in many ways (IndexError, EOFError, ...)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
 
