@@ -15,8 +15,10 @@ import sys
 
 from ..errors import UserError
 
-#: Subcommands, in the order `--help` lists them (module = name with '-' -> '_').
+#: Subcommands, in the order `--help` lists them (module = name with '-' -> '_', except where
+#: the name would shadow a builtin inside this package: `list` lives in `list_models`).
 COMMANDS = ("list", "profile", "train", "eval", "average", "lr-find", "convert", "export", "predict", "bench")
+_MODULES = {"list": "list_models"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -31,7 +33,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only in COMMANDS and name != only:
             commands.add_parser(name)
             continue
-        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+        module = importlib.import_module(f"{__name__}.{_MODULES.get(name, name.replace('-', '_'))}")
         sub = commands.add_parser(
             name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
