@@ -143,8 +143,8 @@ def test_feature_info_matches_timm():
     for ours, theirs in (("mobilenetv3_large_100", "mobilenetv3_large_100"), ("mobilenetv3_small_100", "mobilenetv3_small_100")):
         ref = timm.create_model(theirs, features_only=True, pretrained=False)
         mine = create_model(ours)
-        assert [i["num_chs"] for i in mine.feature_info] == ref.feature_info.channels()
-        assert [i["reduction"] for i in mine.feature_info] == ref.feature_info.reduction()
+        assert mine.feature_info.channels() == ref.feature_info.channels()
+        assert mine.feature_info.reduction() == ref.feature_info.reduction()
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"padding": "same"}])
@@ -183,3 +183,21 @@ def test_same_padding_is_asymmetric_like_tensorflow():
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
     # TF 'SAME' for a 4x4 input, k=3, s=2 pads 0 before and 1 after: the first window is rows/cols 0..2.
     assert conv(x)[0, 0, 0, 0].item() == x[0, 0, :3, :3].sum().item()
+
+
+def test_reset_classifier_keeps_dtype_and_accepts_timm_signature():
+    model = create_model("mobilenetv3_small_035").to(torch.bfloat16).eval()
+    model.reset_classifier(4, "avg")
+    assert model.classifier.weight.dtype == torch.bfloat16
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 4)
+    with pytest.raises(UserError, match="global_pool"):
+        model.reset_classifier(4, "max")
+
+
+def test_pretrained_file_of_another_width_is_refused(tmp_path):
+    path = mobilenetv3.save_model(create_model("mobilenetv3_small_075"), tmp_path / "w.safetensors")
+    with pytest.raises(UserError, match="width_mult=0.75"):
+        create_model("mobilenetv3_small_100", pretrained=str(path))
+    with pytest.raises(UserError, match="not a mobilenetv3_large_075"):
+        create_model("mobilenetv3_large_075", pretrained=str(path))
+    assert create_model("mobilenetv3_small", pretrained=str(path)).config["width_mult"] == 0.75

@@ -125,3 +125,13 @@ def test_training_checkpoint_layout_is_read(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "bare.pt")
     with pytest.raises(UserError, match="mobilenetv3 convert"):
         load_model(tmp_path / "bare.pt")
+
+
+def test_custom_norm_callables(tmp_path):
+    from functools import partial
+
+    batchnorm = create_model("mobilenetv3_small_035", norm_layer=partial(torch.nn.BatchNorm2d, eps=1e-3))
+    assert load_model(save_model(batchnorm, tmp_path / "bn.safetensors")).config["norm_layer"] == "batchnorm"
+    groupnorm = create_model("mobilenetv3_small_035", norm_layer=lambda c: torch.nn.GroupNorm(1, c))
+    with pytest.raises(UserError, match="cannot describe norm_layer"):
+        save_model(groupnorm, tmp_path / "gn.safetensors")

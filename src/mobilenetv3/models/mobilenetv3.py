@@ -56,6 +56,19 @@ def _feature_taps(network: ResolvedNetwork, stem_stride: int) -> list[int]:
     return [i for i in range(len(strides)) if i == len(strides) - 1 or strides[i + 1] > 1]
 
 
+class FeatureInfo(list):
+    """A list of {num_chs, reduction, module, index} dicts with timm's accessor methods."""
+
+    def channels(self) -> list[int]:
+        return [info["num_chs"] for info in self]
+
+    def reduction(self) -> list[int]:
+        return [info["reduction"] for info in self]
+
+    def module_name(self) -> list[str]:
+        return [info["module"] for info in self]
+
+
 class MobileNetV3(nn.Module):
     """MobileNetV3-Large / -Small as in the paper, with timm's model contract.
 
@@ -68,7 +81,8 @@ class MobileNetV3(nn.Module):
         in_chans: input channels.
         width_mult: the paper's width multiplier.
         drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic-depth rate of the last residual block, linearly scaled from 0 at the first.
+        drop_path_rate: stochastic-depth rate, scaled linearly with block depth (block i of n gets rate * i / n,
+            as in timm); only residual blocks use it.
         norm_layer: "batchnorm", "syncbatchnorm", or a callable taking the channel count.
         bn_eps, bn_momentum: BatchNorm settings (PyTorch momentum convention); the TF reference uses 1e-3 / 0.01.
         output_stride: 32, 16 or 8; strides past it become dilation (for dense prediction).
@@ -187,10 +201,10 @@ class MobileNetV3(nn.Module):
         names = ["stem"] + [f"blocks.{i}" for i in range(num_blocks)] + ["final_conv"]
         channels = [network.stem_channels] + [b.out_channels for b in network.blocks] + [self.num_features]
         self.feature_layer_ids = _feature_taps(network, stem_stride)
-        self.feature_info = [
+        self.feature_info = FeatureInfo(
             dict(num_chs=channels[i], reduction=reductions[i], module=names[i], index=n)
             for n, i in enumerate(self.feature_layer_ids)
-        ]
+        )
 
         # The "efficient last stage" (paper, figure 5): pool first, then a 1x1 conv without BN.
         self.global_pool = nn.AdaptiveAvgPool2d(1)
@@ -221,13 +235,18 @@ class MobileNetV3(nn.Module):
         return self.classifier
 
     @torch.jit.ignore
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one (0 removes it)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a freshly initialised one (0 removes it), on the head's device and dtype.
+
+        `global_pool` is accepted for timm compatibility; only average pooling ("avg") is part of the paper's head.
+        """
+        if global_pool not in (None, "avg"):
+            raise UserError(f"MobileNetV3's efficient head pools by averaging; global_pool={global_pool!r} is not supported")
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
-        device = self.conv_head.weight.device
+        weight = self.conv_head.weight
         if num_classes > 0:
-            self.classifier = nn.Linear(self.head_hidden_size, num_classes, device=device)
+            self.classifier = nn.Linear(self.head_hidden_size, num_classes, device=weight.device, dtype=weight.dtype)
             init_weights(self.classifier)
         else:
             self.classifier = nn.Identity()
@@ -236,8 +255,9 @@ class MobileNetV3(nn.Module):
 class MobileNetV3Features(nn.Module):
     """Backbone for dense prediction: returns the feature maps at `out_indices` of `feature_info`.
 
-    Module names match `MobileNetV3`, so a classifier's state dict loads into it (the head keys are
-    simply not used); layers after the deepest requested feature are dropped.
+    Module names match `MobileNetV3`, so a classifier's state dict loads into it with
+    `load_state_dict(state_dict, strict=False)` (the head keys are reported as unexpected and not used);
+    layers after the deepest requested feature are dropped.
     """
 
     def __init__(self, model: MobileNetV3, out_indices: tuple[int, ...] | list[int] | None = None) -> None:
@@ -250,7 +270,7 @@ class MobileNetV3Features(nn.Module):
             raise UserError(f"out_indices {bad} out of range: this model has {len(all_info)} feature levels")
         out_indices = sorted({i % len(all_info) for i in out_indices})
         self.config = dict(model.config)
-        self.feature_info = [dict(all_info[i]) for i in out_indices]
+        self.feature_info = FeatureInfo(dict(all_info[i]) for i in out_indices)
         self.out_indices = out_indices
         layer_ids = [model.feature_layer_ids[i] for i in out_indices]
         self.taps = layer_ids

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnknownModelError
+from ..errors import UnknownModelError, UserError
 from .mobilenetv3 import MobileNetV3, MobileNetV3Features
 
 _WIDTHS = {"035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25}
@@ -80,6 +80,12 @@ def create_model(
         from ..weights.pretrained import pretrained_kwargs
 
         weights_kwargs = pretrained_kwargs(name, pretrained)
+        fixed_width = entry.defaults.get("width_mult")
+        if fixed_width is not None and float(weights_kwargs.get("width_mult", fixed_width)) != fixed_width:
+            raise UserError(
+                f"the weights are for width_mult={weights_kwargs['width_mult']}, but {name} is x{fixed_width}; "
+                f"use the generic mobilenetv3_{entry.arch} or the matching name"
+            )
     model_kwargs = {**entry.defaults, **weights_kwargs, **kwargs}
     model = MobileNetV3(entry.arch, **model_kwargs)
     model.model_name = name

@@ -32,8 +32,17 @@ def model_description(model: nn.Module) -> tuple[str, dict[str, Any]]:
     config = dict(getattr(model, "config", {}))
     if not config:
         raise UserError(f"{type(model).__name__} is not a mobilenetv3 model (no .config to describe it)")
-    if callable(config.get("norm_layer")):
-        config["norm_layer"] = "batchnorm"  # a custom callable can't be stored; the tensors are the same
+    norm_layer = config.get("norm_layer")
+    if callable(norm_layer):
+        # A callable can't be stored. A BatchNorm flavour (e.g. a partial of BatchNorm2d) has the same tensors
+        # as "batchnorm"; anything else (GroupNorm, ...) could not be rebuilt from the file, so refuse it.
+        target = getattr(norm_layer, "func", norm_layer)
+        if not (isinstance(target, type) and issubclass(target, torch.nn.modules.batchnorm._BatchNorm)):
+            raise UserError(
+                f"cannot describe norm_layer={norm_layer!r} in a weights file; use norm_layer='batchnorm' "
+                "or save the state_dict yourself"
+            )
+        config["norm_layer"] = "batchnorm"
     arch = config.pop("arch")
     name = getattr(model, "model_name", None) or f"mobilenetv3_{arch}"
     from ..models.registry import get_entry
@@ -239,7 +248,7 @@ def read_weights(path: str | os.PathLike, *, ema: bool = False) -> LoadedWeights
     With `ema=True`, a checkpoint's EMA weights are used (an error if it has none).
     """
     path = Path(path)
-    if path.suffix in SAFETENSORS_SUFFIXES:
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         tensors, metadata = read_safetensors(path)
         if metadata.get("format") != FORMAT or "model_name" not in metadata:
             raise UserError(

@@ -154,6 +154,13 @@ def pretrained_kwargs(model_name: str, pretrained: bool | str) -> dict[str, Any]
         from .io import read_weights
 
         weights = read_weights(fetch(pretrained))
+        from ..models.registry import get_entry
+
+        if get_entry(weights.model_name).arch != get_entry(model_name).arch:
+            raise UserError(
+                f"{pretrained} holds a {weights.model_name} ({get_entry(weights.model_name).arch}), "
+                f"not a {model_name} ({get_entry(model_name).arch})"
+            )
         return {k: v for k, v in weights.model_kwargs.items() if k not in ("features_only", "out_indices")}
     source = resolve_source(model_name, pretrained)
     kwargs = {k: v for k, v in source.variant.model_kwargs.items() if k != "arch"}
