@@ -234,6 +234,25 @@ def test_cli_round_trip_torchvision(tmp_path, capsys):
     assert all(torch.equal(back.state_dict()[k], reference.float().state_dict()[k]) for k in back.state_dict())
 
 
+def test_cli_safetensors_output_and_failed_verify_writes_nothing(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    reference = randomize(peer_model("torchvision", "mobilenet_v3_small")).float()
+    torch.save(reference.state_dict(), tmp_path / "peer.pth")
+    ours_path = tmp_path / "ours.safetensors"
+    argv = ["convert", "--from", "torchvision", "--arch", "mobilenet_v3_small", str(tmp_path / "peer.pth")]
+    assert main([*argv, str(ours_path), "--verify", "--tolerance", "-1"]) == 1  # a check that cannot pass
+    assert "nothing was written" in capsys.readouterr().out and not ours_path.exists()
+    assert main([*argv, str(ours_path)]) == 0
+
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", "--to", "torchvision", str(ours_path), str(back), "--verify", "--tolerance", "-1"]) == 1
+    assert not back.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors", "peer.pth"]
+    assert main(["convert", "--to", "torchvision", str(ours_path), str(back), "--verify"]) == 0
+    tensors = load_file(back)  # a real safetensors file, not a pickle
+    assert all(torch.equal(tensors[k], v) for k, v in reference.state_dict().items())
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     torch.save(timm.create_model("tf_mobilenetv3_small_100").state_dict(), tmp_path / "tf.pth")
     assert main(["convert", "--from", "timm", str(tmp_path / "tf.pth"), str(tmp_path / "o.safetensors")]) == 2

@@ -247,6 +247,7 @@ def isolated_search(tmp_path, monkeypatch):
 
     monkeypatch.delenv(fashion_mnist.ENV_VAR, raising=False)
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "debian")
+    monkeypatch.delenv("MOBILENETV3_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     return tmp_path

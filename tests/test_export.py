@@ -127,6 +127,14 @@ def test_static_batch_is_fixed_in_the_graph(model, tmp_path):
     assert dims == [2, 3, 48, 48]
 
 
+def test_export_leaves_the_callers_model_alone(tmp_path):
+    model = tiny_model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(model, tmp_path / "model.pt", ExportFormat.TORCHSCRIPT)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_failed_verification_writes_nothing(model, tmp_path):
     path = tmp_path / "model.pt"
     with pytest.raises(ExportVerificationError, match="nothing was written"):

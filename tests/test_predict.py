@@ -153,6 +153,23 @@ def test_predict_runs_an_exported_onnx_file_directly(weights, images, cache, cap
     assert row["topk"][0]["label"] in CLASSES
 
 
+def test_fixed_batch_onnx_runs_in_chunks(model, weights, images, cache, tmp_path, capsys):
+    from mobilenetv3.deploy.export import ExportFormat, artifact_metadata, export_model
+
+    fixed = tmp_path / "b3.onnx"
+    export_model(model, fixed, ExportFormat.ONNX, input_size=SIZE, batch=3,
+                 metadata=artifact_metadata(model, PREPROCESSING, CLASSES))
+    engine = engines_module.make_engine("onnxruntime", fixed)
+    assert engine.fixed_batch == 3
+    batch = np.random.default_rng(0).standard_normal((7, 3, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    for count in (1, 3, 7):
+        np.testing.assert_allclose(engine(batch[:count]), expected[:count], rtol=1e-3, atol=1e-3)
+    assert main(["predict", "--checkpoint", str(fixed), "--json", *(str(images / name) for name in READABLE)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(READABLE)
+
+
 def test_imagenet_names_ship_with_the_package():
     from torchvision.models._meta import _IMAGENET_CATEGORIES  # test-time reference only
 

@@ -49,6 +49,27 @@ def test_accumulation_equals_one_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("amp_dtype", [None, torch.float16])
+def test_empty_batches_are_skipped_but_counted(amp_dtype):
+    """A batch whose every file was unreadable (B = 0) runs no forward; a group of only those makes no update."""
+    from mobilenetv3.data import collate_skipping
+
+    torch.manual_seed(0)
+    model, reference = nn.Linear(6, 3), nn.Linear(6, 3)
+    reference.load_state_dict(model.state_dict())
+    (images, targets, _), = batches(1, 4)
+    empty = collate_skipping([None] * 4)
+    state = run_epoch(model, [(images, targets, 0), empty, empty, empty],
+                      torch.optim.SGD(model.parameters(), lr=0.5), settings(accumulation_steps=2, amp_dtype=amp_dtype))
+    assert (state.step, state.batch_in_epoch, state.totals.samples, state.totals.skipped) == (2, 4, 4, 12)
+    # The update equals one of the non-empty micro-batch alone, still divided by the group size.
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.25)
+    torch.nn.functional.cross_entropy(reference(images), targets).backward()
+    optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3 if amp_dtype else 1e-6, atol=1e-3 if amp_dtype else 1e-7)
+
+
 def test_gradient_clipping_bounds_the_update():
     torch.manual_seed(0)
     model = nn.Linear(6, 3)

@@ -233,11 +233,11 @@ def test_lr_find_writes_plot_and_suggestion(tmp_path, capsys):
 
 
 def test_pretrained_with_another_class_count(ema_run, tmp_path):
-    from mobilenetv3.train.run import load_pretrained
+    from mobilenetv3.train.config import ModelConfig
+    from mobilenetv3.train.run import create_run_model
 
     source = ema_run / "checkpoints" / "last.pt"
-    model = create_model("mobilenetv3_small_035", num_classes=4)
-    load_pretrained(model, str(source))
+    model = create_run_model(ModelConfig(name="mobilenetv3_small_035", pretrained=str(source)), {"num_classes": 4})
     pretrained = state_dict(source)
     assert model.classifier.weight.shape == (4, 1024)
     for key, value in model.state_dict().items():
@@ -249,6 +249,27 @@ def test_pretrained_with_another_class_count(ema_run, tmp_path):
                          "data.synthetic_train_samples=16", "--set", "data.synthetic_val_samples=8",
                          "--batch-size", "8", "--epochs", "1", "--pretrained", str(source), "--output", str(output)))
     assert state_dict(output / "checkpoints" / "last.pt")["classifier.weight"].shape == (4, 1024)
+
+
+def test_pretrained_file_keeps_its_layout(tmp_path):
+    """A tf_-style file (padding="same", bn_eps=1e-5) is fine-tuned in its own layout, not the config's."""
+    from mobilenetv3.errors import UserError
+    from mobilenetv3.train.config import ModelConfig
+    from mobilenetv3.train.run import create_run_model
+    from mobilenetv3.weights.io import save_model
+
+    source = create_model("mobilenetv3_small_035", num_classes=10, padding="same", bn_eps=1e-5, drop_rate=0.5)
+    path = save_model(source, tmp_path / "tf.safetensors")
+    model = create_run_model(ModelConfig(name="mobilenetv3_small_035", pretrained=str(path)),
+                             {"num_classes": 4, "drop_rate": 0.1})
+    assert (model.config["padding"], model.config["bn_eps"]) == ("same", 1e-5)
+    assert (model.config["drop_rate"], model.config["bn_momentum"], model.num_classes) == (0.1, 0.01, 4)
+    for key, value in source.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, model.state_dict()[key]), key
+    for name in ("mobilenetv3_large_100", "mobilenetv3_small_100"):  # another arch, another width
+        with pytest.raises(UserError, match=rf"holds a mobilenetv3_small_035 \(small\), but the config trains a {name} "):
+            create_run_model(ModelConfig(name=name, pretrained=str(path)), {"num_classes": 4})
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -12,7 +12,7 @@ when that is unambiguous.  IN may be a plain state dict, a training checkpoint w
 or a .safetensors file.  Checkpoints are read with torch.load(weights_only=True).
 
 --verify builds the peer's own model (needs the peer library installed) and prints the largest output
-difference on a random batch in eval mode; it fails above --tolerance.
+difference on a random batch in eval mode; it fails above --tolerance, and then nothing is written.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="--verify: largest allowed |difference| per unit of the largest output (min 1)")
     parser.add_argument("input", type=Path, help="--from: the peer's .pth/.safetensors; --to: our weights file or checkpoint")
-    parser.add_argument("output", type=Path, help="--from: OUT.safetensors; --to: OUT.pth")
+    parser.add_argument("output", type=Path, help="--from: OUT.safetensors; --to: OUT.pth or OUT.safetensors")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,18 +76,20 @@ def _from_peer(args: argparse.Namespace) -> int:
         logger.info("recognised %s %s from the tensor shapes", args.from_peer, arch)
     converted = convert_state_dict(args.from_peer, arch, state_dict)
     model = converted.build()
+    prep = converted.preprocessing
+    if args.verify:  # before writing: a failed check leaves no output file
+        peer_model = _peer_model(args.from_peer, converted.source["arch"], model.num_classes,
+                                 model.config["in_chans"])
+        peer_model.load_state_dict(state_dict)
+        if _report_difference(peer_model, model, prep.input_size, args.tolerance) != 0:
+            print(f"nothing was written to {args.output}")
+            return 1
     save_model(model, args.output, preprocessing=converted.preprocessing,
                extra={"converted_from": converted.source})
-    prep = converted.preprocessing
     print(f"wrote {args.output}: {converted.model_name} from {args.from_peer} {converted.source['arch']}"
           f"{'.' + converted.source['tag'] if converted.source['tag'] else ''} "
           f"(num_classes={model.num_classes}; eval: resize {prep.resize_size} {prep.interpolation}, "
           f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)})")
-    if args.verify:
-        peer_model = _peer_model(args.from_peer, converted.source["arch"], model.num_classes,
-                                 model.config["in_chans"])
-        peer_model.load_state_dict(state_dict)
-        return _report_difference(peer_model, model, prep.input_size, args.tolerance)
     return 0
 
 
@@ -95,24 +97,32 @@ def _to_peer(args: argparse.Namespace) -> int:
     import torch
 
     from ..weights.convert import to_peer
-    from ..weights.io import atomic_write, build_model, read_weights
+    from ..weights.io import SAFETENSORS_SUFFIXES, atomic_write, build_model, read_weights
 
     weights = read_weights(args.input, ema=args.ema)
     model = build_model(weights).eval()  # validates the file (strict load) before anything is written
     peer_arch, state_dict = to_peer(args.to_peer, model.config, model.state_dict(),
                                     peer_arch=args.arch.partition(".")[0] if args.arch else None)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.output, lambda tmp: torch.save(state_dict, tmp))
     prep = weights.preprocessing
+    if args.verify:  # before writing: a failed check leaves no output file
+        peer_model = _peer_model(args.to_peer, peer_arch, model.num_classes, model.config["in_chans"])
+        peer_model.load_state_dict(state_dict)
+        if _report_difference(peer_model, model, prep.input_size, args.tolerance) != 0:
+            print(f"nothing was written to {args.output}")
+            return 1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.output.suffix in SAFETENSORS_SUFFIXES:  # a real safetensors file, not a pickle under that name
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        atomic_write(args.output, lambda tmp: save_file(tensors, tmp))
+    else:
+        atomic_write(args.output, lambda tmp: torch.save(state_dict, tmp))
     loader = (f"torchvision.models.{peer_arch}()" if args.to_peer == "torchvision"
               else f"timm.create_model({peer_arch!r})")
     print(f"wrote {args.output}: a {args.to_peer} {peer_arch} state dict (num_classes={model.num_classes}); "
           f"load it into {loader}; eval preprocessing: resize {prep.resize_size} {prep.interpolation}, "
           f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)}")
-    if args.verify:
-        peer_model = _peer_model(args.to_peer, peer_arch, model.num_classes, model.config["in_chans"])
-        peer_model.load_state_dict(state_dict)
-        return _report_difference(peer_model, model, prep.input_size, args.tolerance)
     return 0
 
 

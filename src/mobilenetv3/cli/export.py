@@ -54,7 +54,7 @@ def parse_batch(value: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..deploy.engines import file_sha256
+    from ..files import file_sha256
     from ..deploy.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportFormat, ExportVerificationError,
                                  artifact_metadata, export_model)
     from ..errors import UserError

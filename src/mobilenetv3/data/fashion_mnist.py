@@ -4,7 +4,8 @@ The four idx files (`train-images-idx3-ubyte[.gz]`, ...) are looked for, in this
   1. `data_dir` (`--data-dir`),
   2. `$MOBILENETV3_DATA`,
   3. `/usr/share/datasets/fashion-mnist` (Debian's `dataset-fashion-mnist` package: the files lie flat there),
-  4. the download cache `$XDG_CACHE_HOME/mobilenetv3` (default `~/.cache/mobilenetv3`),
+  4. the download cache `files.cache_dir()`: `$MOBILENETV3_CACHE`, else `$XDG_CACHE_HOME/mobilenetv3`
+     (default `~/.cache/mobilenetv3`),
 each either flat, in a `fashion-mnist/` subfolder, or in torchvision's `FashionMNIST/raw/` layout.  When none
 has them, `torchvision.datasets.FashionMNIST(download=True)` fetches them into `data_dir` (or the cache).
 The idx files are parsed here (gzip + a 4-byte-per-dim header) into uint8 tensors: no copy on disk.
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..files import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +43,6 @@ FILES = {
 }
 #: where the files may lie under a searched folder
 SUBFOLDERS = (Path("."), Path("fashion-mnist"), Path("FashionMNIST") / "raw")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilenetv3"
 
 
 def _file_in(folder: Path, stem: str) -> Path | None:

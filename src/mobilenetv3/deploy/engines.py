@@ -10,7 +10,6 @@ PIL and numpy alone.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UserError
+from ..files import cache_dir, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +47,6 @@ def split_threads(workers: int | None = None, threads: int | None = None) -> tup
     workers = workers or max(1, cpus // 4)
     threads = threads or max(1, cpus - workers)
     return threads, workers
-
-
-def cache_dir() -> Path:
-    """$MOBILENETV3_CACHE, else $XDG_CACHE_HOME/mobilenetv3, else ~/.cache/mobilenetv3."""
-    if os.environ.get("MOBILENETV3_CACHE"):
-        return Path(os.environ["MOBILENETV3_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mobilenetv3"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def onnxruntime_available() -> bool:
@@ -99,10 +83,23 @@ class OnnxRuntimeEngine:
         self.path = Path(path)
         self.session = onnxruntime_session(self.path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        #: the export's fixed batch size (an int dimension), or None for a dynamic batch axis.
+        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        size = self.fixed_batch
+        if size is None or len(images) == size:
+            return self.session.run(None, {self.input_name: images})[0]
+        # A fixed-batch export: run chunks of exactly that size, the last one padded with zeros.
+        count = len(images)
+        padding = (-count) % size if count else size
+        padded = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
+        outputs = [self.session.run(None, {self.input_name: padded[start:start + size]})[0]
+                   for start in range(0, len(padded), size)]
+        return np.concatenate(outputs)[:count]
 
 
 class TorchEngine:

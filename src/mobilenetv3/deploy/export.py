@@ -24,6 +24,7 @@ ONNX notes: the batch axis is dynamic unless a fixed batch is asked for.  h-swis
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import json
 import logging
@@ -296,7 +297,8 @@ def export_model(
     if metadata is None:
         metadata = artifact_metadata(model, preprocessing.replace(input_size=input_size),
                                      getattr(model, "class_names", None))
-    reference = model.eval()
+    # A CPU eval-mode copy: the caller's model keeps its mode and device (the example inputs are CPU tensors).
+    reference = copy.deepcopy(model).cpu().eval()
     fused = fuse_batchnorm(reference)
     folded = count_batchnorms(reference)
     example = _example_input(in_chans, input_size, batch or 2)

@@ -108,52 +108,62 @@ def train_one_epoch(
     accumulate = settings.accumulation_steps
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
+    example: torch.Tensor | None = None  # one image of the last non-empty batch (shape for DDP's stand-in)
     for images, targets, skipped in loader:
         if state.batch_in_epoch >= num_batches:
             break
         totals.skipped += skipped
-        images, targets = to_device(images, targets, settings)
-        hard_targets = targets
-        if mix is not None and len(images) > 1:
-            # v2.MixUp / CutMix blend pairs of images and return soft (one-hot mixed) targets.
-            images, targets = mix(images, targets)
-            hard_targets = targets.argmax(dim=1)
-
         # Under DDP, gradients are all-reduced on every backward; skip that for all but the last
         # micro-batch of an accumulation group (no_sync), which is where the averaged gradient is needed.
         last_micro_batch = (state.batch_in_epoch + 1) % accumulate == 0
-        sync = contextlib.nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with autocast(settings):
-                logits = model(images)
-                # Mean over the micro-batch, divided by the group size: the accumulated gradient is the
-                # gradient of the mean loss over the whole group, as with one big batch.
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
-            if images.shape[0] > 0:
-                scaler.scale(loss / accumulate).backward()
-
         state.batch_in_epoch += 1
-        if images.shape[0] > 0:
+        if images.shape[0] > 0:  # every file of the batch unreadable (collate_skipping): no forward / backward
+            images, targets = to_device(images, targets, settings)
+            hard_targets = targets
+            if mix is not None and len(images) > 1:
+                # v2.MixUp / CutMix blend pairs of images and return soft (one-hot mixed) targets.
+                images, targets = mix(images, targets)
+                hard_targets = targets.argmax(dim=1)
+            sync = contextlib.nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(settings):
+                    logits = model(images)
+                    # Mean over the micro-batch, divided by the group size: the accumulated gradient is the
+                    # gradient of the mean loss over the whole group, as with one big batch.
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
+                scaler.scale(loss / accumulate).backward()
             totals.loss_sum += float(loss.detach()) * images.shape[0]
             totals.correct += topk_correct(logits.detach(), hard_targets, (1,))[0]
             totals.samples += images.shape[0]
-        if not torch.isfinite(loss.detach()):
-            raise UserError(f"the training loss became {float(loss.detach())} at step {state.step + 1}; "
-                            "lower the learning rate or enable gradient clipping")
+            if not torch.isfinite(loss.detach()):
+                raise UserError(f"the training loss became {float(loss.detach())} at step {state.step + 1}; "
+                                "lower the learning rate or enable gradient clipping")
+            example = images[:1].detach()
+        elif last_micro_batch and hasattr(model, "no_sync") and example is not None:
+            # DDP: the other ranks' backward all-reduces the gradients now; take part with a zero loss (eval
+            # mode: no BatchNorm statistics from the stand-in image), or they would wait forever.
+            model.eval()
+            with autocast(settings):
+                zero = model(torch.zeros_like(example)).float().sum() * 0.0
+            scaler.scale(zero).backward()
+            model.train()
         if not last_micro_batch:
             continue
 
-        # fp16: gradients are scaled up to avoid underflow; unscale before clipping so the threshold
-        # applies to the true gradient norm.  scaler.step skips the update if an inf/nan was found.
-        if settings.grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)
-        scaler.update()
-        if scale_before is not None and scaler.get_scale() < scale_before:  # update() halves it after a skip
-            totals.amp_skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
+        # A group whose every micro-batch was empty has no gradient: no update (GradScaler.step would
+        # fail), but the step still counts, so the schedule, EMA and resume points stay where planned.
+        if any(p.grad is not None for p in model.parameters()):
+            # fp16: gradients are scaled up to avoid underflow; unscale before clipping so the threshold
+            # applies to the true gradient norm.  scaler.step skips the update if an inf/nan was found.
+            if settings.grad_clip_norm is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)
+            scaler.update()
+            if scale_before is not None and scaler.get_scale() < scale_before:  # update() halves it after a skip
+                totals.amp_skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # per-step schedule: the lr of the next step
         state.step += 1
         if ema is not None:  # the EMA follows the plain module (not the DDP / compiled wrapper)

@@ -42,8 +42,7 @@ def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
 def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 100,
                   smoothing: float = 0.05, diverge_factor: float = 4.0, output: str | Path | None = None) -> dict[str, Any]:
     from ..data import build_datasets
-    from ..models.registry import create_model
-    from .run import build_loaders, model_kwargs_for, seed_everything
+    from .run import build_loaders, create_run_model, model_kwargs_for, seed_everything
 
     if not 0 < start_lr < end_lr:
         raise UserError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
@@ -55,7 +54,7 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
     env = DistEnv(device=resolve_device(config.device, 0))
     bundle = build_datasets(config.data)
     loader, sampler, _ = build_loaders(config, bundle, env)
-    model = create_model(config.model.name, **model_kwargs_for(config, bundle)).to(env.device)
+    model = create_run_model(config.model, model_kwargs_for(config, bundle)).to(env.device)
     optimizer = build_optimizer(model, config.optim, start_lr)
     settings = StepSettings(device=env.device, amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp),
                             channels_last=config.channels_last, accumulation_steps=1, grad_clip_norm=None,

@@ -97,23 +97,43 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
     return kwargs
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Start from any weights file or checkpoint; a classifier of another class count is replaced."""
-    from ..weights.io import build_model, load_state_dict_checked, read_weights
+#: Constructor kwargs a run takes from its data and its recipe, never from a pretrained file's layout.
+RUN_MODEL_KWARGS = ("num_classes", "in_chans", "stem_stride", "drop_rate", "drop_path_rate", "bn_momentum")
 
-    weights = read_weights(path)
-    # The file must first be what it says it is: a known architecture whose tensors all fit it.
-    build_model(weights)
-    own = model.state_dict()
-    state = dict(weights.state_dict)
-    classifier = [key for key in own if key.startswith("classifier.")]
-    if any(key in state and state[key].shape != own[key].shape for key in classifier):
-        previous = state.get("classifier.weight", torch.empty(0)).shape[0]
-        logger.info("pretrained %s: replacing the %d-class classifier with a new %d-class one",
-                    path, previous, own["classifier.weight"].shape[0])
-        for key in classifier:
-            state[key] = own[key]
-    load_state_dict_checked(model, state, source=str(path))
+
+def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
+    """The configured network; with `model.pretrained`, in the weights' own layout and with their tensors.
+
+    The file must fit its own network and be the configured one (same name, or the generic builder of its
+    architecture).  Its layout kwargs (padding, bn_eps, ...) are applied through `create_model(pretrained=...)`
+    (`weights.pretrained.pretrained_kwargs` / `load_pretrained`), which replaces a classifier of another class
+    count; the data-dependent and training-time kwargs (`RUN_MODEL_KWARGS`) are this run's own: the data's or
+    the config's, else the constructor's defaults.
+    """
+    import inspect
+
+    from ..models.mobilenetv3 import MobileNetV3
+    from ..models.registry import create_model, get_entry
+    from ..weights.io import build_model, read_weights
+    from ..weights.pretrained import fetch
+
+    if not model_config.pretrained:
+        return create_model(model_config.name, **model_kwargs)
+    location = str(model_config.pretrained)
+    if "://" not in location:  # an absolute path is always read as a file, whatever its suffix
+        location = os.path.abspath(os.path.expanduser(location))
+    weights = read_weights(fetch(location))
+    build_model(weights)  # the file must first be what it says it is: its tensors all fit its own network
+    found, wanted = weights.model_name, model_config.name
+    arches = get_entry(found).arch, get_entry(wanted).arch
+    generic = {f"mobilenetv3_{arch}" for arch in arches}
+    if arches[0] != arches[1] or (found != wanted and not {found, wanted} & generic):
+        raise UserError(f"{model_config.pretrained} holds a {found} ({arches[0]}), but the config trains a "
+                        f"{wanted} ({arches[1]}); set model.name={found} (--model {found}) to start from it")
+    defaults = inspect.signature(MobileNetV3).parameters
+    kwargs = {key: defaults[key].default for key in RUN_MODEL_KWARGS}
+    kwargs.update(model_kwargs)
+    return create_model(model_config.name, pretrained=location, **kwargs)
 
 
 def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader, ResumableSampler, DataLoader]:
@@ -154,7 +174,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
         from ..data import build_datasets
-        from ..models.registry import create_model
         from ..weights.io import model_description
 
         self.config, self.env = config, env
@@ -182,9 +201,7 @@ class Trainer:
             )
 
         # 2. model (+ pretrained weights, EMA copy, DropBlock hooks)
-        model = create_model(config.model.name, **model_kwargs)
-        if config.model.pretrained:
-            load_pretrained(model, config.model.pretrained)
+        model = create_run_model(config.model, model_kwargs)
         self.model_name, self.model_kwargs = model_description(model)
         model.to(env.device)
         if config.channels_last:

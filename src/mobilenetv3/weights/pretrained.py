@@ -16,7 +16,6 @@ the constructor kwargs that `create_model` merges in before building.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import file_sha256
 from .convert import PEER_VARIANTS, PeerVariant, convert_state_dict, get_variant, peer_variant_for
 
 logger = logging.getLogger(__name__)
@@ -168,14 +168,6 @@ def pretrained_kwargs(model_name: str, pretrained: bool | str) -> dict[str, Any]
     return kwargs
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch(location: str, *, file_name: str | None = None, progress: bool = True) -> Path:
     """A local path as is, or a URL downloaded once into torch.hub's cache with its hash checked.
 
@@ -204,7 +196,7 @@ def fetch(location: str, *, file_name: str | None = None, progress: bool = True)
             raise UserError(f"download of {location} failed its hash check ({error})") from None
         except (URLError, OSError, ValueError) as error:
             raise UserError(f"could not download {location} ({error})") from None
-    elif hash_prefix is not None and not _sha256(destination).startswith(hash_prefix):
+    elif hash_prefix is not None and not file_sha256(destination).startswith(hash_prefix):
         raise UserError(f"cached {destination} does not match its SHA-256 prefix {hash_prefix}; delete it to re-download")
     return destination
 
