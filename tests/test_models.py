@@ -201,3 +201,34 @@ def test_pretrained_file_of_another_width_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a mobilenetv3_large_075"):
         create_model("mobilenetv3_large_075", pretrained=str(path))
     assert create_model("mobilenetv3_small", pretrained=str(path)).config["width_mult"] == 0.75
+
+
+def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
+    """Eval + no_grad on large CPU maps: BN writes into the conv output, with exactly nn.BatchNorm2d's numbers."""
+    from mobilenetv3.models import layers
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", num_classes=7)
+    with torch.no_grad():  # non-trivial running statistics
+        model(torch.randn(4, 3, 64, 64))
+    model.eval()
+    x = torch.randn(8, 3, 160, 160)  # the stem's 8 x 8 x 80 x 80 output is above the threshold
+    taken = []
+    original = layers._inference_batchnorm_in_place
+    monkeypatch.setattr(layers, "_inference_batchnorm_in_place", lambda norm, t: taken.append(original(norm, t)) or taken[-1])
+    with torch.inference_mode():
+        fast = model(x)
+    assert any(taken) and not all(taken)  # the big early maps in place, the small late ones not
+    monkeypatch.setattr(layers, "INPLACE_BATCHNORM_MIN_ELEMENTS", 1 << 62)
+    with torch.inference_mode():
+        reference = model(x)
+    assert torch.equal(fast, reference)
+    # With autograd on, nothing is overwritten in place, and gradients flow.
+    taken.clear()
+    monkeypatch.setattr(layers, "INPLACE_BATCHNORM_MIN_ELEMENTS", 1)
+    x.requires_grad_(True)
+    model(x).sum().backward()
+    assert not any(taken) and x.grad is not None
+    monkeypatch.undo()
+    with torch.inference_mode():  # TorchScript compiles the plain path (the in-place one is jit.unused)
+        assert torch.equal(torch.jit.script(model)(x.detach()), reference)

@@ -26,12 +26,12 @@ def settings(**changes) -> StepSettings:
     return StepSettings(**values)
 
 
-def run_epoch(model, data, optimizer, step_settings, num_batches=None):
+def run_epoch(model, data, optimizer, step_settings, num_batches=None, input_shape=None):
     scheduler = build_scheduler(optimizer, Schedule(ScheduleConfig(name="constant", warmup_epochs=0), 1.0, 1, 1))
     state = TrainState()
     scaler = torch.amp.GradScaler("cpu", enabled=step_settings.amp_dtype == torch.float16)
     train_one_epoch(model, data, optimizer=optimizer, scheduler=scheduler, scaler=scaler, settings=step_settings,
-                    state=state, num_batches=num_batches or len(data))
+                    state=state, num_batches=num_batches or len(data), input_shape=input_shape)
     return state
 
 
@@ -139,3 +139,37 @@ def test_dropblock_ramps_and_keeps_state_dict_keys():
         assert (dropped == 0).float().mean() > (reference == 0).float().mean()  # whole blocks zeroed
         dropblock.remove()
         torch.testing.assert_close(block(features), reference)  # the hook is gone
+
+
+def _ddp_rank_with_broken_first_batch(rank: int, store_path: str, result_path: str) -> None:
+    """One gloo rank: rank 1's first micro-batch is all unreadable files (B = 0), rank 0's is real."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mobilenetv3.data import collate_skipping
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(nn.Linear(6, 3))
+        data = batches(2, 4, seed=rank)
+        if rank == 1:
+            data[0] = collate_skipping([None] * 4)
+        state = run_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.5), settings(), input_shape=(6,))
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.save({"step": state.step, "weights": weights}, f"{result_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_rank_whose_first_batch_is_all_broken_still_joins_the_all_reduce(tmp_path):
+    """Without a stand-in shape known up front, rank 1 would skip its first backward and rank 0 would wait forever."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_rank_with_broken_first_batch, args=(str(tmp_path / "store"), str(tmp_path / "result")),
+                       nprocs=2, start_method="spawn")
+    results = [torch.load(tmp_path / f"result.{rank}", weights_only=True) for rank in (0, 1)]
+    assert [r["step"] for r in results] == [2, 2]
+    torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)  # replicas in sync

@@ -141,6 +141,18 @@ def test_average_of_the_last_epochs(ema_run, tmp_path, capsys):
     assert not torch.equal(averaged["classifier.weight"], second["classifier.weight"])
 
 
+def test_epoch_checkpoints_are_ordered_by_number_past_9999(tmp_path):
+    from mobilenetv3.train.checkpoint import epoch_checkpoints, prune_epoch_checkpoints
+
+    for epoch in (2, 9999, 10000, 10001):
+        (tmp_path / f"epoch_{epoch:04d}.pt").write_bytes(b"")
+    (tmp_path / "epoch_notes.pt").write_bytes(b"")  # not an epoch file: never listed, never deleted
+    assert [p.name for p in epoch_checkpoints(tmp_path)] == [
+        "epoch_0002.pt", "epoch_9999.pt", "epoch_10000.pt", "epoch_10001.pt"]
+    prune_epoch_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_10000.pt", "epoch_10001.pt", "epoch_notes.pt"]
+
+
 def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):
     data = make_image_folder(tmp_path / "images")
     common = ["--data", str(data), "--batch-size", "4", "--epochs", "2", "--deterministic", "--seed", "3",

@@ -300,7 +300,7 @@ def export_model(
     # A CPU eval-mode copy: the caller's model keeps its mode and device (the example inputs are CPU tensors).
     reference = copy.deepcopy(model).cpu().eval()
     fused = fuse_batchnorm(reference)
-    folded = count_batchnorms(reference)
+    folded = count_batchnorms(reference) - count_batchnorms(fused)  # those fuse_batchnorm could fold
     example = _example_input(in_chans, input_size, batch or 2)
     batch_sizes = verification_batch_sizes(batch)
     output = Path(output)

@@ -26,4 +26,5 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def count_batchnorms(model: nn.Module) -> int:
+    """BatchNorm layers in `model` (on a `fuse_batchnorm` result: those it could not fold)."""
     return sum(isinstance(module, _BatchNorm) for module in model.modules())

@@ -92,8 +92,50 @@ class ConvNormAct(nn.Module):
         self.has_act = activation is not None  # forward skips the Identity call (eager overhead at batch 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.conv(x))
+        x = self.conv(x)
+        if torch.jit.is_scripting():
+            x = self.bn(x)
+        elif not _inference_batchnorm_in_place(self.bn, x):
+            x = self.bn(x)
         return self.act(x) if self.has_act else x
+
+
+#: Feature maps at least this large (elements) get BatchNorm inference in place.  Below it the saving is
+#: nothing next to the extra Python call (batch 1 is overhead-bound).
+INPLACE_BATCHNORM_MIN_ELEMENTS = 1 << 18
+
+
+@torch.jit.unused  # TorchScript takes the plain `self.bn(x)` branch
+def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Apply eval-mode BatchNorm2d to `x` in place; False (x untouched) when that does not apply.
+
+    `nn.BatchNorm2d` writes its output to a new tensor.  At batch 32 those are tens of MB each, and glibc
+    hands blocks that large back to the kernel when freed, so a fresh one per layer means page faults on
+    every layer of every call.  A conv output is ours to overwrite, so here ATen's own BatchNorm kernel
+    (`native_batch_norm.out`, the one `F.batch_norm` calls) writes into its input: each element is read
+    before it is written, and the result is bit-identical.  Only on the CPU (CUDA's caching allocator
+    makes allocation cheap), with autograd off (no backward needs the input), in eager mode (tracers and
+    compilers see the plain module), for a plain `nn.BatchNorm2d` with running statistics.
+    A consequence shared with in-place activations: a forward hook on `conv` sees its output normalised.
+    """
+    if (
+        type(norm) is not nn.BatchNorm2d
+        or norm.training
+        or torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or x.numel() < INPLACE_BATCHNORM_MIN_ELEMENTS
+        or norm.running_mean is None
+        or norm.running_var is None
+        or x.dtype != norm.running_var.dtype
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+    ):
+        return False
+    torch.ops.aten.native_batch_norm.out(
+        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, False, 0.0, norm.eps,
+        out=x, save_mean=x.new_empty(0), save_invstd=x.new_empty(0),
+    )
+    return True
 
 
 class SqueezeExcite(nn.Module):

@@ -76,10 +76,12 @@ def create_model(
     """
     entry = get_entry(name)
     weights_kwargs: dict[str, Any] = {}
+    weights = None
     if pretrained:  # the layout the weights were trained in (e.g. TF padding); explicit kwargs still win
-        from ..weights.pretrained import pretrained_kwargs
+        from ..weights.pretrained import pretrained_kwargs, read_location
 
-        weights_kwargs = pretrained_kwargs(name, pretrained)
+        weights = read_location(pretrained)  # a file or URL is read once, for its kwargs and its tensors
+        weights_kwargs = pretrained_kwargs(name, pretrained, weights)
         fixed_width = entry.defaults.get("width_mult")
         if fixed_width is not None and float(weights_kwargs.get("width_mult", fixed_width)) != fixed_width:
             raise UserError(
@@ -92,7 +94,7 @@ def create_model(
     if pretrained:
         from ..weights.pretrained import load_pretrained
 
-        load_pretrained(model, name, pretrained)
+        load_pretrained(model, name, pretrained, weights)
     if features_only:
         features = MobileNetV3Features(model, out_indices)
         features.model_name = name

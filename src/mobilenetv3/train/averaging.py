@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..weights.io import load_checkpoint, read_weights, save_model
+from .checkpoint import epoch_checkpoints
 from .config import BEST_METRICS
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
 def select_from_run(run_dir: str | Path, *, last: int | None = None, best: int | None = None,
                     metric: str = "val_top1") -> list[Path]:
     """The last / best k of a run's checkpoints/epoch_NNNN.pt (kept with checkpoint.keep_last_epochs)."""
-    files = sorted(Path(run_dir, "checkpoints").glob("epoch_*.pt"))
+    files = epoch_checkpoints(Path(run_dir, "checkpoints"))
     if not files:
         raise UserError(f"{run_dir} has no checkpoints/epoch_*.pt (train with --set checkpoint.keep_last_epochs=K)")
     if last is not None:
@@ -56,7 +57,8 @@ def select_from_run(run_dir: str | Path, *, last: int | None = None, best: int |
             raise UserError(f"{path} has no logged {metric}")
         scored.append((metrics[metric], path))
     scored.sort(key=lambda item: item[0], reverse=BEST_METRICS[metric])
-    return sorted(path for _, path in scored[:best])
+    chosen = {path for _, path in scored[:best]}
+    return [path for path in files if path in chosen]  # in epoch order
 
 
 def average_files(paths: list[str | Path], output: str | Path, *, ema: bool = False) -> dict[str, Any]:

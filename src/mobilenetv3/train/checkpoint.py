@@ -143,6 +143,16 @@ def weights_only_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
     return {key: payload[key] for key in keys if key in payload}
 
 
+def epoch_checkpoints(folder: Path) -> list[Path]:
+    """folder's epoch_NNNN.pt files in epoch order (numeric: epoch_10000.pt comes after epoch_9999.pt)."""
+    numbered = []
+    for path in folder.glob("epoch_*.pt"):
+        number = path.stem.removeprefix("epoch_")
+        if number.isdigit():
+            numbered.append((int(number), path))
+    return [path for _, path in sorted(numbered)]
+
+
 def prune_epoch_checkpoints(folder: Path, keep: int) -> None:
-    for stale in sorted(folder.glob("epoch_*.pt"))[:-keep] if keep > 0 else []:
+    for stale in epoch_checkpoints(folder)[:-keep] if keep > 0 else []:
         stale.unlink()

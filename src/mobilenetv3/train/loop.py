@@ -97,18 +97,24 @@ def train_one_epoch(
     on_step_end: Callable[[TrainState], None] | None = None,
     env: DistEnv = DistEnv(),
     progress: Any = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> EpochTotals:
     """Train on `num_batches` micro-batches of `loader`, starting at `state.batch_in_epoch`.
 
     The loader already skips the batches a resumed epoch has done (see `ResumableSampler`); `state`
     carries the optimizer step count and the epoch's running sums, and is updated in place.
+    `input_shape` (C, H, W) lets a DDP rank whose first batches are all unreadable files still take part
+    in the gradient all-reduce (with a zero loss on a stand-in image) before it has seen a real batch.
     """
     model.train()
     totals = state.totals
     accumulate = settings.accumulation_steps
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    example: torch.Tensor | None = None  # one image of the last non-empty batch (shape for DDP's stand-in)
+    # One image of the last non-empty batch: the shape, dtype and memory format of DDP's stand-in input.
+    example: torch.Tensor | None = None
+    if input_shape is not None:
+        example = to_device(torch.zeros(1, *input_shape), torch.zeros(1), settings)[0]
     for images, targets, skipped in loader:
         if state.batch_in_epoch >= num_batches:
             break

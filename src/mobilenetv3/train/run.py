@@ -188,6 +188,8 @@ class Trainer:
         self.log("data: %s", bundle.describe())
         model_kwargs = model_kwargs_for(config, bundle)  # class / channel mismatches fail before any work
         self.train_loader, self.train_sampler, self.val_loader = build_loaders(config, bundle, env)
+        size = bundle.preprocessing.input_size  # train crops are square, input_size on a side
+        self.input_shape = (bundle.in_chans, size, size)
         accumulate = config.optim.accumulation_steps
         batches = len(self.train_loader)
         if config.limit_train_batches is not None:
@@ -339,7 +341,7 @@ class Trainer:
                     self.train_model, self.train_loader, optimizer=self.optimizer, scheduler=self.scheduler,
                     scaler=self.scaler, settings=self.settings, state=state, num_batches=self.batches_per_epoch,
                     mix=self.mix if mix_on else None, ema=self.ema, dropblock=self.dropblock,
-                    on_step_end=self._save_mid_epoch, env=env, progress=bar,
+                    on_step_end=self._save_mid_epoch, env=env, progress=bar, input_shape=self.input_shape,
                 )
             train_loss_sum, train_correct, train_samples, train_skipped = distributed.all_reduce_sum(
                 [totals.loss_sum, totals.correct, totals.samples, totals.skipped], env.device)

@@ -146,14 +146,28 @@ def resolve_source(model_name: str, pretrained: bool | str) -> PretrainedSource:
                     f"{', '.join(t for t in variant.tags if _published(variant, t)) or 'none'}")
 
 
-def pretrained_kwargs(model_name: str, pretrained: bool | str) -> dict[str, Any]:
-    """Constructor kwargs the weights need (the peer's layout, BN eps, num_classes), for `create_model`."""
-    if not pretrained:
-        return {}
+def read_location(pretrained: bool | str):
+    """The `LoadedWeights` of a file path or URL given as `pretrained`; None for a tag or True/False.
+
+    `create_model` reads a weights file once and hands the result to both `pretrained_kwargs` and
+    `load_pretrained`.
+    """
     if isinstance(pretrained, str) and is_location(pretrained):
         from .io import read_weights
 
-        weights = read_weights(fetch(pretrained))
+        return read_weights(fetch(pretrained))
+    return None
+
+
+def pretrained_kwargs(model_name: str, pretrained: bool | str, weights: Any = None) -> dict[str, Any]:
+    """Constructor kwargs the weights need (the peer's layout, BN eps, num_classes), for `create_model`.
+
+    `weights`: `read_location(pretrained)` when the caller already has it.
+    """
+    if not pretrained:
+        return {}
+    if isinstance(pretrained, str) and is_location(pretrained):
+        weights = weights if weights is not None else read_location(pretrained)
         from ..models.registry import get_entry
 
         if get_entry(weights.model_name).arch != get_entry(model_name).arch:
@@ -219,16 +233,17 @@ def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
 
 
-def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str) -> None:
+def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str, weights: Any = None) -> None:
     """Load published (or local) weights into `model`, built with `pretrained_kwargs(model_name, pretrained)`.
 
     A different `num_classes` keeps the model's freshly initialised classifier; a different `in_chans`
-    adapts the stem.  Sets `model.preprocessing` to the weights' preprocessing.
+    adapts the stem.  Sets `model.preprocessing` to the weights' preprocessing.  `weights`: as in
+    `pretrained_kwargs`.
     """
-    from .io import load_state_dict_checked, read_weights
+    from .io import load_state_dict_checked
 
     if isinstance(pretrained, str) and is_location(pretrained):
-        weights = read_weights(fetch(pretrained))
+        weights = weights if weights is not None else read_location(pretrained)
         state_dict, preprocessing, label = weights.state_dict, weights.preprocessing, str(weights.path)
         weights_config = {**weights.model_kwargs, "arch": model.config["arch"]}
     else:
