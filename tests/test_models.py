@@ -232,3 +232,22 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
     monkeypatch.undo()
     with torch.inference_mode():  # TorchScript compiles the plain path (the in-place one is jit.unused)
         assert torch.equal(torch.jit.script(model)(x.detach()), reference)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_fx_symbolic_trace(grad):
+    """torch.fx (torchvision's create_feature_extractor, FX quantization) traces the plain, out-of-place graph."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(grad):
+        traced = torch.fx.symbolic_trace(model)
+        extractor = create_feature_extractor(model, {"blocks.3": "mid", "classifier": "logits"})
+    assert not any(node.target == "mul_" for node in traced.graph.nodes)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(traced(x), expected)
+        assert torch.equal(extractor(x)["logits"], expected)
+        assert torch.equal(extractor(x)["mid"], model.blocks[:4](model.stem(x)))

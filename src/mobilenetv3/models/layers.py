@@ -119,7 +119,8 @@ def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
     A consequence shared with in-place activations: a forward hook on `conv` sees its output normalised.
     """
     if (
-        type(norm) is not nn.BatchNorm2d
+        not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
+        or type(norm) is not nn.BatchNorm2d
         or norm.training
         or torch.is_grad_enabled()
         or x.device.type != "cpu"
@@ -159,9 +160,21 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = x.mean((2, 3), keepdim=True)
         scale = self.gate(self.fc2(self.act(self.fc1(scale))))
-        if self.inplace and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        if torch.jit.is_scripting():
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
+            return x.mul_(scale) if self.inplace and not needs_grad else x * scale
+        if self.inplace and _may_overwrite(x, scale):
             return x.mul_(scale)  # same product, one feature map fewer to allocate
         return x * scale
+
+
+@torch.jit.unused  # TorchScript decides in SqueezeExcite.forward
+def _may_overwrite(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether eager code may write into `x`: not while autograd records it, and never while a tracer
+    (torch.fx, which hands us Proxies, torch.jit.trace, torch.compile) is building a graph."""
+    if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
 
 
 class InvertedResidual(nn.Module):
