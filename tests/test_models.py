@@ -230,6 +230,11 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
     model(x).sum().backward()
     assert not any(taken) and x.grad is not None
     monkeypatch.undo()
+    seen = []  # a hooked BN is called as a module, so its hooks run
+    handle = model.stem.bn.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference) and len(seen) == 1
+    handle.remove()
     with torch.inference_mode():  # TorchScript compiles the plain path (the in-place one is jit.unused)
         assert torch.equal(torch.jit.script(model)(x.detach()), reference)
 

@@ -105,6 +105,14 @@ class ConvNormAct(nn.Module):
 INPLACE_BATCHNORM_MIN_ELEMENTS = 1 << 18
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones, e.g. profilers and FLOP counters)."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks
+                or module_globals._global_forward_pre_hooks)
+
+
 @torch.jit.unused  # TorchScript takes the plain `self.bn(x)` branch
 def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
     """Apply eval-mode BatchNorm2d to `x` in place; False (x untouched) when that does not apply.
@@ -115,8 +123,9 @@ def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
     (`native_batch_norm.out`, the one `F.batch_norm` calls) writes into its input: each element is read
     before it is written, and the result is bit-identical.  Only on the CPU (CUDA's caching allocator
     makes allocation cheap), with autograd off (no backward needs the input), in eager mode (tracers and
-    compilers see the plain module), for a plain `nn.BatchNorm2d` with running statistics.
-    A consequence shared with in-place activations: a forward hook on `conv` sees its output normalised.
+    compilers see the plain module), for a plain `nn.BatchNorm2d` with running statistics and no forward
+    hooks (a hooked BN is called as a module, so its hooks run).  As with in-place activations, a forward
+    hook on `conv` that keeps its output sees it normalised afterwards.
     """
     if (
         not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
@@ -130,6 +139,7 @@ def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
         or x.dtype != norm.running_var.dtype
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
+        or _has_forward_hooks(norm)
     ):
         return False
     torch.ops.aten.native_batch_norm.out(
