@@ -235,8 +235,11 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(model(x), reference) and len(seen) == 1
     handle.remove()
+    x = x.detach()
+    with torch.enable_grad():  # the plain eager path: NCHW, out of place
+        plain = model(x)
     with torch.inference_mode():  # TorchScript compiles the plain path (the in-place one is jit.unused)
-        assert torch.equal(torch.jit.script(model)(x.detach()), reference)
+        assert torch.equal(torch.jit.script(model)(x), plain)
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -251,8 +254,38 @@ def test_torch_fx_symbolic_trace(grad):
         traced = torch.fx.symbolic_trace(model)
         extractor = create_feature_extractor(model, {"blocks.3": "mid", "classifier": "logits"})
     assert not any(node.target == "mul_" for node in traced.graph.nodes)
+    with torch.enable_grad():  # the traced graph is the plain eager path: NCHW, out of place
+        expected, mid = model(x), model.blocks[:4](model.stem(x))
     with torch.no_grad():
-        expected = model(x)
         assert torch.equal(traced(x), expected)
         assert torch.equal(extractor(x)["logits"], expected)
-        assert torch.equal(extractor(x)["mid"], model.blocks[:4](model.stem(x)))
+        assert torch.equal(extractor(x)["mid"], mid)
+
+
+def test_cpu_inference_runs_channels_last_inside_and_returns_the_callers_layout():
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", num_classes=5)
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics, so the outputs are not near zero
+        torch.nn.init.normal_(model.classifier.weight)
+    model.eval()
+    seen = []
+    model.stem.conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    x = torch.randn(2, 3, 72, 56)
+    with torch.enable_grad():
+        plain, plain_features = model(x), model.forward_features(x)
+    assert seen == [True, True]
+    with torch.inference_mode():
+        fast, features = model(x), model.forward_features(x)
+        nhwc_features = model.forward_features(x.contiguous(memory_format=torch.channels_last))
+    assert seen[2:] == [False, False, False]  # NHWC inside
+    assert features.is_contiguous() and nhwc_features.is_contiguous(memory_format=torch.channels_last)
+    scale = plain.abs().max().item()
+    assert scale > 1e-3
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5 * scale)  # the same arithmetic, other summation order
+    torch.testing.assert_close(features, plain_features, rtol=0, atol=1e-5 * plain_features.abs().max().item())
+    backbone = create_model("mobilenetv3_small_050", features_only=True)
+    backbone.load_state_dict(model.state_dict(), strict=False)
+    with torch.inference_mode():
+        maps = backbone.eval()(x)
+    assert all(m.is_contiguous() for m in maps)

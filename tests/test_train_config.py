@@ -11,7 +11,8 @@ import yaml
 from mobilenetv3.errors import UserError
 from mobilenetv3.train.config import TrainConfig, all_keys, list_recipes, load_config, set_key, to_dict
 
-RECIPES = ("imagenet-paper", "imagenet-torchvision", "imagenet-timm", "imagenet-seed", "fashion-mnist")
+RECIPES = ("imagenet-paper", "imagenet-torchvision", "imagenet-timm", "imagenet-seed", "fashion-mnist",
+           "fashion-mnist-large")
 
 
 def test_every_issue_recipe_is_shipped_and_validates():
@@ -48,6 +49,11 @@ def test_recipes_hold_their_sources_settings():
 
     fm = load_config("fashion-mnist")
     assert fm.data.dataset == "fashion-mnist" and fm.reference_top1 == 95.0
+    large = load_config("fashion-mnist-large")  # the same schedule, a bigger network, more regularisation
+    assert (large.model.name, large.data.dataset, large.batch_size, large.threads) == (
+        "mobilenetv3_large_100", "fashion-mnist", 128, 1)
+    assert (large.optim, large.schedule) == (fm.optim, fm.schedule)
+    assert large.data.random_erasing > 0 and large.model.drop_rate > 0
 
 
 def test_overrides_are_typed_for_every_key():

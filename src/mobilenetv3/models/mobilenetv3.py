@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .layers import ConvNormAct, InvertedResidual, NormLayer, make_activation, make_conv
+from .layers import ConvNormAct, InvertedResidual, NormLayer, make_activation, make_conv, runs_channels_last
 from .spec import (
     NETWORK_SPECS,
     ExpansionRule,
@@ -218,7 +218,14 @@ class MobileNetV3(nn.Module):
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The unpooled feature map of the last 1x1 conv (960 / 576 channels at width 1.0)."""
+        """The unpooled feature map of the last 1x1 conv (960 / 576 channels at width 1.0), in `x`'s layout."""
+        if torch.jit.is_scripting():
+            return self._features(x)
+        if runs_channels_last(x):  # NHWC inside (see runs_channels_last); the caller gets its own layout back
+            return self._features(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(self.blocks(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -228,7 +235,11 @@ class MobileNetV3(nn.Module):
         return self.classifier(self.dropout(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        if torch.jit.is_scripting():
+            return self.forward_head(self._features(x))
+        if runs_channels_last(x):
+            x = x.contiguous(memory_format=torch.channels_last)  # the pooled logits do not care about layout
+        return self.forward_head(self._features(x))
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -282,6 +293,13 @@ class MobileNetV3Features(nn.Module):
         self.use_final_conv = last == num_blocks + 1
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if torch.jit.is_scripting():
+            return self._forward(x)
+        if runs_channels_last(x):  # NHWC inside, the caller's layout out
+            return [feature.contiguous() for feature in self._forward(x.contiguous(memory_format=torch.channels_last))]
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features: List[torch.Tensor] = []
         x = self.stem(x)
         if 0 in self.taps:
