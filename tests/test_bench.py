@@ -68,10 +68,11 @@ def test_speedups_use_the_same_engine_else_the_peers_eager_row():
 
 
 def test_benchmark_rows_for_engines_peers_and_training():
-    rows = benchmark("mobilenetv3_small_035", batch_sizes=(2,), engines=("eager", "onnxruntime"),
+    rows = benchmark("mobilenetv3_small_035", batch_sizes=(2,), engines=("eager", "channels-last", "onnxruntime"),
                      compare=("torchvision",), train=True, resolution=32, warmup=1, min_repeats=2, min_seconds=0.0)
     keys = [(r.network, r.engine, r.mode, r.batch_size) for r in rows]
     assert keys == [("ours", "eager", "inference", 2), ("torchvision", "eager", "inference", 2),
+                    ("ours", "channels-last", "inference", 2), ("torchvision", "channels-last", "inference", 2),
                     ("ours", "onnxruntime", "inference", 2), ("ours", "eager", "train", 2),
                     ("torchvision", "eager", "train", 2)]
     for r in rows:

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="NAME", help="a registered model name")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 32], metavar="N", help="default: 1 32")
     parser.add_argument("--engines", default=None,
-                        help="comma-separated: eager, compile, onnxruntime; on a GPU also channels-last, "
-                             "amp-bf16, amp-fp16 (default CPU: eager,onnxruntime; GPU: all torch engines)")
+                        help="comma-separated: eager, channels-last (model and input converted "
+                             "by the caller, for every network), compile, onnxruntime; on a GPU also amp-bf16, "
+                             "amp-fp16 (default CPU: eager,onnxruntime; GPU: all torch engines)")
     parser.add_argument("--compare", default="", help="comma-separated peers: torchvision,timm")
     parser.add_argument("--train", action="store_true", help="also time forward + backward + SGD step (eager)")
     parser.add_argument("--resolution", type=int, default=224, metavar="R")

@@ -31,7 +31,7 @@ from ..errors import UserError
 logger = logging.getLogger(__name__)
 
 PEERS = ("torchvision", "timm")
-CPU_ENGINES = ("eager", "compile", "onnxruntime")
+CPU_ENGINES = ("eager", "channels-last", "compile", "onnxruntime")
 GPU_ENGINES = ("eager", "channels-last", "amp-bf16", "amp-fp16", "compile")
 TORCH_ENGINES = ("eager", "compile", "channels-last", "amp-bf16", "amp-fp16")  # peers can run these
 
@@ -247,7 +247,7 @@ def benchmark(
     for engine in engines:
         if engine not in known:
             raise UserError(f"unknown engine {engine!r}; choose from {', '.join(sorted(known))}")
-        if engine in ("channels-last", "amp-bf16", "amp-fp16") and dev.type != "cuda":
+        if engine in ("amp-bf16", "amp-fp16") and dev.type != "cuda":
             raise UserError(f"engine {engine} needs a CUDA GPU (CPU engines: {', '.join(CPU_ENGINES)})")
     if any(b < 1 for b in batch_sizes):
         raise UserError("batch sizes must be positive")
