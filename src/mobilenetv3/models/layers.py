@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals  # the global forward-hook registries
 
 from .spec import Activation, Padding
 
@@ -95,8 +96,9 @@ class ConvNormAct(nn.Module):
         x = self.conv(x)
         if torch.jit.is_scripting():
             x = self.bn(x)
-        elif not _inference_batchnorm_in_place(self.bn, x):
-            x = self.bn(x)
+        else:
+            normalised = _inference_batchnorm(self.bn, x)
+            x = self.bn(x) if normalised is None else normalised
         return self.act(x) if self.has_act else x
 
 
@@ -120,40 +122,38 @@ def runs_channels_last(x: torch.Tensor) -> bool:
     )
 
 
-#: Feature maps at least this large (elements) get BatchNorm inference in place.  Below it the saving is
-#: nothing next to the extra Python call (batch 1 is overhead-bound).
+#: Feature maps at least this large (elements) get BatchNorm inference in place; smaller ones get a new tensor
+#: (a cheap allocation from the heap), so a caller's small tensor is never overwritten for nothing.
 INPLACE_BATCHNORM_MIN_ELEMENTS = 1 << 18
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
     """Whether calling `module` would run hooks (its own or global ones, e.g. profilers and FLOP counters)."""
-    from torch.nn.modules import module as module_globals
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks
-                or module_globals._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or _module_globals._global_forward_hooks
+                or _module_globals._global_forward_pre_hooks)
 
 
 @torch.jit.unused  # TorchScript takes the plain `self.bn(x)` branch
-def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Apply eval-mode BatchNorm2d to `x` in place; False (x untouched) when that does not apply.
+def _inference_batchnorm(norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Eval-mode BatchNorm2d of a conv output `x` by ATen's kernel directly; None when `norm` must be called.
 
     `nn.BatchNorm2d` writes its output to a new tensor.  At batch 32 those are tens of MB each, and glibc
     hands blocks that large back to the kernel when freed, so a fresh one per layer means page faults on
-    every layer of every call.  A conv output is ours to overwrite, so here ATen's own BatchNorm kernel
-    (`native_batch_norm.out`, the one `F.batch_norm` calls) writes into its input: each element is read
-    before it is written, and the result is bit-identical.  Only on the CPU (CUDA's caching allocator
-    makes allocation cheap), with autograd off (no backward needs the input), in eager mode (tracers and
-    compilers see the plain module), for a plain `nn.BatchNorm2d` with running statistics and no forward
-    hooks (a hooked BN is called as a module, so its hooks run).  As with in-place activations, a forward
-    hook on `conv` that keeps its output sees it normalised afterwards.
+    every layer of every call.  A conv output is ours to overwrite, so on large maps ATen's own BatchNorm
+    kernel (`native_batch_norm.out`, the one `F.batch_norm` calls) writes into its input: each element is
+    read before it is written, and the result is bit-identical.  Small maps (batch 1) go to `torch.batch_norm`
+    straight away, skipping the module's Python bookkeeping, which costs more than the kernel there.
+    Only on the CPU (CUDA's caching allocator makes allocation cheap), with autograd off (no backward needs
+    the input), in eager mode (tracers and compilers see the plain module), for a plain `nn.BatchNorm2d`
+    with running statistics and no forward hooks (a hooked BN is called as a module, so its hooks run).
+    As with in-place activations, a forward hook on `conv` that keeps its output sees it normalised afterwards.
     """
-    if (
+    if (  # the cheap tests first: this runs for every BN of every forward
         not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
-        or type(norm) is not nn.BatchNorm2d
         or norm.training
+        or type(norm) is not nn.BatchNorm2d
         or torch.is_grad_enabled()
         or x.device.type != "cpu"
-        or x.numel() < INPLACE_BATCHNORM_MIN_ELEMENTS
         or norm.running_mean is None
         or norm.running_var is None
         or x.dtype != norm.running_var.dtype
@@ -161,12 +161,15 @@ def _inference_batchnorm_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
         or torch.compiler.is_compiling()
         or _has_forward_hooks(norm)
     ):
-        return False
+        return None
+    if x.numel() < INPLACE_BATCHNORM_MIN_ELEMENTS:
+        return torch.batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, False, 0.0,
+                                norm.eps, False)
     torch.ops.aten.native_batch_norm.out(
         x, norm.weight, norm.bias, norm.running_mean, norm.running_var, False, 0.0, norm.eps,
         out=x, save_mean=x.new_empty(0), save_invstd=x.new_empty(0),
     )
-    return True
+    return x
 
 
 class SqueezeExcite(nn.Module):
