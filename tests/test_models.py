@@ -216,8 +216,8 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
     calls = []  # (returned a result, wrote into its input)
     original = layers._inference_batchnorm
 
-    def spy(norm, t):
-        result = original(norm, t)
+    def spy(norm, t, conv, conv_input):
+        result = original(norm, t, conv, conv_input)
         calls.append((result is not None, result is t))
         return result
 
@@ -227,7 +227,7 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
     assert all(direct for direct, _ in calls)
     in_place = [inplace for _, inplace in calls]
     assert any(in_place) and not all(in_place)  # the big early maps in place, the small late ones not
-    monkeypatch.setattr(layers, "_inference_batchnorm", lambda norm, t: None)  # every BN called as a module
+    monkeypatch.setattr(layers, "_inference_batchnorm", lambda *args: None)  # every BN called as a module
     with torch.inference_mode():
         reference = model(x)
     assert torch.equal(fast, reference)
@@ -298,3 +298,52 @@ def test_cpu_inference_runs_channels_last_inside_and_returns_the_callers_layout(
     with torch.inference_mode():
         maps = backbone.eval()(x)
     assert all(m.is_contiguous() for m in maps)
+
+
+def test_inference_fast_paths_leave_other_peoples_tensors_alone():
+    """A conv output handed to a hook, a conv that returns its input, and the caller's batch are never overwritten."""
+    from torch.func import functional_call, stack_module_state
+
+    from mobilenetv3.models.layers import ConvNormAct
+    from mobilenetv3.models.spec import Activation
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", num_classes=5)
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    model.eval()
+    x = torch.randn(8, 3, 160, 160)
+    original = x.clone()
+    kept = []
+    model.stem.conv.register_forward_hook(lambda module, args, output: kept.append((args[0].clone(), output)))
+    with torch.inference_mode():
+        model(x)
+        assert torch.equal(kept[0][1], torch.nn.functional.conv2d(
+            kept[0][0], model.stem.conv.weight, None, 2, 1))  # the hook's tensor was not normalised in place
+    assert torch.equal(x, original)
+    layer = ConvNormAct(16, 16, 1, norm_layer=torch.nn.BatchNorm2d, activation=Activation.HARD_SWISH).eval()
+    layer.conv = torch.nn.Identity()  # e.g. after pruning: the "conv output" is the caller's tensor
+    y = torch.randn(8, 16, 64, 64)
+    before = y.clone()
+    with torch.inference_mode():
+        out = layer(y)
+    assert torch.equal(y, before) and not torch.equal(out, before)
+    # One input channel (Fashion-MNIST): NCHW and NHWC strides differ only in stride(1); still converted.
+    grey = create_model("mobilenetv3_small_050", in_chans=1).eval()
+    strides = []
+    grey.stem.conv.register_forward_pre_hook(lambda module, args: strides.append(args[0].stride(1)))
+    with torch.inference_mode():
+        grey(torch.randn(2, 1, 64, 64))
+    assert strides == [1]
+    # vmap over an ensemble (torch.func) runs the plain ops: out= kernels have no batching rule.
+    models = [create_model("mobilenetv3_small_050", num_classes=5).eval() for _ in range(2)]
+    params, buffers = stack_module_state(models)
+    batch = torch.randn(2, 3, 96, 96)
+
+    def run(p, b):
+        return functional_call(models[0], (p, b), (batch,))
+
+    with torch.no_grad():
+        ensemble = torch.vmap(run)(params, buffers)
+        for index, member in enumerate(models):
+            torch.testing.assert_close(ensemble[index], member(batch), rtol=1e-4, atol=1e-5)

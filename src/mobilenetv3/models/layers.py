@@ -93,12 +93,12 @@ class ConvNormAct(nn.Module):
         self.has_act = activation is not None  # forward skips the Identity call (eager overhead at batch 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
         if torch.jit.is_scripting():
-            x = self.bn(x)
+            x = self.bn(self.conv(x))
         else:
-            normalised = _inference_batchnorm(self.bn, x)
-            x = self.bn(x) if normalised is None else normalised
+            conv_out = self.conv(x)
+            normalised = _inference_batchnorm(self.bn, conv_out, self.conv, x)
+            x = self.bn(conv_out) if normalised is None else normalised
         return self.act(x) if self.has_act else x
 
 
@@ -116,10 +116,25 @@ def runs_channels_last(x: torch.Tensor) -> bool:
         and x.dim() == 4
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
-        and not x.is_contiguous(memory_format=torch.channels_last)
+        # (N, 1, H, W) counts as channels_last-contiguous either way; its stride(1) says which layout it has
+        and not (x.is_contiguous(memory_format=torch.channels_last) and (x.stride(1) == 1 or x.shape[1] != 1))
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
+        and not _functorch_active()
     )
+
+
+@torch.jit.unused
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` in NHWC strides, also with one channel (where `.contiguous(channels_last)` keeps NCHW strides)."""
+    if x.shape[1] == 1:
+        return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _functorch_active() -> bool:
+    """vmap / grad / jvp transforms or forward-mode AD are running: they need the plain out-of-place ops."""
+    return bool(torch._C._are_functorch_transforms_active() or torch._C._is_fwd_grad_enabled())
 
 
 #: Feature maps at least this large (elements) get BatchNorm inference in place; smaller ones get a new tensor
@@ -133,26 +148,41 @@ def _has_forward_hooks(module: nn.Module) -> bool:
                 or _module_globals._global_forward_pre_hooks)
 
 
-@torch.jit.unused  # TorchScript takes the plain `self.bn(x)` branch
-def _inference_batchnorm(norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+@torch.jit.unused
+def _owns_output(conv: nn.Module, conv_input: torch.Tensor, conv_output: torch.Tensor) -> bool:
+    """Whether `conv_output` may be overwritten: a fresh tensor (not the input or a view of it, as a
+    replaced conv such as nn.Identity would return) that no forward hook of `conv` has been handed."""
+    return (
+        isinstance(conv_output, torch.Tensor)
+        and not _has_forward_hooks(conv)
+        and conv_output.untyped_storage().data_ptr() != conv_input.untyped_storage().data_ptr()
+    )
+
+
+@torch.jit.unused  # TorchScript takes the plain `self.bn(self.conv(x))` branch
+def _inference_batchnorm(
+    norm: nn.Module, x: torch.Tensor, conv: nn.Module, conv_input: torch.Tensor
+) -> Optional[torch.Tensor]:
     """Eval-mode BatchNorm2d of a conv output `x` by ATen's kernel directly; None when `norm` must be called.
 
     `nn.BatchNorm2d` writes its output to a new tensor.  At batch 32 those are tens of MB each, and glibc
     hands blocks that large back to the kernel when freed, so a fresh one per layer means page faults on
     every layer of every call.  A conv output is ours to overwrite, so on large maps ATen's own BatchNorm
     kernel (`native_batch_norm.out`, the one `F.batch_norm` calls) writes into its input: each element is
-    read before it is written, and the result is bit-identical.  Small maps (batch 1) go to `torch.batch_norm`
-    straight away, skipping the module's Python bookkeeping, which costs more than the kernel there.
-    Only on the CPU (CUDA's caching allocator makes allocation cheap), with autograd off (no backward needs
-    the input), in eager mode (tracers and compilers see the plain module), for a plain `nn.BatchNorm2d`
-    with running statistics and no forward hooks (a hooked BN is called as a module, so its hooks run).
-    As with in-place activations, a forward hook on `conv` that keeps its output sees it normalised afterwards.
+    read before it is written, and the result is bit-identical.  `x` must be `conv(conv_input)` and ours to
+    overwrite (see `_owns_output`: a hooked conv's output is left alone).  Otherwise, and on small maps (batch 1), it goes to
+    `torch.batch_norm` straight away, skipping the module's Python bookkeeping, which costs more than the
+    kernel there.  Only on the CPU (CUDA's caching allocator makes allocation cheap), on a 4-D batch, with
+    autograd, forward-mode AD and functorch transforms off, in eager mode (tracers and compilers see the plain
+    module), for a plain `nn.BatchNorm2d` with running statistics and no forward hooks (a hooked BN is called
+    as a module, so its hooks run).
     """
     if (  # the cheap tests first: this runs for every BN of every forward
         not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
         or norm.training
         or type(norm) is not nn.BatchNorm2d
         or torch.is_grad_enabled()
+        or x.dim() != 4  # nn.BatchNorm2d rejects an unbatched map; torch.batch_norm would misread it
         or x.device.type != "cpu"
         or norm.running_mean is None
         or norm.running_var is None
@@ -160,9 +190,10 @@ def _inference_batchnorm(norm: nn.Module, x: torch.Tensor) -> Optional[torch.Ten
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
         or _has_forward_hooks(norm)
+        or _functorch_active()
     ):
         return None
-    if x.numel() < INPLACE_BATCHNORM_MIN_ELEMENTS:
+    if x.numel() < INPLACE_BATCHNORM_MIN_ELEMENTS or not _owns_output(conv, conv_input, x):
         return torch.batch_norm(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, False, 0.0,
                                 norm.eps, False)
     torch.ops.aten.native_batch_norm.out(
@@ -205,7 +236,8 @@ class SqueezeExcite(nn.Module):
 def _may_overwrite(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether eager code may write into `x`: not while autograd records it, and never while a tracer
     (torch.fx, which hands us Proxies, torch.jit.trace, torch.compile) is building a graph."""
-    if not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if (not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or _functorch_active()):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
 

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .layers import ConvNormAct, InvertedResidual, NormLayer, make_activation, make_conv, runs_channels_last
+from .layers import (
+    ConvNormAct,
+    InvertedResidual,
+    NormLayer,
+    make_activation,
+    make_conv,
+    runs_channels_last,
+    to_channels_last,
+)
 from .spec import (
     NETWORK_SPECS,
     ExpansionRule,
@@ -222,7 +230,7 @@ class MobileNetV3(nn.Module):
         if torch.jit.is_scripting():
             return self._features(x)
         if runs_channels_last(x):  # NHWC inside (see runs_channels_last); the caller gets its own layout back
-            return self._features(x.contiguous(memory_format=torch.channels_last)).contiguous()
+            return self._features(to_channels_last(x)).contiguous()
         return self._features(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +246,7 @@ class MobileNetV3(nn.Module):
         if torch.jit.is_scripting():
             return self.forward_head(self._features(x))
         if runs_channels_last(x):
-            x = x.contiguous(memory_format=torch.channels_last)  # the pooled logits do not care about layout
+            x = to_channels_last(x)  # the pooled logits do not care about layout
         return self.forward_head(self._features(x))
 
     @torch.jit.ignore
@@ -296,7 +304,7 @@ class MobileNetV3Features(nn.Module):
         if torch.jit.is_scripting():
             return self._forward(x)
         if runs_channels_last(x):  # NHWC inside, the caller's layout out
-            return [feature.contiguous() for feature in self._forward(x.contiguous(memory_format=torch.channels_last))]
+            return [feature.contiguous() for feature in self._forward(to_channels_last(x))]
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> List[torch.Tensor]:
