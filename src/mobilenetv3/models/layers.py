@@ -112,15 +112,12 @@ def runs_channels_last(x: torch.Tensor) -> bool:
     Training keeps the caller's layout (`train --channels-last` chooses), as do CUDA, tracers and compilers.
     """
     return (
-        isinstance(x, torch.Tensor)
+        _plain_eager(x)
         and x.dim() == 4
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         # (N, 1, H, W) counts as channels_last-contiguous either way; its stride(1) says which layout it has
         and not (x.is_contiguous(memory_format=torch.channels_last) and (x.stride(1) == 1 or x.shape[1] != 1))
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not _functorch_active()
     )
 
 
@@ -132,9 +129,17 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _functorch_active() -> bool:
-    """vmap / grad / jvp transforms or forward-mode AD are running: they need the plain out-of-place ops."""
-    return bool(torch._C._are_functorch_transforms_active() or torch._C._is_fwd_grad_enabled())
+def _plain_eager(x: torch.Tensor) -> bool:
+    """Whether `x` is a real tensor in plain eager execution, where the inference fast paths may apply: not a
+    torch.fx Proxy, not under torch.jit.trace or torch.compile (tracers must see the plain modules), and no
+    vmap / grad / jvp transform or forward-mode AD running (they need the plain out-of-place ops)."""
+    return (
+        isinstance(x, torch.Tensor)
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._is_fwd_grad_enabled()
+    )
 
 
 #: Feature maps at least this large (elements) get BatchNorm inference in place; smaller ones get a new tensor
@@ -187,10 +192,8 @@ def _inference_batchnorm(
         or norm.running_mean is None
         or norm.running_var is None
         or x.dtype != norm.running_var.dtype
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
         or _has_forward_hooks(norm)
-        or _functorch_active()
+        or not _plain_eager(x)
     ):
         return None
     if x.numel() < INPLACE_BATCHNORM_MIN_ELEMENTS or not _owns_output(conv, conv_input, x):
@@ -236,8 +239,7 @@ class SqueezeExcite(nn.Module):
 def _may_overwrite(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether eager code may write into `x`: not while autograd records it, and never while a tracer
     (torch.fx, which hands us Proxies, torch.jit.trace, torch.compile) is building a graph."""
-    if (not isinstance(x, torch.Tensor) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or _functorch_active()):
+    if not _plain_eager(x):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
 
