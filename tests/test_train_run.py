@@ -233,6 +233,33 @@ def test_ddp_two_ranks_standalone_and_two_node_rendezvous(tmp_path):
                         state_dict(two_nodes / "checkpoints" / "last.pt"))
 
 
+def test_torchrun_with_one_process_still_runs_ddp(monkeypatch):
+    """`torchrun --nproc_per_node=1` joins a process group and wraps DDP (NCCL on one GPU); plain python does not."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mobilenetv3.train import distributed
+
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    plain = distributed.init("cpu")
+    assert not plain.distributed and not dist.is_initialized()
+    assert not isinstance(distributed.wrap_model(torch.nn.Linear(2, 2), plain, sync_bn=False), DistributedDataParallel)
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    try:
+        env = distributed.init("cpu")
+        assert env.distributed and env.world_size == 1 and dist.get_backend() == "gloo"
+        assert isinstance(distributed.wrap_model(torch.nn.Linear(2, 2), env, sync_bn=False), DistributedDataParallel)
+        assert distributed.all_reduce_sum([3.0, 4.0], env.device) == [3.0, 4.0]
+    finally:
+        distributed.shutdown()
+
+
 def test_lr_find_writes_plot_and_suggestion(tmp_path, capsys):
     output = tmp_path / "lr"
     assert main(["lr-find", *MODEL, *SYNTHETIC, "--batch-size", "8", "--output", str(output),

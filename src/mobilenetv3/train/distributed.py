@@ -2,7 +2,9 @@
 
 There is no launcher here: `torchrun` (or `python -m torch.distributed.run`) starts the processes and
 sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python -m mobilenetv3 train`
-is world size 1 and never touches torch.distributed.
+is world size 1 and never touches torch.distributed.  Under torchrun the process group is joined even at
+world size 1 (as torchvision's references do), so `torchrun --nproc_per_node=1` on one GPU really runs
+NCCL and DDP: the same code path as a multi-GPU job.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    process_group: bool = False  # joined a torch.distributed group (torchrun, at any world size)
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +41,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """DDP, distributed samplers and collectives are in use."""
+        return self.process_group or self.world_size > 1
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -59,13 +63,15 @@ def init(device_name: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun sets it for every worker it starts
+    if (world_size > 1 or under_torchrun) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         store = restart_safe_store(world_size)
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
                                 **({} if store is None else {"store": store, "rank": rank, "world_size": world_size}))
-        logger.info("distributed: %d processes, backend %s", world_size, backend)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        logger.info("distributed: %d process(es), backend %s", world_size, backend)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   process_group=dist.is_available() and dist.is_initialized())
 
 
 def restart_safe_store(world_size: int):
