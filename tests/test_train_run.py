@@ -271,12 +271,17 @@ def test_lr_find_writes_plot_and_suggestion(tmp_path, capsys):
     assert result["steepest"] in saved["lrs"] and result["max"] == pytest.approx(result["min_loss"] / 10)
 
 
-def test_pretrained_with_another_class_count(ema_run, tmp_path):
+def test_pretrained_with_another_class_count(ema_run, tmp_path, monkeypatch):
     from mobilenetv3.train.config import ModelConfig
     from mobilenetv3.train.run import create_run_model
+    from mobilenetv3.weights import io
 
+    reads = []
+    read_weights = io.read_weights
+    monkeypatch.setattr(io, "read_weights", lambda path: reads.append(path) or read_weights(path))
     source = ema_run / "checkpoints" / "last.pt"
     model = create_run_model(ModelConfig(name="mobilenetv3_small_035", pretrained=str(source)), {"num_classes": 4})
+    assert reads == [source]  # validated and loaded from one read of the file
     pretrained = state_dict(source)
     assert model.classifier.weight.shape == (4, 1024)
     for key, value in model.state_dict().items():

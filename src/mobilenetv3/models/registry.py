@@ -61,6 +61,7 @@ def create_model(
     *,
     features_only: bool = False,
     out_indices: tuple[int, ...] | list[int] | None = None,
+    loaded_weights: Any = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered network.
@@ -71,6 +72,8 @@ def create_model(
             "torchvision" / "timm", or a path/URL of a weights file.
         features_only: return a `MobileNetV3Features` backbone producing a list of feature maps.
         out_indices: which `feature_info` levels a features_only model returns (default: all).
+        loaded_weights: the `weights.io.read_weights` result of the file `pretrained` names, when the caller
+            has already read it (it is then not read again).
         **kwargs: any `MobileNetV3` argument (num_classes, in_chans, drop_rate, drop_path_rate,
             norm_layer, output_stride, width_mult for the generic builders, ...).
     """
@@ -80,7 +83,8 @@ def create_model(
     if pretrained:  # the layout the weights were trained in (e.g. TF padding); explicit kwargs still win
         from ..weights.pretrained import pretrained_kwargs, read_location
 
-        weights = read_location(pretrained)  # a file or URL is read once, for its kwargs and its tensors
+        # a file or URL is read once, for its kwargs and its tensors
+        weights = loaded_weights if loaded_weights is not None else read_location(pretrained)
         weights_kwargs = pretrained_kwargs(name, pretrained, weights)
         fixed_width = entry.defaults.get("width_mult")
         if fixed_width is not None and float(weights_kwargs.get("width_mult", fixed_width)) != fixed_width:

@@ -133,7 +133,7 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
     defaults = inspect.signature(MobileNetV3).parameters
     kwargs = {key: defaults[key].default for key in RUN_MODEL_KWARGS}
     kwargs.update(model_kwargs)
-    return create_model(model_config.name, pretrained=location, **kwargs)
+    return create_model(model_config.name, pretrained=location, loaded_weights=weights, **kwargs)
 
 
 def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader, ResumableSampler, DataLoader]:
