@@ -31,13 +31,14 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, time it, and r
     local name=$1 limit=$2; shift 2
     echo "== $name: $*"
     local started=$SECONDS
-    if timeout "$limit" bash -c '"$@"' "$name" "$@"; then echo "== $name: ok in $((SECONDS - started)) s"
+    if timeout -k 30 "$limit" bash -o pipefail -c '"$@"' "$name" "$@"; then echo "== $name: ok in $((SECONDS - started)) s"
     else echo "== $name: FAILED (exit $?) after $((SECONDS - started)) s"; failed+=("$name"); fi
 }
 
 train() {  # train NAME EXTRA_ARGS...: 2 short epochs of Large on synthetic data, 1 GPU under torchrun (NCCL DDP)
     local name=$1; shift
     local run="runs/gpu-check-$name"
+    rm -rf "$run" "$run.log"  # metrics.jsonl is appended to: start clean
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=1 -m mobilenetv3 train --data synthetic \
         --model mobilenetv3_large_100 --input-size 224 --batch-size 256 --epochs 2 --workers 4 --channels-last \
         --set data.synthetic_train_samples=8192 --set data.synthetic_val_samples=1024 \

@@ -173,3 +173,29 @@ def test_ddp_rank_whose_first_batch_is_all_broken_still_joins_the_all_reduce(tmp
     results = [torch.load(tmp_path / f"result.{rank}", weights_only=True) for rank in (0, 1)]
     assert [r["step"] for r in results] == [2, 2]
     torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)  # replicas in sync
+
+
+def test_ddp_alone_skips_an_empty_group_like_a_plain_run(tmp_path):
+    """torchrun with one process: an all-unreadable batch makes no update (momentum would move the weights)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mobilenetv3.data import collate_skipping
+
+    def train(wrap):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+        data = batches(3, 4)
+        data[1] = collate_skipping([None] * 4)
+        state = run_epoch(wrap(model), data, optimizer, settings(), input_shape=(6,))
+        return state.step, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = train(lambda model: model)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        alone = train(DistributedDataParallel)
+    finally:
+        dist.destroy_process_group()
+    assert plain[0] == alone[0] == 3
+    torch.testing.assert_close(alone[1], plain[1], rtol=0, atol=0)

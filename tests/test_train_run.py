@@ -233,6 +233,16 @@ def test_ddp_two_ranks_standalone_and_two_node_rendezvous(tmp_path):
                         state_dict(two_nodes / "checkpoints" / "last.pt"))
 
 
+def test_torchrun_with_one_process_trains_the_same_model_as_plain_python(tmp_path):
+    common = [*MODEL, *SYNTHETIC, "--batch-size", "8", "--epochs", "1", "--seed", "3", "--deterministic"]
+    plain, alone = tmp_path / "plain", tmp_path / "torchrun"
+    run_ok([sys.executable, "-m", "mobilenetv3", "train", *common, "--output", str(plain)])
+    result = run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                     "-m", "mobilenetv3", "train", *common, "--output", str(alone)])
+    assert "distributed: 1 process(es), backend gloo" in result.stderr  # DDP really ran
+    assert_same_tensors(state_dict(plain / "checkpoints" / "last.pt"), state_dict(alone / "checkpoints" / "last.pt"))
+
+
 def test_torchrun_with_one_process_still_runs_ddp(monkeypatch):
     """`torchrun --nproc_per_node=1` joins a process group and wraps DDP (NCCL on one GPU); plain python does not."""
     import torch.distributed as dist
@@ -240,7 +250,8 @@ def test_torchrun_with_one_process_still_runs_ddp(monkeypatch):
 
     from mobilenetv3.train import distributed
 
-    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE", "RANK",
+                 "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     plain = distributed.init("cpu")
     assert not plain.distributed and not dist.is_initialized()

@@ -72,8 +72,8 @@ def create_model(
             "torchvision" / "timm", or a path/URL of a weights file.
         features_only: return a `MobileNetV3Features` backbone producing a list of feature maps.
         out_indices: which `feature_info` levels a features_only model returns (default: all).
-        loaded_weights: the `weights.io.read_weights` result of the file `pretrained` names, when the caller
-            has already read it (it is then not read again).
+        loaded_weights: when `pretrained` is a path/URL the caller has already read, that file's
+            `weights.io.read_weights` result (the file is then not read again).
         **kwargs: any `MobileNetV3` argument (num_classes, in_chans, drop_rate, drop_path_rate,
             norm_layer, output_stride, width_mult for the generic builders, ...).
     """
@@ -81,8 +81,10 @@ def create_model(
     weights_kwargs: dict[str, Any] = {}
     weights = None
     if pretrained:  # the layout the weights were trained in (e.g. TF padding); explicit kwargs still win
-        from ..weights.pretrained import pretrained_kwargs, read_location
+        from ..weights.pretrained import is_location, pretrained_kwargs, read_location
 
+        if loaded_weights is not None and not (isinstance(pretrained, str) and is_location(pretrained)):
+            raise ValueError(f"loaded_weights goes with pretrained=<path or URL>, not pretrained={pretrained!r}")
         # a file or URL is read once, for its kwargs and its tensors
         weights = loaded_weights if loaded_weights is not None else read_location(pretrained)
         weights_kwargs = pretrained_kwargs(name, pretrained, weights)

@@ -81,6 +81,12 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     return [float(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
+def _other_ranks_wait(model: nn.Module) -> bool:
+    """Under DDP with other processes: they block in the gradient all-reduce until this rank joins it."""
+    return (hasattr(model, "no_sync") and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -145,9 +151,10 @@ def train_one_epoch(
                 raise UserError(f"the training loss became {float(loss.detach())} at step {state.step + 1}; "
                                 "lower the learning rate or enable gradient clipping")
             example = images[:1].detach()
-        elif last_micro_batch and hasattr(model, "no_sync") and example is not None:
+        elif last_micro_batch and example is not None and _other_ranks_wait(model):
             # DDP: the other ranks' backward all-reduces the gradients now; take part with a zero loss (eval
-            # mode: no BatchNorm statistics from the stand-in image), or they would wait forever.
+            # mode: no BatchNorm statistics from the stand-in image), or they would wait forever.  Alone
+            # (torchrun with one process) there is nobody to wait: no gradient, no update, as without DDP.
             model.eval()
             with autocast(settings):
                 zero = model(torch.zeros_like(example)).float().sum() * 0.0
