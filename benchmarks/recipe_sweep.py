@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         raise SystemExit("variant names must differ")
 
+    os.makedirs(args.output, exist_ok=True)
     started = time.perf_counter()
     processes = {}
     for name, assignments in variants:
         folder = os.path.join(args.output, name)
         command = [sys.executable, "-m", "mobilenetv3", "train", "--recipe", args.recipe, "--output", folder]
         command += [f"--set={item}" for item in [*args.assignments, *assignments]]
-        os.makedirs(args.output, exist_ok=True)
         log = open(os.path.join(args.output, f"{name}.log"), "w")
         processes[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, folder)
 

@@ -215,6 +215,11 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def group_size() -> int:
+    """Processes in the torch.distributed group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum plain numbers across ranks (float64, so counts stay exact)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from .distributed import DistEnv, all_reduce_sum, unwrap
+from .distributed import DistEnv, all_reduce_sum, group_size, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,6 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     predicted = logits.topk(maxk, dim=1).indices
     hits = predicted.eq(targets[:, None])
     return [float(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
-
-
-def _other_ranks_wait(model: nn.Module) -> bool:
-    """Under DDP with other processes: they block in the gradient all-reduce until this rank joins it."""
-    return (hasattr(model, "no_sync") and torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
 
 
 def train_one_epoch(
@@ -151,7 +145,7 @@ def train_one_epoch(
                 raise UserError(f"the training loss became {float(loss.detach())} at step {state.step + 1}; "
                                 "lower the learning rate or enable gradient clipping")
             example = images[:1].detach()
-        elif last_micro_batch and example is not None and _other_ranks_wait(model):
+        elif last_micro_batch and example is not None and hasattr(model, "no_sync") and group_size() > 1:
             # DDP: the other ranks' backward all-reduces the gradients now; take part with a zero loss (eval
             # mode: no BatchNorm statistics from the stand-in image), or they would wait forever.  Alone
             # (torchrun with one process) there is nobody to wait: no gradient, no update, as without DDP.
