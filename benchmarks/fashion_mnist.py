@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": args.recipe, "model": model, "epochs": final["epoch"], "processes": world_size,
         "test_top1": round(final["val_top1"], 2), "test_top5": round(final["val_top5"], 2),
         "test_loss": round(final["val_loss"], 4), "test_samples": final["val_samples"],
+        # the averaged models, when the recipe (or --set ema.enabled / swa.enabled) keeps them
+        **{f"{prefix}_test_top1": round(final[f"{prefix}_val_top1"], 2)
+           for prefix in ("ema", "swa") if f"{prefix}_val_top1" in final},
         "wall_time_s": round(wall, 1), "train_time_s": round(sum(row["epoch_time_s"] for row in rows), 1),
         "cpu_threads_per_process": config.threads or __import__("torch").get_num_threads(), "cpus": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2), "output": output,

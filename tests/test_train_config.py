@@ -111,6 +111,8 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("regularization.label_smoothing", "1.5", "regularization.label_smoothing must be in [0.0, 1.0]"),
     ("regularization.dropblock_size", "4", "dropblock_size must be odd"),
     ("checkpoint.best_metric", "ema_val_top1", "needs ema.enabled=true"),
+    ("checkpoint.best_metric", "swa_val_top1", "needs swa.enabled=true"),
+    ("swa.enabled", "true", "swa.start_epoch must be in [1, epochs - 1] = [1, 9]"),
     ("model.name", "mobilenetv3_large_1000", "unknown model 'mobilenetv3_large_1000'"),
     ("ema.enabled", "maybe", "ema.enabled must be true or false"),
 ])

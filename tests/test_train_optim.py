@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mobilenetv3 import create_model
-from mobilenetv3.train.config import OptimConfig, ScheduleConfig
+from mobilenetv3.train.config import OptimConfig, ScheduleConfig, SWAConfig
 from mobilenetv3.train.optim import RMSpropTF, Schedule, build_optimizer, build_scheduler, parameter_groups, scaled_lr
 
 
@@ -83,6 +83,28 @@ def test_one_cycle_matches_torch_onecyclelr():
         opt, max_lr=0.2, total_steps=35, pct_start=0.3, div_factor=25, final_div_factor=1e4,
         anneal_strategy="cos", cycle_momentum=False), 35)
     assert ours == pytest.approx(reference, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("anneal_epochs", [0.0, 1.5])
+def test_swa_hands_over_to_swalr_at_the_start_epoch(anneal_epochs):
+    cfg = ScheduleConfig(name="onecycle", pct_start=0.2)
+    swa = SWAConfig(enabled=True, start_epoch=6, lr_ratio=0.05, anneal_epochs=anneal_epochs)
+    plain = factors(cfg, steps_per_epoch=10, epochs=10, base_lr=0.4)
+    ours = Schedule(cfg, 0.4, 10, 10, swa)
+    lrs = [ours.lr_at(step) for step in range(100)]
+    assert lrs[:60] == plain[:60]  # the normal schedule, computed over the whole run, until averaging starts
+    # then exactly torch's SWALR (cosine) from the lr reached at step 60 to 0.05 x 0.4, stepped once per step
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=plain[60])
+    swalr = torch.optim.swa_utils.SWALR(optimizer, swa_lr=0.02, anneal_epochs=round(anneal_epochs * 10),
+                                        anneal_strategy="cos")
+    reference = []
+    for _ in range(40):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        swalr.step()
+    assert lrs[60:] == pytest.approx(reference, rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.02)
+    assert Schedule(cfg, 0.4, 10, 10, SWAConfig(enabled=False, start_epoch=6)).lr_at(70) == plain[70]
 
 
 def test_scheduler_drives_the_optimizer_each_step_and_saves_plain_state():

@@ -1,4 +1,4 @@
-"""End-to-end training on tiny data: run folder, EMA, eval reproduction, averaging, resume after SIGKILL,
+"""End-to-end training on tiny data: run folder, EMA, SWA, eval reproduction, averaging, resume after SIGKILL,
 2-rank DDP (standalone and a 2-node rendezvous), lr-find, fine-tuning with another class count."""
 
 from __future__ import annotations
@@ -141,6 +141,38 @@ def test_average_of_the_last_epochs(ema_run, tmp_path, capsys):
     assert not torch.equal(averaged["classifier.weight"], second["classifier.weight"])
 
 
+def test_swa_averages_the_late_epochs_and_recomputes_batch_norm(tmp_path, capsys):
+    data, output = make_image_folder(tmp_path / "images"), tmp_path / "swa"
+    run_ok(train_command("--data", str(data), "--batch-size", "8", "--epochs", "3", "--set", "swa.enabled=true",
+                         "--set", "swa.start_epoch=1", "--set", "swa.bn_batches=2", "--set", "swa.lr_ratio=0.5",
+                         "--set", "checkpoint.best_metric=swa_val_top1", "--set", "checkpoint.keep_last_epochs=3",
+                         "--output", str(output)))
+    rows = read_rows(output / "metrics.jsonl")
+    assert "swa_val_top1" not in rows[0]  # averaging starts after start_epoch
+    assert [row.get("swa_averaged") for row in rows] == [None, 1, 2]
+    assert rows[-1]["best_epoch"] in (2, 3)
+
+    # swa.safetensors = the uniform mean of the weights at the end of epochs 2 and 3, with its own BN statistics
+    folder = output / "checkpoints"
+    epoch2, epoch3 = (state_dict(folder / f"epoch_000{i}.pt") for i in (2, 3))
+    averaged = load_model(folder / "swa.safetensors").state_dict()
+    bn_statistics = [key for key in averaged if key.endswith(("running_mean", "running_var"))]
+    assert bn_statistics
+    for key, value in epoch3.items():
+        if key in bn_statistics or not value.is_floating_point():
+            continue
+        torch.testing.assert_close(averaged[key], (epoch2[key] + value) / 2)
+    assert all(not torch.equal(averaged[key], epoch3[key]) for key in bn_statistics)
+    assert_same_tensors(averaged, torch.load(folder / "last.pt", weights_only=True)["swa"])
+
+    # and evaluating the file reproduces what training logged for the average
+    assert main(["eval", "--checkpoint", str(folder / "swa.safetensors"), "--data", str(data), "--json",
+                 "--batch-size", "8", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["top1"], result["top5"]) == (rows[-1]["swa_val_top1"], rows[-1]["swa_val_top5"])
+    assert result["loss"] == pytest.approx(rows[-1]["swa_val_loss"], rel=1e-5)
+
+
 def test_epoch_checkpoints_are_ordered_by_number_past_9999(tmp_path):
     from mobilenetv3.train.checkpoint import epoch_checkpoints, prune_epoch_checkpoints
 
@@ -158,7 +190,8 @@ def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):
     common = ["--data", str(data), "--batch-size", "4", "--epochs", "2", "--deterministic", "--seed", "3",
               "--ema", "--ema-decay", "0.9", "--checkpoint-every-steps", "1",
               "--set", "regularization.mixup_alpha=0.4", "--set", "regularization.dropblock_prob=0.2",
-              "--set", "model.drop_rate=0.3", "--set", "optim.name=sgd", "--set", "optim.lr=0.5"]
+              "--set", "model.drop_rate=0.3", "--set", "optim.name=sgd", "--set", "optim.lr=0.5",
+              "--set", "swa.enabled=true", "--set", "swa.start_epoch=1", "--set", "swa.bn_batches=2"]
     reference = tmp_path / "reference"
     run_ok(train_command(*common, "--output", str(reference)))
 
@@ -190,6 +223,7 @@ def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):
     assert resumed["step"] == expected["step"] == 12
     assert_same_tensors(resumed["model"], expected["model"])
     assert_same_tensors(resumed["ema"], expected["ema"])
+    assert_same_tensors(resumed["swa"], expected["swa"])  # incl. BatchNorm statistics recomputed after the resume
     for group_a, group_b in zip(resumed["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
         assert_same_tensors(group_a, group_b)
     volatile = ("epoch_time_s", "train_images_per_s")

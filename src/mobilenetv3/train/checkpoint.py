@@ -3,7 +3,7 @@
 A checkpoint is a dict of tensors and plain Python values (it loads with `torch.load(weights_only=True)`):
 
     model_name, model_kwargs      rebuild the network (`mobilenetv3.load_model` reads these)
-    model, ema                    state dicts (ema is None without EMA); ema_n_averaged
+    model, ema, swa               state dicts (ema / swa are None without EMA / SWA); ema_n_averaged, swa_n_averaged
     optimizer, scheduler, scaler  state dicts
     epoch                         completed epochs; batch_in_epoch: micro-batches done in the next one
     step                          optimizer steps so far; epoch_totals: per rank, the running sums of that epoch
@@ -122,6 +122,7 @@ def restore_modules(
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     ema: nn.Module | None,
+    swa: nn.Module | None = None,
 ) -> None:
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
@@ -134,6 +135,9 @@ def restore_modules(
         else:
             ema.module.load_state_dict(payload["ema"])
             ema.n_averaged.fill_(int(payload.get("ema_n_averaged", 1)))
+    if swa is not None and payload.get("swa") is not None:  # none yet: averaging starts later
+        swa.module.load_state_dict(payload["swa"])
+        swa.n_averaged.fill_(int(payload["swa_n_averaged"]))
 
 
 def weights_only_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:

@@ -107,7 +107,7 @@ class MetricsWriter:
 
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1: float | None = None,
                 reference_label: str | None = None, title: str = "") -> Path | None:
-    """Loss (train, val) and top-1 / top-5 (val, and EMA when present) per epoch, with the claimed top-1."""
+    """Loss (train, val) and top-1 / top-5 (val, and EMA / SWA when present) per epoch, with the claimed top-1."""
     if not rows:
         return None
     import matplotlib
@@ -115,16 +115,19 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in rows]
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style in (("train_loss", "-"), ("val_loss", "-"), ("ema_val_loss", "--")):
-        if key in rows[0]:
-            loss_axes.plot(epochs, [row[key] for row in rows], style, marker=".", label=key)
+    def plot(axes, key: str, style: str) -> None:  # SWA columns start at the first averaged epoch
+        present = [row for row in rows if key in row]
+        if present:
+            axes.plot([row["epoch"] for row in present], [row[key] for row in present], style, marker=".", label=key)
+
+    for key, style in (("train_loss", "-"), ("val_loss", "-"), ("ema_val_loss", "--"), ("swa_val_loss", "-.")):
+        plot(loss_axes, key, style)
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend()
-    for key, style in (("val_top1", "-"), ("val_top5", "-"), ("ema_val_top1", "--"), ("train_top1", ":")):
-        if key in rows[0]:
-            acc_axes.plot(epochs, [row[key] for row in rows], style, marker=".", label=key)
+    for key, style in (("val_top1", "-"), ("val_top5", "-"), ("ema_val_top1", "--"), ("swa_val_top1", "-."),
+                       ("train_top1", ":")):
+        plot(acc_axes, key, style)
     if reference_top1 is not None:
         acc_axes.axhline(reference_top1, color="gray", linestyle="-.",
                          label=reference_label or f"claimed top-1 {reference_top1}%")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .config import OptimConfig, ScheduleConfig
+from .config import OptimConfig, ScheduleConfig, SWAConfig
 
 
 class RMSpropTF(torch.optim.Optimizer):
@@ -112,10 +112,12 @@ class Schedule:
     Warmup multiplies any schedule by a linear ramp from `warmup_start_factor` to 1 over the warmup
     steps.  Cosine decays over the steps after warmup; step-based schedules count from step 0, so their
     decay points do not move with the warmup (as in timm and TF-slim).  Cyclic and one-cycle carry their
-    own ramps and ignore warmup.
+    own ramps and ignore warmup.  With SWA enabled the schedule hands over to SWALR's anneal-then-constant
+    at `swa.start_epoch` (the schedule itself keeps its full length, as in torch's SWA example).
     """
 
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> None:
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int,
+                 swa: SWAConfig | None = None) -> None:
         if steps_per_epoch < 1:
             raise UserError("the training set gives no full optimizer step (fewer samples than one batch?)")
         self.cfg, self.base_lr = cfg, base_lr
@@ -123,8 +125,26 @@ class Schedule:
         self.total_steps = steps_per_epoch * epochs
         self.warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         self.min_factor = min(cfg.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
+        self.swa = swa if swa is not None and swa.enabled else None
+        if self.swa is not None:
+            self.swa_start_step = self.swa.start_epoch * steps_per_epoch
+            self.swa_anneal_steps = round(self.swa.anneal_epochs * steps_per_epoch)
 
     def __call__(self, step: int) -> float:
+        if self.swa is not None and step >= self.swa_start_step:
+            return self._swa(step)
+        return self._schedule(step)
+
+    def _swa(self, step: int) -> float:
+        """torch.optim.swa_utils.SWALR's cosine: from the schedule's lr at the start of averaging to
+        lr_ratio x base lr over the anneal steps, then constant."""
+        start = self._schedule(self.swa_start_step)
+        done = step - self.swa_start_step
+        progress = min(1.0, done / self.swa_anneal_steps) if self.swa_anneal_steps > 0 else 1.0
+        alpha = (1 - math.cos(math.pi * progress)) / 2
+        return self.swa.lr_ratio * alpha + start * (1 - alpha)
+
+    def _schedule(self, step: int) -> float:
         cfg = self.cfg
         if cfg.name == "cyclic":
             return self._cyclic(step)

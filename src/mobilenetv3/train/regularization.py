@@ -1,20 +1,23 @@
-"""Regularisers that live outside the model: EMA of weights, DropBlock (ramped), mixup / cutmix.
+"""Regularisers that live outside the model: EMA and SWA of weights, DropBlock (ramped), mixup / cutmix.
 
-None of them changes the model's state-dict keys: the EMA is a separate copy, DropBlock is applied by
-forward hooks on the chosen blocks, and mixup / cutmix act on the batch.
+None of them changes the model's state-dict keys: the EMA and the SWA average are separate copies,
+DropBlock is applied by forward hooks on the chosen blocks, and mixup / cutmix act on the batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from typing import Iterable
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, update_bn
 from torchvision.ops import DropBlock2d, drop_block2d
 
 from ..errors import UserError
-from .config import EMAConfig, RegularizationConfig
+from . import distributed
+from .config import EMAConfig, RegularizationConfig, SWAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,35 @@ class ModelEma(AveragedModel):
     def maybe_update(self, model: nn.Module, step: int) -> None:
         if step % self.every_steps == 0:
             self.update_parameters(model)
+
+
+class StochasticWeightAverage(AveragedModel):
+    """SWA: the uniform average of the weights at the end of each epoch after `swa.start_epoch`.
+
+    Buffers are not averaged (use_buffers=False): as in the SWA paper, the average's BatchNorm statistics
+    are recomputed with `torch.optim.swa_utils.update_bn` before it is validated or saved.
+    """
+
+    def __init__(self, model: nn.Module, cfg: SWAConfig) -> None:
+        super().__init__(model)
+        self.start_epoch, self.bn_batches = cfg.start_epoch, cfg.bn_batches
+
+    def averages_after(self, epochs_done: int) -> bool:
+        return epochs_done > self.start_epoch
+
+    @torch.no_grad()
+    def recompute_batch_norm(self, batches: Iterable, device: torch.device) -> None:
+        """`update_bn` on the first `bn_batches` of `batches` (all when 0), then the statistics are averaged
+        over the ranks, which each saw their own shard.  The caller's RNG is left as it was."""
+        inputs = (batch[0] for batch in itertools.islice(batches, self.bn_batches or None)
+                  if len(batch[0]))  # a batch of only unreadable files is empty
+        # Dropout draws in train mode must not shift the run's RNG (the device's too on CUDA).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            update_bn(inputs, self.module, device=device)
+        statistics = [buffer for module in self.module.modules()
+                      if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                      for buffer in (module.running_mean, module.running_var) if buffer is not None]
+        distributed.average_tensors_(statistics)
 
 
 def default_dropblock_blocks(model: nn.Module) -> list[int]:

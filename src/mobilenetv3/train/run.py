@@ -28,7 +28,7 @@ from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
 from .loop import StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
 from .metrics import MetricsWriter
 from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
-from .regularization import DropBlockSchedule, ModelEma, build_mix
+from .regularization import DropBlockSchedule, ModelEma, StochasticWeightAverage, build_mix
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ class Trainer:
                 f"step at batch_size={config.batch_size} x accumulation_steps={accumulate}"
             )
 
-        # 2. model (+ pretrained weights, EMA copy, DropBlock hooks)
+        # 2. model (+ pretrained weights, EMA / SWA copies, DropBlock hooks; the copies are made first so
+        #    they do not inherit the hooks)
         model = create_run_model(config.model, model_kwargs)
         self.model_name, self.model_kwargs = model_description(model)
         model.to(env.device)
@@ -210,6 +211,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.ema = ModelEma(model, config.ema) if config.ema.enabled else None
+        self.swa = StochasticWeightAverage(model, config.swa) if config.swa.enabled else None
         total_steps = self.steps_per_epoch * config.epochs
         self.dropblock = (DropBlockSchedule(model, config.regularization, total_steps)
                           if config.regularization.dropblock_prob > 0 else None)
@@ -219,7 +221,7 @@ class Trainer:
         self.global_batch = config.batch_size * env.world_size * accumulate
         self.base_lr = scaled_lr(config.optim, self.global_batch)
         self.optimizer = build_optimizer(model, config.optim, self.base_lr)
-        self.schedule = Schedule(config.schedule, self.base_lr, self.steps_per_epoch, config.epochs)
+        self.schedule = Schedule(config.schedule, self.base_lr, self.steps_per_epoch, config.epochs, config.swa)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.amp == "fp16")
         self.settings = StepSettings(
@@ -265,7 +267,7 @@ class Trainer:
                 f"{self.env.world_size} x {self.config.batch_size}); resume from an epoch-end checkpoint"
             )
         ckpt.restore_modules(payload, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                             scaler=self.scaler, ema=self.ema)
+                             scaler=self.scaler, ema=self.ema, swa=self.swa)
         totals = payload["epoch_totals"]  # one per rank: each rank resumes its own running sums
         if isinstance(totals, list):
             totals = totals[self.env.rank] if len(totals) == self.env.world_size else totals[0]
@@ -291,6 +293,8 @@ class Trainer:
             "model": ckpt.cpu_state_dict(self.model),
             "ema": ckpt.cpu_state_dict(self.ema.module) if self.ema is not None else None,
             "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
+            "swa": ckpt.cpu_state_dict(self.swa.module) if self.swa is not None else None,
+            "swa_n_averaged": int(self.swa.n_averaged) if self.swa is not None else 0,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
@@ -315,7 +319,9 @@ class Trainer:
             if self.env.is_main:
                 ckpt.save(self.output / "checkpoints" / "last.pt", payload)
 
-    def _is_better(self, value: float) -> bool:
+    def _is_better(self, value: float | None) -> bool:
+        if value is None:  # e.g. swa_val_top1 before averaging starts
+            return False
         if self.state.best_value is None:
             return True
         larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
@@ -358,6 +364,16 @@ class Trainer:
                 ema_val = evaluate(self.ema.module, self.val_loader, self.settings,
                                    num_batches=config.limit_val_batches, env=env, progress_label="validate EMA")
                 row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+            if self.swa is not None and self.swa.averages_after(epoch + 1):
+                self.swa.update_parameters(self.model)
+                # BatchNorm statistics for the new average, from this epoch's first training batches (same
+                # order and augmentation as the epoch itself, so a resumed run recomputes the same values).
+                self.train_sampler.set_position(epoch, 0)
+                self.swa.recompute_batch_norm(self.train_loader, env.device)
+                swa_val = evaluate(self.swa.module, self.val_loader, self.settings,
+                                   num_batches=config.limit_val_batches, env=env, progress_label="validate SWA")
+                row.update(swa_val_loss=swa_val["loss"], swa_val_top1=swa_val["top1"], swa_val_top5=swa_val["top5"],
+                           swa_averaged=int(self.swa.n_averaged))
             row.update(
                 world_size=env.world_size, global_batch=self.global_batch, epoch_time_s=totals.seconds,
                 train_images_per_s=train_samples / max(totals.seconds, 1e-9),
@@ -371,14 +387,15 @@ class Trainer:
                     logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (gradients overflowed); "
                                    "loss scale now %g", epoch + 1, totals.amp_skipped_steps, self.steps_per_epoch,
                                    self.scaler.get_scale())
-            self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s | %.0fs",
+            self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s%s | %.0fs",
                      epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
                      row["val_samples"],
-                     f" | EMA top1 {row['ema_val_top1']:.2f}" if self.ema is not None else "", totals.seconds)
+                     f" | EMA top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else "",
+                     f" | SWA top1 {row['swa_val_top1']:.2f}" if "swa_val_top1" in row else "", totals.seconds)
 
             # Epoch done: the next resume point is the start of the next epoch.
             state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
-            improved = self._is_better(row[config.checkpoint.best_metric])
+            improved = self._is_better(row.get(config.checkpoint.best_metric))
             if improved:
                 state.best_value, state.best_epoch = row[config.checkpoint.best_metric], epoch + 1
             row["best_epoch"] = state.best_epoch
@@ -398,6 +415,13 @@ class Trainer:
                     ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs)
             distributed.barrier()
         self.metrics.close()
+        if self.swa is not None and int(self.swa.n_averaged) > 0 and env.is_main:
+            # The average (BatchNorm recomputed) as a weights file: `mobilenetv3 eval / export / predict` take it.
+            from ..weights.io import save_model
+
+            save_model(self.swa.module, self.output / "checkpoints" / "swa.safetensors",
+                       preprocessing=self.bundle.preprocessing, class_names=list(self.bundle.class_names),
+                       extra={"swa_averaged_epochs": int(self.swa.n_averaged)})
         summary = {
             "output": str(self.output), "model": self.model_name, "dataset": config.data.dataset,
             "epochs": state.epoch, "steps": state.step, "world_size": env.world_size,
