@@ -111,8 +111,8 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("regularization.label_smoothing", "1.5", "regularization.label_smoothing must be in [0.0, 1.0]"),
     ("regularization.dropblock_size", "4", "dropblock_size must be odd"),
     ("checkpoint.best_metric", "ema_val_top1", "needs ema.enabled=true"),
-    ("checkpoint.best_metric", "swa_val_top1", "needs swa.enabled=true"),
-    ("swa.enabled", "true", "swa.start_epoch must be in [1, epochs - 1] = [1, 9]"),
+    ("checkpoint.best_metric", "swa_val_top1", "checkpoint.best_metric must be one of val_top1, ema_val_top1"),
+    ("swa.start_epoch", "-1", "swa.start_epoch must be >= 0, got -1"),
     ("model.name", "mobilenetv3_large_1000", "unknown model 'mobilenetv3_large_1000'"),
     ("ema.enabled", "maybe", "ema.enabled must be true or false"),
 ])
@@ -120,6 +120,15 @@ def test_bad_values_are_user_errors(key, value, message):
     with pytest.raises(UserError) as error:
         load_config(overrides=[(key, value)])
     assert message in str(error.value)
+
+
+def test_swa_start_defaults_to_the_last_quarter_and_must_leave_epochs_to_average():
+    config = load_config(overrides=[("swa.enabled", "true"), ("epochs", "20")])
+    assert config.swa.first_epoch_after(config.epochs) == 15
+    with pytest.raises(UserError, match=r"swa.start_epoch \(20\) must be at least 1 and below epochs \(20\)"):
+        load_config(overrides=[("swa.enabled", "true"), ("epochs", "20"), ("swa.start_epoch", "20")])
+    with pytest.raises(UserError, match=r"swa.start_epoch \(1\) must be at least 1 and below epochs \(1\)"):
+        load_config(overrides=[("swa.enabled", "true"), ("epochs", "1")])  # one epoch leaves none to average
 
 
 def test_cli_flags_map_onto_config_keys():

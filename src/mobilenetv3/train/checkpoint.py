@@ -135,9 +135,13 @@ def restore_modules(
         else:
             ema.module.load_state_dict(payload["ema"])
             ema.n_averaged.fill_(int(payload.get("ema_n_averaged", 1)))
-    if swa is not None and payload.get("swa") is not None:  # none yet: averaging starts later
-        swa.module.load_state_dict(payload["swa"])
-        swa.n_averaged.fill_(int(payload["swa_n_averaged"]))
+    if swa is not None:
+        if payload.get("swa") is not None:
+            swa.module.load_state_dict(payload["swa"])
+            swa.n_averaged.fill_(int(payload["swa_n_averaged"]))
+        elif payload["epoch"] > swa.start_epoch:  # a checkpoint of a run without SWA, past the start epoch
+            logger.warning("the checkpoint has no SWA average although epoch %d > swa.start_epoch %d: averaging "
+                           "starts from the current model", payload["epoch"], swa.start_epoch)
 
 
 def weights_only_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:

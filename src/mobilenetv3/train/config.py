@@ -133,24 +133,31 @@ class EMAConfig:
 class SWAConfig:
     """Stochastic weight averaging (Izmailov et al. 2018, with torch.optim.swa_utils).
 
-    After `start_epoch` epochs of the normal schedule the lr anneals (SWALR's cosine, over `anneal_epochs`)
-    to `lr_ratio` x the batch-scaled base lr and stays there; the weights at the end of every later epoch
-    are averaged uniformly.  The average's BatchNorm statistics are recomputed on training batches
-    (`update_bn`; `bn_batches` per process, 0 = a whole epoch) before it is validated and saved.
+    After `start_epoch` epochs of the normal schedule (which keeps its full length, as in torch's SWA
+    example) the lr anneals (SWALR's cosine, over `anneal_epochs`) to `lr_ratio` x the batch-scaled base lr
+    and stays there; the weights at the end of every later epoch are averaged uniformly.  The average's
+    BatchNorm statistics are recomputed on training batches (`update_bn`; `bn_batches` per process, 0 = a
+    whole epoch) before it is validated and saved.
     """
 
     enabled: bool = False
+    #: 0: average the last quarter of the epochs (start after round(0.75 * epochs)).
     start_epoch: int = 0
     lr_ratio: float = 0.1
     anneal_epochs: float = 1.0
     bn_batches: int = 0
+
+    def first_epoch_after(self, epochs: int) -> int:
+        """The epochs of the normal schedule before averaging starts."""
+        return self.start_epoch or round(0.75 * epochs)
 
 
 @dataclass
 class CheckpointConfig:
     #: also write checkpoints/last.pt every N optimizer steps (0: only at the end of each epoch).
     every_steps: int = 0
-    #: the metric `best.pt` follows: val_top1, val_loss, or the ema_ / swa_ version of either.
+    #: the metric `best.pt` follows: val_top1, ema_val_top1, val_loss or ema_val_loss (an SWA run's
+    #: result is checkpoints/swa.safetensors, the final average).
     best_metric: str = "val_top1"
     #: keep weights-only checkpoints/epoch_NNNN.pt of the last K epochs (for `mobilenetv3 average`).
     keep_last_epochs: int = 0
@@ -450,12 +457,14 @@ def validate(config: TrainConfig) -> None:
         raise UserError(
             f"checkpoint.best_metric must be one of {', '.join(BEST_METRICS)}, got {config.checkpoint.best_metric!r}"
         )
-    for prefix, enabled in (("ema", config.ema.enabled), ("swa", config.swa.enabled)):
-        if config.checkpoint.best_metric.startswith(prefix + "_") and not enabled:
-            raise UserError(f"checkpoint.best_metric={config.checkpoint.best_metric} needs {prefix}.enabled=true")
-    if config.swa.enabled and not 1 <= config.swa.start_epoch < config.epochs:
-        raise UserError(f"swa.start_epoch must be in [1, epochs - 1] = [1, {config.epochs - 1}] so that some "
-                        f"epochs are averaged, got {config.swa.start_epoch}")
+    if config.checkpoint.best_metric.startswith("ema_") and not config.ema.enabled:
+        raise UserError(f"checkpoint.best_metric={config.checkpoint.best_metric} needs ema.enabled=true")
+    if config.swa.enabled and not 1 <= config.swa.first_epoch_after(config.epochs) < config.epochs:
+        raise UserError(f"swa.start_epoch ({config.swa.first_epoch_after(config.epochs)}) must be at least 1 and "
+                        f"below epochs ({config.epochs}), so that training starts before averaging and some "
+                        "epochs are averaged")
+    if config.swa.start_epoch < 0:
+        raise UserError(f"swa.start_epoch must be >= 0, got {config.swa.start_epoch}")
     positive("swa.lr_ratio", config.swa.lr_ratio)
     if config.swa.anneal_epochs < 0 or config.swa.bn_batches < 0:
         raise UserError("swa.anneal_epochs and swa.bn_batches must be >= 0")
@@ -470,8 +479,7 @@ def validate(config: TrainConfig) -> None:
 
 
 #: metric -> True when larger is better.
-BEST_METRICS = {f"{prefix}val_{name}": larger for prefix in ("", "ema_", "swa_")
-                for name, larger in (("top1", True), ("loss", False))}
+BEST_METRICS = {"val_top1": True, "ema_val_top1": True, "val_loss": False, "ema_val_loss": False}
 
 
 def dump_yaml(config: TrainConfig, provenance: dict[str, Any] | None = None) -> str:

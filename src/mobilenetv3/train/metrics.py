@@ -121,11 +121,11 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1:
         if present:
             axes.plot([row["epoch"] for row in present], [row[key] for row in present], style, marker=".", label=key)
 
-    for key, style in (("train_loss", "-"), ("val_loss", "-"), ("ema_val_loss", "--"), ("swa_val_loss", "-.")):
+    for key, style in (("train_loss", "-"), ("val_loss", "-"), ("ema_val_loss", "--"), ("swa_val_loss", "--")):
         plot(loss_axes, key, style)
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend()
-    for key, style in (("val_top1", "-"), ("val_top5", "-"), ("ema_val_top1", "--"), ("swa_val_top1", "-."),
+    for key, style in (("val_top1", "-"), ("val_top5", "-"), ("ema_val_top1", "--"), ("swa_val_top1", "--"),
                        ("train_top1", ":")):
         plot(acc_axes, key, style)
     if reference_top1 is not None:

@@ -127,7 +127,7 @@ class Schedule:
         self.min_factor = min(cfg.min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
         self.swa = swa if swa is not None and swa.enabled else None
         if self.swa is not None:
-            self.swa_start_step = self.swa.start_epoch * steps_per_epoch
+            self.swa_start_step = self.swa.first_epoch_after(epochs) * steps_per_epoch
             self.swa_anneal_steps = round(self.swa.anneal_epochs * steps_per_epoch)
 
     def __call__(self, step: int) -> float:

@@ -63,26 +63,38 @@ class StochasticWeightAverage(AveragedModel):
     are recomputed with `torch.optim.swa_utils.update_bn` before it is validated or saved.
     """
 
-    def __init__(self, model: nn.Module, cfg: SWAConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: SWAConfig, epochs: int) -> None:
         super().__init__(model)
-        self.start_epoch, self.bn_batches = cfg.start_epoch, cfg.bn_batches
+        self.start_epoch, self.bn_batches = cfg.first_epoch_after(epochs), cfg.bn_batches
 
     def averages_after(self, epochs_done: int) -> bool:
         return epochs_done > self.start_epoch
 
     @torch.no_grad()
-    def recompute_batch_norm(self, batches: Iterable, device: torch.device) -> None:
-        """`update_bn` on the first `bn_batches` of `batches` (all when 0), then the statistics are averaged
-        over the ranks, which each saw their own shard.  The caller's RNG is left as it was."""
-        inputs = (batch[0] for batch in itertools.islice(batches, self.bn_batches or None)
+    def recompute_batch_norm(self, batches: Iterable, device: torch.device, epoch_batches: int) -> None:
+        """`update_bn` on the first `bn_batches` of `batches` (the epoch's `epoch_batches` when 0), then the
+        statistics are pooled over the ranks, which each saw their own shard.  The caller's RNG is left as
+        it was."""
+        count = min(self.bn_batches or epoch_batches, epoch_batches)
+        inputs = (batch[0] for batch in itertools.islice(batches, count)
                   if len(batch[0]))  # a batch of only unreadable files is empty
         # Dropout draws in train mode must not shift the run's RNG (the device's too on CUDA).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             update_bn(inputs, self.module, device=device)
-        statistics = [buffer for module in self.module.modules()
-                      if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                      for buffer in (module.running_mean, module.running_var) if buffer is not None]
-        distributed.average_tensors_(statistics)
+        norms = [module for module in self.module.modules()
+                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None]
+        if distributed.group_size() > 1 and norms:
+            # Pool mean and E[x^2] (not the variances alone, which would drop the spread between the ranks'
+            # means), all in one all_reduce.
+            moments = torch.cat([torch.cat([bn.running_mean, bn.running_var + bn.running_mean**2]) for bn in norms])
+            distributed.average_tensors_([moments])
+            offset = 0
+            for bn in norms:
+                size = bn.running_mean.numel()
+                mean, square = moments[offset:offset + size], moments[offset + size:offset + 2 * size]
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(square - mean**2)
+                offset += 2 * size
 
 
 def default_dropblock_blocks(model: nn.Module) -> list[int]:

@@ -211,7 +211,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.ema = ModelEma(model, config.ema) if config.ema.enabled else None
-        self.swa = StochasticWeightAverage(model, config.swa) if config.swa.enabled else None
+        self.swa = StochasticWeightAverage(model, config.swa, config.epochs) if config.swa.enabled else None
         total_steps = self.steps_per_epoch * config.epochs
         self.dropblock = (DropBlockSchedule(model, config.regularization, total_steps)
                           if config.regularization.dropblock_prob > 0 else None)
@@ -293,7 +293,7 @@ class Trainer:
             "model": ckpt.cpu_state_dict(self.model),
             "ema": ckpt.cpu_state_dict(self.ema.module) if self.ema is not None else None,
             "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
-            "swa": ckpt.cpu_state_dict(self.swa.module) if self.swa is not None else None,
+            "swa": ckpt.cpu_state_dict(self.swa.module) if self.swa is not None and self.swa.n_averaged else None,
             "swa_n_averaged": int(self.swa.n_averaged) if self.swa is not None else 0,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -319,9 +319,7 @@ class Trainer:
             if self.env.is_main:
                 ckpt.save(self.output / "checkpoints" / "last.pt", payload)
 
-    def _is_better(self, value: float | None) -> bool:
-        if value is None:  # e.g. swa_val_top1 before averaging starts
-            return False
+    def _is_better(self, value: float) -> bool:
         if self.state.best_value is None:
             return True
         larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
@@ -369,7 +367,7 @@ class Trainer:
                 # BatchNorm statistics for the new average, from this epoch's first training batches (same
                 # order and augmentation as the epoch itself, so a resumed run recomputes the same values).
                 self.train_sampler.set_position(epoch, 0)
-                self.swa.recompute_batch_norm(self.train_loader, env.device)
+                self.swa.recompute_batch_norm(self.train_loader, env.device, self.batches_per_epoch)
                 swa_val = evaluate(self.swa.module, self.val_loader, self.settings,
                                    num_batches=config.limit_val_batches, env=env, progress_label="validate SWA")
                 row.update(swa_val_loss=swa_val["loss"], swa_val_top1=swa_val["top1"], swa_val_top5=swa_val["top5"],
@@ -395,7 +393,7 @@ class Trainer:
 
             # Epoch done: the next resume point is the start of the next epoch.
             state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
-            improved = self._is_better(row.get(config.checkpoint.best_metric))
+            improved = self._is_better(row[config.checkpoint.best_metric])
             if improved:
                 state.best_value, state.best_epoch = row[config.checkpoint.best_metric], epoch + 1
             row["best_epoch"] = state.best_epoch
