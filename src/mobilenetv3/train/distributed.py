@@ -229,13 +229,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def average_tensors_(tensors: list[torch.Tensor]) -> None:
-    """In place: each tensor becomes its mean over the ranks (unchanged without a group)."""
+def average_(tensor: torch.Tensor) -> None:
+    """In place: the tensor becomes its mean over the ranks (unchanged without a group)."""
     size = group_size()
     if size > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor.div_(size)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(size)
 
 
 def all_gather_objects(value):

@@ -116,6 +116,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1:
     import matplotlib.pyplot as plt
 
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(11, 4))
+
     def plot(axes, key: str, style: str) -> None:  # SWA columns start at the first averaged epoch
         present = [row for row in rows if key in row]
         if present:

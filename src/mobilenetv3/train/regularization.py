@@ -87,7 +87,7 @@ class StochasticWeightAverage(AveragedModel):
             # Pool mean and E[x^2] (not the variances alone, which would drop the spread between the ranks'
             # means), all in one all_reduce.
             moments = torch.cat([torch.cat([bn.running_mean, bn.running_var + bn.running_mean**2]) for bn in norms])
-            distributed.average_tensors_([moments])
+            distributed.average_(moments)
             offset = 0
             for bn in norms:
                 size = bn.running_mean.numel()

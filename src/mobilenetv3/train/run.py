@@ -325,6 +325,12 @@ class Trainer:
         larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
         return value > self.state.best_value if larger_is_better else value < self.state.best_value
 
+    def _validate_average(self, module: nn.Module, prefix: str) -> dict[str, float]:
+        """{prefix}_val_loss / _top1 / _top5 of an averaged copy (EMA or SWA) on the validation set."""
+        result = evaluate(module, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
+                          env=self.env, progress_label=f"validate {prefix.upper()}")
+        return {f"{prefix}_val_{key}": result[key] for key in ("loss", "top1", "top5")}
+
     # ----------------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
@@ -359,19 +365,14 @@ class Trainer:
                 "val_samples": val["samples"],
             }
             if self.ema is not None:
-                ema_val = evaluate(self.ema.module, self.val_loader, self.settings,
-                                   num_batches=config.limit_val_batches, env=env, progress_label="validate EMA")
-                row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+                row.update(self._validate_average(self.ema.module, "ema"))
             if self.swa is not None and self.swa.averages_after(epoch + 1):
                 self.swa.update_parameters(self.model)
                 # BatchNorm statistics for the new average, from this epoch's first training batches (same
                 # order and augmentation as the epoch itself, so a resumed run recomputes the same values).
                 self.train_sampler.set_position(epoch, 0)
                 self.swa.recompute_batch_norm(self.train_loader, env.device, self.batches_per_epoch)
-                swa_val = evaluate(self.swa.module, self.val_loader, self.settings,
-                                   num_batches=config.limit_val_batches, env=env, progress_label="validate SWA")
-                row.update(swa_val_loss=swa_val["loss"], swa_val_top1=swa_val["top1"], swa_val_top5=swa_val["top5"],
-                           swa_averaged=int(self.swa.n_averaged))
+                row.update(self._validate_average(self.swa.module, "swa"), swa_averaged=int(self.swa.n_averaged))
             row.update(
                 world_size=env.world_size, global_batch=self.global_batch, epoch_time_s=totals.seconds,
                 train_images_per_s=train_samples / max(totals.seconds, 1e-9),
