@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from mobilenetv3 import create_model, load_model
+from mobilenetv3 import create_model, load_model, save_model
 from mobilenetv3.cli import main
 from mobilenetv3.train.metrics import REQUIRED_KEYS, read_rows
 
@@ -126,6 +126,38 @@ def test_eval_reproduces_the_logged_validation(ema_run, capsys):
         assert result["samples"] == row["val_samples"] == 21
         assert (result["top1"], result["top5"]) == (row[f"{prefix}val_top1"], row[f"{prefix}val_top5"])
         assert result["loss"] == pytest.approx(row[f"{prefix}val_loss"], rel=1e-6)
+
+
+def test_flip_tta_scores_an_image_and_its_mirror_alike(tmp_path, capsys):
+    """--tta flip averages the logits of the two left-right views, so a folder and its mirror image score
+    exactly alike; single-view scores differ (the images are not symmetric), and by convexity the averaged
+    loss is at most the mean of the two single-view losses."""
+    rng = np.random.default_rng(1)
+    for label in ("left", "right"):
+        for index in range(3):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            for folder, image in (("as_is", pixels), ("mirrored", pixels[:, ::-1])):
+                (tmp_path / folder / "val" / label).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.ascontiguousarray(image)).save(tmp_path / folder / "val" / label / f"{index}.png")
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_035", num_classes=2)
+    with torch.no_grad():  # the fresh classifier is zero: give every weight some noise so the logits vary
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=0.1)
+    weights = save_model(model, tmp_path / "w.safetensors")
+
+    def score(folder: str, *tta: str) -> dict:
+        assert main(["eval", "--checkpoint", str(weights), "--data", str(tmp_path / folder), "--input-size", "40",
+                     "--crop-pct", "1.0", "--workers", "0", "--json", *tta]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    single, mirrored = score("as_is"), score("mirrored")
+    assert abs(single["loss"] - mirrored["loss"]) > 1e-4
+    averaged, averaged_mirrored = score("as_is", "--tta", "flip"), score("mirrored", "--tta", "flip")
+    assert averaged["samples"] == 6
+    assert averaged["loss"] == pytest.approx(averaged_mirrored["loss"], rel=1e-6)
+    assert averaged["top1"] == averaged_mirrored["top1"]
+    assert averaged["loss"] <= (single["loss"] + mirrored["loss"]) / 2 + 1e-6
 
 
 def test_average_of_the_last_epochs(ema_run, tmp_path, capsys):

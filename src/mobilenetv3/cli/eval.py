@@ -3,7 +3,8 @@
 On a training checkpoint it uses the run's preprocessing and data settings, and reproduces the
 validation numbers training logged for that checkpoint; on a weights file it uses the stored
 preprocessing.  --input-size / --crop-pct override.  With --json the last line is
-{"top1": ..., "top5": ..., "loss": ..., "samples": ...}.
+{"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the logits of each image
+and its mirror image (two forward passes; training's logged numbers are single-view).
 
 examples:
   mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
@@ -25,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=None, metavar="R")
     parser.add_argument("--crop-pct", type=float, default=None, metavar="P")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    parser.add_argument("--tta", choices=["flip"], default=None,
+                        help="test-time augmentation: flip = mean logits of the image and its left-right mirror")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size, else 64")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--limit-batches", type=int, default=None)
@@ -41,15 +44,17 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_file(
         args.checkpoint, args.data, data_dir=args.data_dir, input_size=args.input_size, crop_pct=args.crop_pct,
         ema=args.ema, batch_size=args.batch_size, workers=args.workers, limit_batches=args.limit_batches,
-        device=args.device,
+        device=args.device, tta=args.tta,
     )
     prep = result["preprocessing"]
-    print(f"{args.checkpoint}{' (EMA)' if args.ema else ''} on {args.data} "
+    views = " (EMA)" if args.ema else ""
+    views += ", flip TTA" if args.tta else ""
+    print(f"{args.checkpoint}{views} on {args.data} "
           f"({prep['input_size']}px, crop {prep['crop_pct']}): top-1 {result['top1']:.2f}%  "
           f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  ({result['samples']} samples"
           f"{', %d unreadable skipped' % result['skipped'] if result['skipped'] else ''})")
     logged = result.get("logged")
-    if logged:
+    if logged and not args.tta:  # training validated single views
         prefix = "ema_" if args.ema else ""
         print(f"training logged for this checkpoint (epoch {logged['epoch']}): top-1 {logged[prefix + 'val_top1']:.2f}%  "
               f"top-5 {logged[prefix + 'val_top5']:.2f}%  loss {logged[prefix + 'val_loss']:.4f}")

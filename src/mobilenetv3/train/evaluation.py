@@ -2,7 +2,9 @@
 
 On a training checkpoint the data settings, preprocessing and batch size are the run's own, so the
 numbers reproduce what training logged for that checkpoint; on a weights file the stored preprocessing
-is used.  `input_size` / `crop_pct` override either.
+is used.  `input_size` / `crop_pct` override either.  `tta="flip"` scores each image as the mean of the
+logits of two views, as is and mirrored left-right (test-time augmentation: twice the compute, and not
+the single-view protocol that training logs or that published accuracies use unless they say so).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import DataConfig, build_datasets, collate_skipping
@@ -22,6 +25,19 @@ from .distributed import DistEnv, resolve_device
 from .loop import StepSettings, evaluate
 
 logger = logging.getLogger(__name__)
+
+TTA_MODES = ("flip",)
+
+
+class FlipAveraged(nn.Module):
+    """The model's logits averaged over the image and its left-right mirror (two-view test-time augmentation)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images) + self.model(images.flip(-1))) / 2
 
 
 def evaluate_file(
@@ -36,7 +52,10 @@ def evaluate_file(
     workers: int | None = None,
     limit_batches: int | None = None,
     device: str = "auto",
+    tta: str | None = None,
 ) -> dict[str, Any]:
+    if tta is not None and tta not in TTA_MODES:
+        raise UserError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA_MODES)}")
     path = Path(path)
     weights = read_weights(path, ema=ema)
     train_config: dict[str, Any] = {}
@@ -63,6 +82,8 @@ def evaluate_file(
 
     env = DistEnv(device=resolve_device(device, 0))
     model.to(env.device)
+    if tta == "flip":
+        model = FlipAveraged(model)
     batch_size = batch_size or int(train_config.get("batch_size", 64))
     loader = DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=data_cfg.workers,
                         collate_fn=collate_skipping, pin_memory=env.device.type == "cuda")
@@ -70,6 +91,6 @@ def evaluate_file(
                             grad_clip_norm=None, label_smoothing=0.0, num_classes=bundle.num_classes)
     with torch.inference_mode(False):
         result = evaluate(model, loader, settings, num_batches=limit_batches, env=env, progress_label="eval")
-    result.update(checkpoint=str(path), ema=ema, preprocessing=bundle.preprocessing.to_dict(),
+    result.update(checkpoint=str(path), ema=ema, tta=tta, preprocessing=bundle.preprocessing.to_dict(),
                   logged=weights.extra.get("metrics"))
     return result
