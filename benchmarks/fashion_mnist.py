@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     rows = read_rows(os.path.join(output, "metrics.jsonl"))
     final = rows[-1]
-    tta = flip_tta_results(output, config.data.data_dir) if args.tta else {}
+    tta = flip_tta_results(output, config.data, with_swa="swa_val_top1" in final) if args.tta else {}
     print(json.dumps({
         "recipe": args.recipe, "model": model, "epochs": final["epoch"], "processes": world_size,
         "test_top1": round(final["val_top1"], 2), "test_top5": round(final["val_top5"], 2),
@@ -78,15 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def flip_tta_results(output: str, data_dir: str | None) -> dict:
-    """Flip-TTA top-1 of the last checkpoint and of swa.safetensors when the run wrote one, and the time taken."""
+def flip_tta_results(output: str, data, *, with_swa: bool) -> dict:
+    """Flip-TTA top-1 of the last checkpoint and, when this run averaged, of its swa.safetensors; and the time."""
     from mobilenetv3.train.evaluation import evaluate_file
 
     started = time.perf_counter()
-    files = {"flip_tta_test_top1": os.path.join(output, "checkpoints", "last.pt"),
-             "swa_flip_tta_test_top1": os.path.join(output, "checkpoints", "swa.safetensors")}
-    results = {key: round(evaluate_file(path, "fashion-mnist", data_dir=data_dir, tta="flip")["top1"], 2)
-               for key, path in files.items() if os.path.exists(path)}
+    files = {"flip_tta_test_top1": os.path.join(output, "checkpoints", "last.pt")}
+    if with_swa:  # (a reused --output may hold an older run's swa.safetensors)
+        files["swa_flip_tta_test_top1"] = os.path.join(output, "checkpoints", "swa.safetensors")
+    results = {key: round(evaluate_file(path, data.dataset, data_dir=data.data_dir, tta="flip")["top1"], 2)
+               for key, path in files.items()}
     return {**results, "flip_tta_eval_time_s": round(time.perf_counter() - started, 1)}
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from mobilenetv3 import create_model, load_model, save_model
 from mobilenetv3.cli import main
+from mobilenetv3.train.evaluation import FlipAveraged
 from mobilenetv3.train.metrics import REQUIRED_KEYS, read_rows
 
 MODEL = ["--model", "mobilenetv3_small_035", "--input-size", "32", "--workers", "0", "--set", "threads=1"]
@@ -141,7 +142,7 @@ def test_flip_tta_scores_an_image_and_its_mirror_alike(tmp_path, capsys):
                 Image.fromarray(np.ascontiguousarray(image)).save(tmp_path / folder / "val" / label / f"{index}.png")
     torch.manual_seed(0)
     model = create_model("mobilenetv3_small_035", num_classes=2)
-    with torch.no_grad():  # the fresh classifier is zero: give every weight some noise so the logits vary
+    with torch.no_grad():  # fresh logits are all but equal: give every weight some noise so they vary
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter), alpha=0.1)
     weights = save_model(model, tmp_path / "w.safetensors")
@@ -154,10 +155,19 @@ def test_flip_tta_scores_an_image_and_its_mirror_alike(tmp_path, capsys):
     single, mirrored = score("as_is"), score("mirrored")
     assert abs(single["loss"] - mirrored["loss"]) > 1e-4
     averaged, averaged_mirrored = score("as_is", "--tta", "flip"), score("mirrored", "--tta", "flip")
-    assert averaged["samples"] == 6
+    assert averaged["samples"] == 6 and averaged["tta"] == "flip" and "tta" not in single
+    assert min(abs(averaged["loss"] - single["loss"]), abs(averaged["loss"] - mirrored["loss"])) > 1e-5
     assert averaged["loss"] == pytest.approx(averaged_mirrored["loss"], rel=1e-6)
     assert averaged["top1"] == averaged_mirrored["top1"]
     assert averaged["loss"] <= (single["loss"] + mirrored["loss"]) / 2 + 1e-6
+
+    # and what is averaged is the logits, whatever the memory layout
+    model.eval()
+    images = torch.randn(3, 3, 40, 40)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(FlipAveraged(model)(images.contiguous(memory_format=layout)), expected)
 
 
 def test_average_of_the_last_epochs(ema_run, tmp_path, capsys):

@@ -4,7 +4,8 @@ On a training checkpoint it uses the run's preprocessing and data settings, and 
 validation numbers training logged for that checkpoint; on a weights file it uses the stored
 preprocessing.  --input-size / --crop-pct override.  With --json the last line is
 {"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the logits of each image
-and its mirror image (two forward passes; training's logged numbers are single-view).
+and its mirror image (two forward passes; training's logged numbers are single-view) and adds "tta": "flip"
+to that line.
 
 examples:
   mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=int, default=None, metavar="R")
     parser.add_argument("--crop-pct", type=float, default=None, metavar="P")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    # the choices are evaluation.TTA_MODES, spelled out so that `--help` does not import torch
     parser.add_argument("--tta", choices=["flip"], default=None,
                         help="test-time augmentation: flip = mean logits of the image and its left-right mirror")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size, else 64")
@@ -47,17 +49,19 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, tta=args.tta,
     )
     prep = result["preprocessing"]
-    views = " (EMA)" if args.ema else ""
-    views += ", flip TTA" if args.tta else ""
-    print(f"{args.checkpoint}{views} on {args.data} "
+    labels = [label for label, used in (("EMA", args.ema), ("flip TTA", args.tta)) if used]
+    print(f"{args.checkpoint}{' (%s)' % ', '.join(labels) if labels else ''} on {args.data} "
           f"({prep['input_size']}px, crop {prep['crop_pct']}): top-1 {result['top1']:.2f}%  "
           f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  ({result['samples']} samples"
           f"{', %d unreadable skipped' % result['skipped'] if result['skipped'] else ''})")
     logged = result.get("logged")
-    if logged and not args.tta:  # training validated single views
+    if logged:
         prefix = "ema_" if args.ema else ""
-        print(f"training logged for this checkpoint (epoch {logged['epoch']}): top-1 {logged[prefix + 'val_top1']:.2f}%  "
+        print(f"training logged for this checkpoint (epoch {logged['epoch']}{', single view' if args.tta else ''}): "
+              f"top-1 {logged[prefix + 'val_top1']:.2f}%  "
               f"top-5 {logged[prefix + 'val_top5']:.2f}%  loss {logged[prefix + 'val_loss']:.4f}")
     if args.json:
-        print(json.dumps({key: result[key] for key in ("top1", "top5", "loss", "samples")}))
+        # "tta" only appears with --tta, so single-view output keeps the four documented keys
+        print(json.dumps({key: result[key] for key in ("top1", "top5", "loss", "samples")}
+                         | ({"tta": args.tta} if args.tta else {})))
     return 0
