@@ -42,16 +42,14 @@ def suggest(lrs: list[float], losses: list[float]) -> dict[str, float]:
 def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float = 1.0, steps: int = 100,
                   smoothing: float = 0.05, diverge_factor: float = 4.0, output: str | Path | None = None) -> dict[str, Any]:
     from ..data import build_datasets
-    from .run import build_loaders, create_run_model, model_kwargs_for, seed_everything
+    from .run import build_loaders, create_run_model, model_kwargs_for, setup_runtime
 
     if not 0 < start_lr < end_lr:
         raise UserError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
     if steps < 3:
         raise UserError(f"steps must be >= 3, got {steps}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
     env = DistEnv(device=resolve_device(config.device, 0))
+    setup_runtime(config, env)  # threads, CPU memory, determinism, seed (rank 0: config.seed)
     bundle = build_datasets(config.data)
     loader, sampler, _ = build_loaders(config, bundle, env)
     model = create_run_model(config.model, model_kwargs_for(config, bundle)).to(env.device)
