@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU seconds, robust to other load on a shared machine (use --threads 1)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory (mobilenetv3.deploy.allocator), for all three alike")
+                        help="glibc malloc keeps freed memory (mobilenetv3.allocator), for all three alike")
     parser.add_argument("--also-channels-last", action="store_true",
                         help="also time every network with model and input converted to channels_last by the caller "
                              "(the peers' best CPU layout; ours does this itself in eager inference)")
@@ -43,7 +43,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
-        from mobilenetv3.deploy.allocator import keep_freed_memory
+        from mobilenetv3.allocator import keep_freed_memory
 
         keep_freed_memory()
 

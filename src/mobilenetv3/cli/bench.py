@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall (default) or cpu: this process's CPU seconds, for a shared machine (with --threads 1)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory (no page faults per forward; see deploy/allocator.py); "
+                        help="glibc malloc keeps freed memory (no page faults per forward; see mobilenetv3/allocator.py); "
                              "applies to every network alike")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
-        from ..deploy.allocator import keep_freed_memory
+        from ..allocator import keep_freed_memory
 
         keep_freed_memory()
     rows = benchmark(

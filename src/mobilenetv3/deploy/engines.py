@@ -173,10 +173,9 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
         raise UserError(f"{weights_path} is an ONNX file: use --engine onnxruntime (or auto)")
     import torch
 
+    from ..allocator import keep_freed_memory
     from ..weights.io import load_model
     from .export import artifact_metadata
-
-    from .allocator import keep_freed_memory
 
     if threads:
         torch.set_num_threads(threads)

@@ -196,8 +196,8 @@ class TrainConfig:
     reference_label: str | None = None
     #: intra-op threads per process on CPU (0: torch's default).
     threads: int = 0
-    #: on CPU with glibc, keep freed memory in the process (train/cpu_memory.py): steps stop page-faulting.
-    keep_cpu_memory: bool = True
+    #: on CPU with glibc: keep freed memory in the process, so steps stop page-faulting (mobilenetv3/allocator.py).
+    keep_freed_memory: bool = True
 
 
 SECTIONS = ("model", "data", "optim", "schedule", "regularization", "ema", "swa", "checkpoint")

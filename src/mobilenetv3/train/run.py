@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..allocator import keep_freed_memory
 from ..errors import UserError
 from . import checkpoint as ckpt
 from . import distributed
-from .cpu_memory import keep_freed_cpu_memory
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
 from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
 from .loop import StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
@@ -69,8 +69,8 @@ def seed_everything(seed: int) -> None:
 def setup_runtime(config: TrainConfig, env: DistEnv) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.keep_cpu_memory and env.device.type == "cpu":
-        keep_freed_cpu_memory()
+    if config.keep_freed_memory and env.device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step (see mobilenetv3/allocator.py)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: a few CUDA kernels have no deterministic version; on CPU every op used here has one.

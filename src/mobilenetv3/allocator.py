@@ -1,16 +1,18 @@
-"""Keep freed memory in the process (glibc malloc), so eager CPU inference stops page-faulting.
+"""Keep freed memory in the process (glibc malloc), so eager CPU inference and training stop page-faulting.
 
-Eager PyTorch on the CPU allocates every activation fresh.  glibc hands large blocks back to the
-kernel when they are freed (mmap threshold, heap trimming), so the next forward pass page-faults the
-same memory in again.  Measured here on MobileNetV3-Large at batch 32 (one thread,
+Eager PyTorch on the CPU allocates every activation (and, in training, every gradient) fresh.  glibc hands
+large blocks back to the kernel when they are freed (mmap threshold, heap trimming), so the next pass
+page-faults the same memory in again.  Measured here on MobileNetV3-Large at batch 32 (one thread,
 `resource.getrusage`): ~150-180k minor page faults per forward pass and about half the CPU time spent
 in the kernel, for ours, torchvision's and timm's network alike.  With `keep_freed_memory()` the
-faults drop to zero and the pass takes about half the time.  ONNX Runtime has its own arena and
-does not need this.
+faults drop to zero and the pass takes about half the time.  A training step on CPU gains the same way
+(`benchmarks/train_speed.py` measures it with and without, side by side).  ONNX Runtime has its own arena
+and does not need this.
 
-The price is that the process keeps its peak memory instead of returning it to the system: fine for
-an inference or benchmark process, so `predict --engine torch` and `bench --keep-freed-memory` use
-it; a library must not change it behind its user's back, so nothing calls it on import.
+The price is that the process keeps its peak memory instead of returning it to the system, as CUDA's
+caching allocator does on the GPU: fine for a training, inference or benchmark process, so `train` (config
+key `keep_freed_memory`, on by default, CPU only), `predict --engine torch` and `bench --keep-freed-memory`
+use it; a library must not change it behind its user's back, so nothing calls it on import.
 """
 
 from __future__ import annotations
