@@ -49,11 +49,14 @@ def test_freed_memory_is_reused_without_page_faults():
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_keeps_freed_memory_unless_switched_off(monkeypatch, keep):
+    import importlib
+
     import torch
 
     from mobilenetv3.train import load_config
-    from mobilenetv3.train import run as run_module
     from mobilenetv3.train.distributed import DistEnv
+
+    run_module = importlib.import_module("mobilenetv3.train.run")  # the module (the package exports run())
 
     calls = []
     monkeypatch.setattr(run_module, "keep_freed_memory", lambda: calls.append(True) or True)
