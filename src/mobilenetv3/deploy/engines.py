@@ -179,7 +179,7 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
 
     if threads:
         torch.set_num_threads(threads)
-    keep_freed_memory()  # a predict process: no page faults on every batch (see allocator.py)
+    keep_freed_memory()  # a predict process: no page faults on every batch (see mobilenetv3/allocator.py)
     model = load_model(weights_path)
     engine = TorchEngine(model)
     preprocessing = model.preprocessing.replace(input_size=input_size) if input_size else model.preprocessing
