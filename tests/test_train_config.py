@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from mobilenetv3.errors import UserError
 from mobilenetv3.train.config import TrainConfig, all_keys, list_recipes, load_config, set_key, to_dict
+from mobilenetv3.train.run import create_run_model, model_kwargs_for
 
 RECIPES = ("imagenet-paper", "imagenet-torchvision", "imagenet-timm", "imagenet-seed", "fashion-mnist",
            "fashion-mnist-large")
@@ -115,6 +118,7 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("swa.start_epoch", "-1", "swa.start_epoch must be >= 0, got -1"),
     ("model.name", "mobilenetv3_large_1000", "unknown model 'mobilenetv3_large_1000'"),
     ("ema.enabled", "maybe", "ema.enabled must be true or false"),
+    ("model.output_stride", "4", "model.output_stride must be 8, 16 or 32, got 4"),
 ])
 def test_bad_values_are_user_errors(key, value, message):
     with pytest.raises(UserError) as error:
@@ -165,3 +169,16 @@ def test_print_config_round_trips(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(config, {"git_commit": "abc"}))
     assert to_dict(load_config(config_file=path)) == to_dict(config)
+
+
+def test_output_stride_reaches_the_model_and_its_saved_kwargs():
+    """model.output_stride=8 keeps 28x28 Fashion-MNIST at 4x4 in the last stage (dilation instead of the last
+    stride) where the stem-stride-1 default ends at 2x2; the model's config, which checkpoints store, has it."""
+    bundle = SimpleNamespace(num_classes=10, in_chans=1, model_defaults={"in_chans": 1, "stem_stride": 1})
+    images = torch.zeros(1, 1, 28, 28)
+    for overrides, stride, size in (([], 32, 2), ([("model.output_stride", "8")], 8, 4)):
+        config = load_config(recipe="fashion-mnist", overrides=overrides)
+        model = create_run_model(config.model, model_kwargs_for(config, bundle)).eval()
+        assert model.config["output_stride"] == stride
+        with torch.no_grad():
+            assert model.forward_features(images).shape[-2:] == (size, size)

@@ -44,6 +44,9 @@ class ModelConfig:
     in_chans: int | None = None
     #: None: what the dataset implies (1 for 28x28 Fashion-MNIST), else the paper's 2.
     stem_stride: int | None = None
+    #: None: the architecture's 32.  16 or 8 turn the strides past it into dilation, keeping later feature
+    #: maps larger (for small images: 28x28 with stem stride 1 ends at 4x4 with 8 instead of 2x2).
+    output_stride: int | None = None
     #: None: the registered name's width (only needed for the generic builders, e.g. "mobilenetv3_large").
     width_mult: float | None = None
     drop_rate: float = 0.2
@@ -455,6 +458,8 @@ def validate(config: TrainConfig) -> None:
     in_range("model.drop_rate", config.model.drop_rate, 0.0, 0.99)
     in_range("model.drop_path_rate", config.model.drop_path_rate, 0.0, 0.99)
     positive("model.num_classes", config.model.num_classes, allow_none=True)
+    if config.model.output_stride not in (None, 8, 16, 32):
+        raise UserError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
     if config.checkpoint.best_metric not in BEST_METRICS:
         raise UserError(
             f"checkpoint.best_metric must be one of {', '.join(BEST_METRICS)}, got {config.checkpoint.best_metric!r}"

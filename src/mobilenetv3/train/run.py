@@ -93,7 +93,7 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
     if cfg.in_chans is not None and cfg.in_chans != bundle.in_chans:
         raise UserError(f"model.in_chans={cfg.in_chans} but the dataset has {bundle.in_chans}-channel images")
     kwargs = dict(bundle.model_defaults)
-    for key in ("in_chans", "stem_stride", "width_mult", "bn_eps", "bn_momentum"):
+    for key in ("in_chans", "stem_stride", "output_stride", "width_mult", "bn_eps", "bn_momentum"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
     kwargs.update(num_classes=bundle.num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
@@ -101,7 +101,9 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
 
 
 #: Constructor kwargs a run takes from its data and its recipe, never from a pretrained file's layout.
-RUN_MODEL_KWARGS = ("num_classes", "in_chans", "stem_stride", "drop_rate", "drop_path_rate", "bn_momentum")
+RUN_MODEL_KWARGS = (
+    "num_classes", "in_chans", "stem_stride", "output_stride", "drop_rate", "drop_path_rate", "bn_momentum"
+)
 
 
 def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
