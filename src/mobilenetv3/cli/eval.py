@@ -1,11 +1,11 @@
 """Evaluate a training checkpoint or a weights file: top-1 / top-5 / loss.
 
-On a training checkpoint it uses the run's preprocessing and data settings, and reproduces the
-validation numbers training logged for that checkpoint; on a weights file it uses the stored
-preprocessing.  --input-size / --crop-pct override.  With --json the last line is
-{"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the logits of each image
-and its mirror image (two forward passes; training's logged numbers are single-view) and adds "tta": "flip"
-to that line.
+On a training checkpoint it uses the run's preprocessing, data settings, precision (amp) and memory
+layout, and reproduces the validation numbers training logged for that checkpoint; on a weights file it
+uses the stored preprocessing in full precision.  --input-size / --crop-pct / --amp override.  With
+--json the last line is {"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the
+logits of each image and its mirror image (two forward passes; training's logged numbers are single-view)
+and adds "tta": "flip" to that line.
 
 examples:
   mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the choices are evaluation.TTA_MODES, spelled out so that `--help` does not import torch
     parser.add_argument("--tta", choices=["flip"], default=None,
                         help="test-time augmentation: flip = mean logits of the image and its left-right mirror")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
+                        help="autocast dtype; default: a training checkpoint's own (its run's amp), else none")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size, else 64")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--limit-batches", type=int, default=None)
@@ -46,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_file(
         args.checkpoint, args.data, data_dir=args.data_dir, input_size=args.input_size, crop_pct=args.crop_pct,
         ema=args.ema, batch_size=args.batch_size, workers=args.workers, limit_batches=args.limit_batches,
-        device=args.device, tta=args.tta,
+        device=args.device, tta=args.tta, amp=args.amp,
     )
     prep = result["preprocessing"]
-    labels = [label for label, used in (("EMA", args.ema), ("flip TTA", args.tta)) if used]
+    used = (("EMA", args.ema), ("flip TTA", args.tta), (result["amp"], result["amp"] != "none"))
+    labels = [label for label, on in used if on]
     print(f"{args.checkpoint}{' (%s)' % ', '.join(labels) if labels else ''} on {args.data} "
           f"({prep['input_size']}px, crop {prep['crop_pct']}): top-1 {result['top1']:.2f}%  "
           f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  ({result['samples']} samples"

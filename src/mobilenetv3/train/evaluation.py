@@ -1,8 +1,9 @@
 """Evaluate a weights file or a training checkpoint on a dataset (the library side of `mobilenetv3 eval`).
 
-On a training checkpoint the data settings, preprocessing and batch size are the run's own, so the
-numbers reproduce what training logged for that checkpoint; on a weights file the stored preprocessing
-is used.  `input_size` / `crop_pct` override either.  `tta="flip"` scores each image as the mean of the
+On a training checkpoint the data settings, preprocessing, batch size, precision (`amp`) and memory layout
+(`channels_last`) are the run's own, so the numbers reproduce what training logged for that checkpoint; on a
+weights file the stored preprocessing is used, in full precision.  `input_size` / `crop_pct` / `amp` override
+either.  `tta="flip"` scores each image as the mean of the
 logits of two views, as is and mirrored left-right (test-time augmentation: twice the compute, and not
 the single-view protocol that training logs or that published accuracies use unless they say so).
 """
@@ -22,7 +23,7 @@ from ..data import DataConfig, build_datasets, collate_skipping
 from ..errors import UserError
 from ..weights.io import SAFETENSORS_SUFFIXES, build_model, load_checkpoint, read_weights
 from .distributed import DistEnv, resolve_device
-from .loop import StepSettings, evaluate
+from .loop import AMP_DTYPES, StepSettings, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ def evaluate_file(
     limit_batches: int | None = None,
     device: str = "auto",
     tta: str | None = None,
+    amp: str | None = None,
 ) -> dict[str, Any]:
     if tta is not None and tta not in TTA_MODES:
         raise UserError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA_MODES)}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise UserError(f"unknown amp mode {amp!r}; choose from {', '.join(AMP_DTYPES)}")
     path = Path(path)
     weights = read_weights(path, ema=ema)
     train_config: dict[str, Any] = {}
@@ -81,16 +85,20 @@ def evaluate_file(
         logger.warning("the class names of %s differ from the dataset's; labels are compared by index", path)
 
     env = DistEnv(device=resolve_device(device, 0))
-    model.to(env.device)
+    amp = amp if amp is not None else str(train_config.get("amp", "none"))
+    # the run's layout too: channels_last convolutions round differently from NCHW ones
+    channels_last = bool(train_config.get("channels_last", False))
+    model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if tta == "flip":
         model = FlipAveraged(model)
     batch_size = batch_size or int(train_config.get("batch_size", 64))
     loader = DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=data_cfg.workers,
                         collate_fn=collate_skipping, pin_memory=env.device.type == "cuda")
-    settings = StepSettings(device=env.device, amp_dtype=None, channels_last=False, accumulation_steps=1,
-                            grad_clip_norm=None, label_smoothing=0.0, num_classes=bundle.num_classes)
+    settings = StepSettings(device=env.device, amp_dtype=AMP_DTYPES[amp], channels_last=channels_last,
+                            accumulation_steps=1, grad_clip_norm=None, label_smoothing=0.0,
+                            num_classes=bundle.num_classes)
     with torch.inference_mode(False):
         result = evaluate(model, loader, settings, num_batches=limit_batches, env=env, progress_label="eval")
-    result.update(checkpoint=str(path), ema=ema, tta=tta, preprocessing=bundle.preprocessing.to_dict(),
+    result.update(checkpoint=str(path), ema=ema, tta=tta, amp=amp, preprocessing=bundle.preprocessing.to_dict(),
                   logged=weights.extra.get("metrics"))
     return result

@@ -47,6 +47,10 @@ class TrainState:
     best_epoch: int | None = None
 
 
+#: `amp` config values -> autocast dtype (None: full precision).
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class StepSettings:
     """How one optimizer step is made (from the config, fixed for the run)."""
