@@ -199,3 +199,36 @@ def test_ddp_alone_skips_an_empty_group_like_a_plain_run(tmp_path):
         dist.destroy_process_group()
     assert plain[0] == alone[0] == 3
     torch.testing.assert_close(alone[1], plain[1], rtol=0, atol=0)
+
+
+def _rank_zero_first_worker(rank: int, store_path: str, log_path: str) -> None:
+    """Three gloo ranks as two nodes: ranks 0 and 1 on the first (local ranks 0, 1), rank 2 alone on the second."""
+    import time
+
+    import torch.distributed as dist
+
+    from mobilenetv3.train.distributed import DistEnv, rank_zero_first
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 3), rank=rank, world_size=3,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        env = DistEnv(rank=rank, world_size=3, local_rank=(0, 1, 0)[rank], process_group=True)
+        with rank_zero_first(env):
+            with open(log_path, "a") as log:
+                log.write(f"start {rank}\n")
+            time.sleep(0.3)  # long enough for a rank that did not wait to start inside this window
+            with open(log_path, "a") as log:
+                log.write(f"end {rank}\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_first_then_each_node_first_process_then_the_rest(tmp_path):
+    """The block (a dataset download in training) runs on rank 0 alone, then on the other node's first
+    process, then on the remaining ranks: never in two processes of one filesystem at once."""
+    import torch.multiprocessing as mp
+
+    log = tmp_path / "log"
+    mp.start_processes(_rank_zero_first_worker, args=(str(tmp_path / "store"), str(log)), nprocs=3,
+                       start_method="spawn")
+    assert log.read_text().split("\n")[:-1] == ["start 0", "end 0", "start 2", "end 2", "start 1", "end 1"]

@@ -251,6 +251,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextmanager
+def rank_zero_first(env: DistEnv) -> Iterator[None]:
+    """Run the block (e.g. finding or downloading a dataset) on rank 0 first, then on the first process of each
+    other node, then on the rest: a download happens once per filesystem and never into one folder at once.
+
+    Every process passes the same two barriers, so the block's order is: rank 0 | local rank 0 | the rest.
+    If the block fails on one rank, torchrun tears the others down (they are waiting at a barrier).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    turn = 0 if env.rank == 0 else 1 if env.local_rank == 0 else 2
+    for _ in range(turn):
+        dist.barrier()
+    yield
+    for _ in range(turn, 2):
+        dist.barrier()
+
+
 def broadcast_object(value, src: int = 0):
     if not (dist.is_available() and dist.is_initialized()):
         return value
