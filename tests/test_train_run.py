@@ -129,6 +129,30 @@ def test_eval_reproduces_the_logged_validation(ema_run, capsys):
         assert result["loss"] == pytest.approx(row[f"{prefix}val_loss"], rel=1e-6)
 
 
+def test_eval_reproduces_a_bf16_channels_last_run(tmp_path, capsys):
+    """eval takes the run's precision and layout: bf16 autocast in channels_last reproduces the logged numbers,
+    and full precision (--amp none) gives others."""
+    data, output = make_image_folder(tmp_path / "images"), tmp_path / "bf16"
+    run_ok(train_command("--data", str(data), "--batch-size", "4", "--epochs", "2", "--amp", "bf16",
+                         "--channels-last", "--lr", "0.01", "--set", "optim.lr_base_batch=4",  # logits far from 0
+                         "--output", str(output)))
+    row = read_rows(output / "metrics.jsonl")[-1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run had (threads=1): the same kernels split the same way
+    try:
+        results = {}
+        for amp in ([], ["--amp", "none"]):
+            assert main(["eval", "--checkpoint", str(output / "checkpoints" / "last.pt"), "--data", str(data),
+                         "--json", *amp]) == 0
+            results[len(amp)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        torch.set_num_threads(threads)
+    own, full_precision = results[0], results[2]
+    assert (own["top1"], own["top5"], own["samples"]) == (row["val_top1"], row["val_top5"], 6)
+    assert own["loss"] == pytest.approx(row["val_loss"], rel=1e-6)
+    assert abs(full_precision["loss"] - row["val_loss"]) > 1e-5
+
+
 def test_flip_tta_scores_an_image_and_its_mirror_alike(tmp_path, capsys):
     """--tta flip averages the logits of the two left-right views, so a folder and its mirror image score
     exactly alike; single-view scores differ (the images are not symmetric), and by convexity the averaged
@@ -183,6 +207,29 @@ def test_average_of_the_last_epochs(ema_run, tmp_path, capsys):
     assert not torch.equal(averaged["classifier.weight"], second["classifier.weight"])
 
 
+def test_best_follows_the_chosen_metric_and_average_takes_the_best_epochs(tmp_path, capsys):
+    """best_metric=ema_val_loss: best.pt is the epoch of the lowest EMA loss; keep_best_epochs=2 keeps the two
+    lowest-loss epoch files beside the last one, and `average --best 2` averages exactly those two."""
+    output = tmp_path / "run"
+    run_ok(train_command(*SYNTHETIC, "--batch-size", "8", "--epochs", "5", "--ema", "--ema-decay", "0.5",
+                         "--lr", "0.05", "--set", "checkpoint.best_metric=ema_val_loss",
+                         "--set", "checkpoint.keep_last_epochs=1", "--set", "checkpoint.keep_best_epochs=2",
+                         "--output", str(output)))
+    losses = {row["epoch"]: row["ema_val_loss"] for row in read_rows(output / "metrics.jsonl")}
+    ranked = sorted(losses, key=losses.get)
+    folder = output / "checkpoints"
+    assert torch.load(folder / "best.pt", weights_only=True)["epoch"] == ranked[0]
+    assert sorted(int(p.stem[6:]) for p in folder.glob("epoch_*.pt")) == sorted({5, *ranked[:2]})
+
+    averaged_path = tmp_path / "best2.safetensors"
+    assert main(["average", "--run", str(output), "--best", "2", "--metric", "ema_val_loss", "-o",
+                 str(averaged_path)]) == 0
+    first, second = (state_dict(folder / f"epoch_{epoch:04d}.pt") for epoch in sorted(ranked[:2]))
+    averaged = load_model(averaged_path).state_dict()
+    torch.testing.assert_close(averaged["classifier.weight"],
+                               (first["classifier.weight"].double() + second["classifier.weight"]).div(2).float())
+
+
 def test_swa_averages_the_late_epochs_and_recomputes_batch_norm(tmp_path, capsys):
     data, output = make_image_folder(tmp_path / "images"), tmp_path / "swa"
     run_ok(train_command("--data", str(data), "--batch-size", "8", "--epochs", "3", "--set", "swa.enabled=true",
@@ -227,6 +274,13 @@ def test_epoch_checkpoints_are_ordered_by_number_past_9999(tmp_path):
         "epoch_0002.pt", "epoch_9999.pt", "epoch_10000.pt", "epoch_10001.pt"]
     prune_epoch_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_10000.pt", "epoch_10001.pt", "epoch_notes.pt"]
+    # the best (here lowest) scores are kept beside the last; a tie goes to the earlier epoch
+    for epoch in (3, 4, 5):
+        (tmp_path / f"epoch_{epoch:04d}.pt").write_bytes(b"")
+    prune_epoch_checkpoints(tmp_path, 1, keep_best=2, larger_is_better=False,
+                            scores={3: 0.5, 4: 0.2, 5: 0.5, 10000: 0.9, 10001: 0.7})
+    assert sorted(p.name for p in tmp_path.glob("epoch_0*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
+    assert (tmp_path / "epoch_10001.pt").exists() and not (tmp_path / "epoch_10000.pt").exists()
 
 
 def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):

@@ -161,6 +161,19 @@ def epoch_checkpoints(folder: Path) -> list[Path]:
     return [path for _, path in sorted(numbered)]
 
 
-def prune_epoch_checkpoints(folder: Path, keep: int) -> None:
-    for stale in epoch_checkpoints(folder)[:-keep] if keep > 0 else []:
-        stale.unlink()
+def prune_epoch_checkpoints(folder: Path, keep: int, *, keep_best: int = 0, scores: dict[int, float] | None = None,
+                            larger_is_better: bool = True) -> None:
+    """Delete folder's epoch_NNNN.pt files but those of the last `keep` epochs and of the `keep_best` epochs
+    with the best `scores` ({epoch: metric}; on a tie the earlier epoch ranks first, as `best.pt` does)."""
+    files = epoch_checkpoints(folder)
+    kept = set(files[-keep:]) if keep > 0 else set()
+    if keep_best > 0:
+        scores = scores or {}
+        scored = [path for path in files if int(path.stem.removeprefix("epoch_")) in scores]
+        # sorted() is stable, also with reverse=True: equal scores stay in epoch order
+        ranked = sorted(scored, key=lambda path: scores[int(path.stem.removeprefix("epoch_"))],
+                        reverse=larger_is_better)
+        kept.update(ranked[:keep_best])
+    for stale in files:
+        if stale not in kept:
+            stale.unlink()

@@ -162,8 +162,10 @@ class CheckpointConfig:
     #: the metric `best.pt` follows: val_top1, ema_val_top1, val_loss or ema_val_loss (an SWA run's
     #: result is checkpoints/swa.safetensors, the final average).
     best_metric: str = "val_top1"
-    #: keep weights-only checkpoints/epoch_NNNN.pt of the last K epochs (for `mobilenetv3 average`).
+    #: keep weights-only checkpoints/epoch_NNNN.pt of the last K epochs (for `mobilenetv3 average --last K`).
     keep_last_epochs: int = 0
+    #: and of the K best epochs by `best_metric` (for `mobilenetv3 average --best K`).
+    keep_best_epochs: int = 0
 
 
 @dataclass
@@ -475,8 +477,9 @@ def validate(config: TrainConfig) -> None:
     positive("swa.lr_ratio", config.swa.lr_ratio)
     if config.swa.anneal_epochs < 0 or config.swa.bn_batches < 0:
         raise UserError("swa.anneal_epochs and swa.bn_batches must be >= 0")
-    if config.checkpoint.every_steps < 0 or config.checkpoint.keep_last_epochs < 0:
-        raise UserError("checkpoint.every_steps and checkpoint.keep_last_epochs must be >= 0")
+    for key in ("every_steps", "keep_last_epochs", "keep_best_epochs"):
+        if getattr(config.checkpoint, key) < 0:
+            raise UserError(f"checkpoint.{key} must be >= 0, got {getattr(config.checkpoint, key)}")
     if config.threads < 0:
         raise UserError(f"threads must be >= 0, got {config.threads}")
     from ..models.registry import get_entry

@@ -26,14 +26,12 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
 from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
-from .loop import StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
-from .metrics import MetricsWriter
+from .loop import AMP_DTYPES, StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
+from .metrics import MetricsWriter, read_rows
 from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
 from .regularization import DropBlockSchedule, ModelEma, StochasticWeightAverage, build_mix
 
 logger = logging.getLogger(__name__)
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def provenance() -> dict[str, Any]:
@@ -188,8 +186,9 @@ class Trainer:
         if env.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
 
-        # 1. data
-        self.bundle = bundle = build_datasets(config.data)
+        # 1. data (rank 0 first: a Fashion-MNIST download must not run in every process at once)
+        with distributed.rank_zero_first(env):
+            self.bundle = bundle = build_datasets(config.data)
         self.log("data: %s", bundle.describe())
         model_kwargs = model_kwargs_for(config, bundle)  # class / channel mismatches fail before any work
         self.train_loader, self.train_sampler, self.val_loader = build_loaders(config, bundle, env)
@@ -410,13 +409,18 @@ class Trainer:
                 folder = self.output / "checkpoints"
                 # last.pt goes last: it commits the epoch.  Killed before it, a resume redoes the epoch and
                 # rewrites best.pt / epoch_NNNN.pt identically; after it, they already exist.
-                if config.checkpoint.keep_last_epochs:
+                keep_epochs = config.checkpoint.keep_last_epochs or config.checkpoint.keep_best_epochs
+                if keep_epochs:
                     ckpt.save(folder / f"epoch_{epoch + 1:04d}.pt", ckpt.weights_only_checkpoint(payload))
                 if improved:
                     ckpt.save(folder / "best.pt", payload)
                 ckpt.save(folder / "last.pt", payload)
-                if config.checkpoint.keep_last_epochs:
-                    ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs)
+                if keep_epochs:
+                    metric = config.checkpoint.best_metric
+                    scores = {r["epoch"]: r[metric] for r in read_rows(self.output / "metrics.jsonl") if metric in r}
+                    ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs,
+                                                 keep_best=config.checkpoint.keep_best_epochs, scores=scores,
+                                                 larger_is_better=BEST_METRICS[metric])
             distributed.barrier()
         self.metrics.close()
         if self.swa is not None and int(self.swa.n_averaged) > 0 and env.is_main:
