@@ -8,9 +8,12 @@ wall_time_s is the whole training (with --nproc-per-node: the whole torchrun, pr
 single-view test_top1 that the targets and the README's table use.
 
     python benchmarks/fashion_mnist.py                          # `fashion-mnist` as shipped, 1 process (92.77%)
-    python benchmarks/fashion_mnist.py --nproc-per-node 2 --epochs 28 --set batch_size=128  # the 20-minute target
     python benchmarks/fashion_mnist.py --epochs 4               # the `make demo` version
     python benchmarks/fashion_mnist.py --recipe fashion-mnist-large --nproc-per-node 2   # the 60-minute target
+
+The 20-minute target (93%) was met by 2 processes with the per-rank batch halved, so that the global batch
+stays at the recipe's 256 (README: 93.41% in 18.9 minutes):
+    torchrun --standalone --nproc_per_node=2 -m mobilenetv3 train --recipe fashion-mnist --epochs 28 --batch-size 128
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ of the medians (on / off).
 
     python benchmarks/train_speed.py                                   # fashion-mnist-large, 2 processes
     python benchmarks/train_speed.py --recipe fashion-mnist --nproc-per-node 1 --batches 100
+    python benchmarks/train_speed.py --set model.name=mobilenetv3_large_100  # the recipe's earlier network
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 def trial(args: argparse.Namespace, keep: bool, output: str) -> float:
     train = ["-m", "mobilenetv3", "train", "--recipe", args.recipe, "--output", output, "--epochs", "1",
              "--limit-train-batches", str(args.batches), "--limit-val-batches", "1",
-             f"--set=keep_freed_memory={str(keep).lower()}"]
+             f"--set=keep_freed_memory={str(keep).lower()}", *(f"--set={item}" for item in args.assignments)]
     if args.nproc_per_node > 1:
         train = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"] + train
     subprocess.run([sys.executable, *train], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -38,6 +39,8 @@ def main() -> int:
     parser.add_argument("--nproc-per-node", type=int, default=2)
     parser.add_argument("--batches", type=int, default=60, help="training steps per trial")
     parser.add_argument("--trials", type=int, default=3, help="trials per setting")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every trial (e.g. model.name=mobilenetv3_large_100)")
     args = parser.parse_args()
     speeds: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as folder:

@@ -54,7 +54,7 @@ def test_recipes_hold_their_sources_settings():
     assert fm.data.dataset == "fashion-mnist" and fm.reference_top1 == 95.0
     large = load_config("fashion-mnist-large")  # the same schedule, SGD, a bigger network, more regularisation
     assert (large.model.name, large.data.dataset, large.batch_size, large.threads) == (
-        "mobilenetv3_large_100", "fashion-mnist", 128, 1)
+        "mobilenetv3_large_125", "fashion-mnist", 128, 1)
     assert large.schedule == fm.schedule
     assert (large.optim.name, large.optim.lr, large.optim.lr_base_batch, large.optim.weight_decay) == (
         "sgd", 0.1, 256, 5e-4) and large.optim.nesterov
