@@ -3,9 +3,9 @@
 On a training checkpoint the data settings, preprocessing, batch size, precision (`amp`) and memory layout
 (`channels_last`) are the run's own, so the numbers reproduce what training logged for that checkpoint; on a
 weights file the stored preprocessing is used, in full precision.  `input_size` / `crop_pct` / `amp` override
-either.  `tta="flip"` scores each image as the mean of the
-logits of two views, as is and mirrored left-right (test-time augmentation: twice the compute, and not
-the single-view protocol that training logs or that published accuracies use unless they say so).
+either.  `tta="flip"` scores each image as the mean of the logits of two views, as is and mirrored left-right
+(test-time augmentation: twice the compute, and not the single-view protocol that training logs or that
+published accuracies use unless they say so).
 """
 
 from __future__ import annotations
