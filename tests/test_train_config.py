@@ -32,17 +32,20 @@ def test_recipes_hold_their_sources_settings():
     assert paper.optim.weight_decay == 1e-5 and paper.optim.no_decay_norm_and_bias
     assert (paper.model.drop_rate, paper.regularization.label_smoothing, paper.ema.decay) == (0.2, 0.1, 0.9999)
     assert paper.ema.enabled and paper.schedule.warmup_epochs > 0 and paper.reference_top1 == 75.2
+    assert (paper.model.bn_eps, paper.model.bn_momentum) == (0.001, 0.01)  # TF: decay 0.99
 
     tv = load_config("imagenet-torchvision")
     assert (tv.optim.name, tv.optim.lr, tv.optim.lr_base_batch, tv.optim.weight_decay) == ("rmsprop", 0.064, 1024, 1e-5)
     assert (tv.schedule.name, tv.schedule.step_epochs, tv.schedule.gamma, tv.epochs) == ("step", 2.0, 0.973, 600)
     assert (tv.data.auto_augment, tv.data.random_erasing) == ("autoaugment", 0.2)
+    assert tv.model.bn_momentum == 0.01 and not tv.optim.no_decay_norm_and_bias
 
     timm = load_config("imagenet-timm")
     assert (timm.optim.name, timm.optim.eps, timm.optim.lr, timm.optim.lr_base_batch) == ("rmsproptf", 0.001, 0.064, 1024)
     assert (timm.schedule.step_epochs, timm.schedule.gamma, timm.batch_size, timm.epochs) == (2.4, 0.973, 512, 600)
     assert (timm.data.auto_augment, timm.data.randaugment_magnitude, timm.data.random_erasing) == ("randaugment", 9, 0.2)
     assert timm.model.drop_path_rate == 0.2 and timm.ema.enabled and timm.ema.decay == 0.9999
+    assert timm.model.bn_momentum == 0.1  # timm trains with PyTorch's BatchNorm defaults
 
     seed = load_config("imagenet-seed")
     assert (seed.optim.name, seed.optim.nesterov, seed.schedule.name, seed.schedule.cyclic_mode) == (

@@ -230,6 +230,14 @@ def test_best_follows_the_chosen_metric_and_average_takes_the_best_epochs(tmp_pa
                                (first["classifier.weight"].double() + second["classifier.weight"]).div(2).float())
 
 
+def test_the_built_in_default_learns_a_small_folder_in_a_few_epochs(tmp_path):
+    """No recipe: AdamW, cosine, BN momentum 0.1.  200 images of two classes, batch 16, 8 epochs."""
+    data, output = make_image_folder(tmp_path / "images", train_per_class=100, val_per_class=20), tmp_path / "run"
+    run_ok(train_command("--data", str(data), "--batch-size", "16", "--epochs", "8", "--output", str(output)))
+    rows = read_rows(output / "metrics.jsonl")
+    assert rows[0]["val_top1"] <= 75 and rows[-1]["val_top1"] >= 95, [row["val_top1"] for row in rows]
+
+
 def test_swa_averages_the_late_epochs_and_recomputes_batch_norm(tmp_path, capsys):
     data, output = make_image_folder(tmp_path / "images"), tmp_path / "swa"
     run_ok(train_command("--data", str(data), "--batch-size", "8", "--epochs", "3", "--set", "swa.enabled=true",

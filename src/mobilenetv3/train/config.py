@@ -53,7 +53,10 @@ class ModelConfig:
     #: stochastic depth of the last block, linearly scaled from 0 at the first (torchvision.ops.StochasticDepth).
     drop_path_rate: float = 0.0
     bn_eps: float | None = None
-    bn_momentum: float | None = None
+    #: PyTorch's and timm's 0.1: BN statistics that follow the weights within a short run.  The TF reference's
+    #: 0.01 (decay 0.99) suits long ImageNet runs (`imagenet-paper` and `imagenet-torchvision` set it); None:
+    #: the constructor's 0.01.
+    bn_momentum: float | None = 0.1
     #: a weights file or checkpoint to start from; the classifier is replaced when the class count differs.
     pretrained: str | None = None
 
