@@ -151,29 +151,33 @@ def weights_only_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
     return {key: payload[key] for key in keys if key in payload}
 
 
-def epoch_checkpoints(folder: Path) -> list[Path]:
-    """folder's epoch_NNNN.pt files in epoch order (numeric: epoch_10000.pt comes after epoch_9999.pt)."""
+def _numbered_epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of folder's epoch_NNNN.pt files in epoch order (epoch_10000.pt comes after epoch_9999.pt)."""
     numbered = []
     for path in folder.glob("epoch_*.pt"):
         number = path.stem.removeprefix("epoch_")
         if number.isdigit():
             numbered.append((int(number), path))
-    return [path for _, path in sorted(numbered)]
+    return sorted(numbered)
+
+
+def epoch_checkpoints(folder: Path) -> list[Path]:
+    """folder's epoch_NNNN.pt files in epoch order (numeric: epoch_10000.pt comes after epoch_9999.pt)."""
+    return [path for _, path in _numbered_epoch_checkpoints(folder)]
 
 
 def prune_epoch_checkpoints(folder: Path, keep: int, *, keep_best: int = 0, scores: dict[int, float] | None = None,
                             larger_is_better: bool = True) -> None:
     """Delete folder's epoch_NNNN.pt files but those of the last `keep` epochs and of the `keep_best` epochs
     with the best `scores` ({epoch: metric}; on a tie the earlier epoch ranks first, as `best.pt` does)."""
-    files = epoch_checkpoints(folder)
-    kept = set(files[-keep:]) if keep > 0 else set()
+    numbered = _numbered_epoch_checkpoints(folder)
+    kept = {path for _, path in numbered[-keep:]} if keep > 0 else set()
     if keep_best > 0:
         scores = scores or {}
-        scored = [path for path in files if int(path.stem.removeprefix("epoch_")) in scores]
+        scored = [(epoch, path) for epoch, path in numbered if epoch in scores]
         # sorted() is stable, also with reverse=True: equal scores stay in epoch order
-        ranked = sorted(scored, key=lambda path: scores[int(path.stem.removeprefix("epoch_"))],
-                        reverse=larger_is_better)
-        kept.update(ranked[:keep_best])
-    for stale in files:
+        ranked = sorted(scored, key=lambda item: scores[item[0]], reverse=larger_is_better)
+        kept.update(path for _, path in ranked[:keep_best])
+    for _, stale in numbered:
         if stale not in kept:
             stale.unlink()

@@ -72,9 +72,10 @@ class MetricsWriter:
         text = "".join(json.dumps(row) + "\n" for row in rows)
         atomic_write(self.jsonl, lambda tmp: Path(tmp).write_text(text))
 
-    def record(self, row: dict[str, Any]) -> None:
+    def record(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Append `row`; returns every row of the run so far (empty on ranks other than 0)."""
         if not self.enabled:
-            return
+            return []
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         rows = read_rows(self.jsonl)
@@ -86,6 +87,7 @@ class MetricsWriter:
             self.tensorboard.flush()
         plot_curves(rows, self.folder / "curves.png", reference_top1=self.reference_top1,
                     reference_label=self.reference_label, title=self.title)
+        return rows
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
         columns: list[str] = []

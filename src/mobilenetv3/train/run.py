@@ -27,7 +27,7 @@ from . import distributed
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
 from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
 from .loop import AMP_DTYPES, StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
-from .metrics import MetricsWriter, read_rows
+from .metrics import MetricsWriter
 from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
 from .regularization import DropBlockSchedule, ModelEma, StochasticWeightAverage, build_mix
 
@@ -403,7 +403,7 @@ class Trainer:
                 state.best_value, state.best_epoch = row[config.checkpoint.best_metric], epoch + 1
             row["best_epoch"] = state.best_epoch
             # Record first, then checkpoint: a crash in between redoes this epoch, and resume drops the row.
-            self.metrics.record(row)
+            rows = self.metrics.record(row)
             payload = self.checkpoint_payload(row)
             if env.is_main:
                 folder = self.output / "checkpoints"
@@ -417,7 +417,7 @@ class Trainer:
                 ckpt.save(folder / "last.pt", payload)
                 if keep_epochs:
                     metric = config.checkpoint.best_metric
-                    scores = {r["epoch"]: r[metric] for r in read_rows(self.output / "metrics.jsonl") if metric in r}
+                    scores = {r["epoch"]: r[metric] for r in rows if metric in r}
                     ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs,
                                                  keep_best=config.checkpoint.keep_best_epochs, scores=scores,
                                                  larger_is_better=BEST_METRICS[metric])
