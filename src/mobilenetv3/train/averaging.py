@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..weights.io import load_checkpoint, read_weights, save_model
-from .checkpoint import epoch_checkpoints
+from .checkpoint import best_first, epoch_checkpoints
 from .config import BEST_METRICS
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def select_from_run(run_dir: str | Path, *, last: int | None = None, best: int |
         if metric not in metrics:
             raise UserError(f"{path} has no logged {metric}")
         scored.append((metrics[metric], path))
-    scored.sort(key=lambda item: item[0], reverse=BEST_METRICS[metric])
-    chosen = {path for _, path in scored[:best]}
+    chosen = set(best_first(scored, BEST_METRICS[metric])[:best])
     return [path for path in files if path in chosen]  # in epoch order
 
 

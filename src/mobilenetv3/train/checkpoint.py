@@ -166,18 +166,23 @@ def epoch_checkpoints(folder: Path) -> list[Path]:
     return [path for _, path in _numbered_epoch_checkpoints(folder)]
 
 
+def best_first(scored: list[tuple[float, Path]], larger_is_better: bool) -> list[Path]:
+    """The paths of (score, path) pairs given in epoch order, best score first; on a tie the earlier epoch
+    ranks first, as `best.pt` does (sorted() is stable, also with reverse=True).  Pruning with
+    checkpoint.keep_best_epochs and `mobilenetv3 average --best` both rank by it, so they pick the same files."""
+    return [path for _, path in sorted(scored, key=lambda item: item[0], reverse=larger_is_better)]
+
+
 def prune_epoch_checkpoints(folder: Path, keep: int, *, keep_best: int = 0, scores: dict[int, float] | None = None,
                             larger_is_better: bool = True) -> None:
     """Delete folder's epoch_NNNN.pt files but those of the last `keep` epochs and of the `keep_best` epochs
-    with the best `scores` ({epoch: metric}; on a tie the earlier epoch ranks first, as `best.pt` does)."""
+    with the best `scores` ({epoch: metric}; see `best_first`)."""
     numbered = _numbered_epoch_checkpoints(folder)
     kept = {path for _, path in numbered[-keep:]} if keep > 0 else set()
     if keep_best > 0:
         scores = scores or {}
-        scored = [(epoch, path) for epoch, path in numbered if epoch in scores]
-        # sorted() is stable, also with reverse=True: equal scores stay in epoch order
-        ranked = sorted(scored, key=lambda item: scores[item[0]], reverse=larger_is_better)
-        kept.update(path for _, path in ranked[:keep_best])
+        scored = [(scores[epoch], path) for epoch, path in numbered if epoch in scores]
+        kept.update(best_first(scored, larger_is_better)[:keep_best])
     for _, stale in numbered:
         if stale not in kept:
             stale.unlink()
