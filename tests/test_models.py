@@ -251,6 +251,57 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
         assert torch.equal(torch.jit.script(model)(x), plain)
 
 
+def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly(monkeypatch):
+    """Depthwise kernels larger than their map (28x28 input, stem stride 1: 5x5 kernels on 4x4 and 2x2 maps) train
+    on a channels_last CPU batch as explicit padding + unpadded conv, with the plain conv's outputs and gradients."""
+    from mobilenetv3.models import layers
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", num_classes=5, in_chans=1, stem_stride=1)
+    model.to(memory_format=torch.channels_last)
+    x = layers.to_channels_last(torch.randn(4, 1, 28, 28))
+    calls = []  # (took the padded path, depthwise, kernel larger than the map)
+    original = layers._padded_depthwise_conv
+
+    def spy(conv, t):
+        result = original(conv, t)
+        overhangs = t.shape[-2] < conv.kernel_size[0] or t.shape[-1] < conv.kernel_size[1]
+        calls.append((result is not None, conv.groups > 1, overhangs))
+        return result
+
+    def train_step():
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout mask each time
+        out = model(x)
+        out.square().sum().backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    monkeypatch.setattr(layers, "_padded_depthwise_conv", spy)
+    fast, fast_grads = train_step()
+    assert any(padded for padded, _, _ in calls)
+    assert all(padded == (depthwise and overhangs) for padded, depthwise, overhangs in calls)
+    monkeypatch.setattr(layers, "_padded_depthwise_conv", lambda conv, t: None)  # every conv called as a module
+    plain, plain_grads = train_step()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+    # Only with autograd on, on a channels_last batch, and never for a hooked conv (its hooks must run).
+    monkeypatch.setattr(layers, "_padded_depthwise_conv", spy)
+    for memory_format, grad in ((torch.contiguous_format, True), (torch.channels_last, False)):
+        model.to(memory_format=memory_format)
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            model(x.clone(memory_format=memory_format))  # clone: x.contiguous() keeps one-channel NHWC strides
+        assert calls and not any(padded for padded, _, _ in calls)
+    last = model.blocks[-1].depthwise.conv
+    seen = []
+    last.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    calls.clear()
+    model(x)
+    assert len(seen) == 1 and sum(padded for padded, _, _ in calls) == sum(
+        depthwise and overhangs for _, depthwise, overhangs in calls) - 1
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_torch_fx_symbolic_trace(grad):
     """torch.fx (torchvision's create_feature_extractor, FX quantization) traces the plain, out-of-place graph."""

@@ -96,7 +96,9 @@ class ConvNormAct(nn.Module):
         if torch.jit.is_scripting():
             x = self.bn(self.conv(x))
         else:
-            conv_out = self.conv(x)
+            conv_out = _padded_depthwise_conv(self.conv, x)
+            if conv_out is None:
+                conv_out = self.conv(x)
             normalised = _inference_batchnorm(self.bn, conv_out, self.conv, x)
             x = self.bn(conv_out) if normalised is None else normalised
         return self.act(x) if self.has_act else x
@@ -140,6 +142,47 @@ def _plain_eager(x: torch.Tensor) -> bool:
         and not torch._C._are_functorch_transforms_active()
         and not torch._C._is_fwd_grad_enabled()
     )
+
+
+@torch.jit.unused  # TorchScript takes the plain `self.conv(x)` branch
+def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A depthwise conv whose kernel is larger than its input map, as explicit zero padding then an unpadded
+    conv, during CPU training; None when `conv` must be called as usual.
+
+    Small inputs (Fashion-MNIST's 28x28 with stem stride 1, CIFAR's 32x32) leave the last stages with 2x2 and
+    4x4 maps under 5x5 depthwise kernels.  On CPUs without AVX-512, oneDNN 3.12 (torch 2.14) has no JIT
+    kernel for the weight gradient of such a padded depthwise conv and falls back to im2col + GEMM: measured
+    at batch 128, channels_last, one thread, that layer's forward + backward took 3-6x (5x5) and 18-32x
+    (3x3) longer than the same conv applied to a pre-padded input, which takes oneDNN's JIT kernels.  The
+    result is the same convolution (zero padding is zero padding).  Where the kernel fits in the map, or in
+    NCHW, or with dilation, the pre-padded form was slower, so it is used only for an overhanging kernel on
+    a channels_last CPU input with autograd on.  Eager mode only (tracers and compilers see the plain
+    module), for a plain `nn.Conv2d` with zero padding and no forward hooks (a hooked conv is called as a
+    module, so its hooks run).  `benchmarks/train_step_speed.py` measures the training step with and without.
+    """
+    if (  # the cheap tests first: this runs for every conv of every forward
+        type(conv) is not nn.Conv2d
+        or conv.groups == 1
+        or not torch.is_grad_enabled()
+        or not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
+        or x.dim() != 4
+        or x.device.type != "cpu"
+        or conv.padding_mode != "zeros"
+        or conv.dilation != (1, 1)
+        or not isinstance(conv.padding, tuple)  # "same"/"valid" strings
+        or conv.padding == (0, 0)
+        or (x.shape[-2] >= conv.kernel_size[0] and x.shape[-1] >= conv.kernel_size[1])
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or _has_forward_hooks(conv)
+        # not `_plain_eager`: its forward-AD test reads a mode that is on outside inference_mode, i.e. in all
+        # training; F.pad and F.conv2d support forward AD anyway
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return None
+    pad_h, pad_w = conv.padding
+    return F.conv2d(F.pad(x, [pad_w, pad_w, pad_h, pad_h]), conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
 
 
 #: Feature maps at least this large (elements) get BatchNorm inference in place; smaller ones get a new tensor
