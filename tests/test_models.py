@@ -339,6 +339,13 @@ def test_cpu_inference_runs_channels_last_inside_and_returns_the_callers_layout(
         fast, features = model(x), model.forward_features(x)
         nhwc_features = model.forward_features(x.contiguous(memory_format=torch.channels_last))
     assert seen[2:] == [False, False, False]  # NHWC inside
+    with torch.no_grad():  # the usual inference idiom takes the same path
+        assert torch.equal(model(x), fast) and seen[5:] == [False]
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD: the plain NCHW ops
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with torch.no_grad():
+            model(dual)
+    assert seen[6:] == [True]
     assert features.is_contiguous() and nhwc_features.is_contiguous(memory_format=torch.channels_last)
     scale = plain.abs().max().item()
     assert scale > 1e-3

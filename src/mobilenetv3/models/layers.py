@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.modules import module as _module_globals  # the global forward-hook registries
 
 from .spec import Activation, Padding
@@ -140,7 +141,9 @@ def _plain_eager(x: torch.Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
-        and not torch._C._is_fwd_grad_enabled()
+        # no forward-AD dual level open (`torch._C._is_fwd_grad_enabled()` is not this test: it is true
+        # everywhere outside inference_mode, torch.no_grad() included)
+        and forward_ad._current_level < 0
     )
 
 
@@ -174,11 +177,7 @@ def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.T
         or (x.shape[-2] >= conv.kernel_size[0] and x.shape[-1] >= conv.kernel_size[1])
         or not x.is_contiguous(memory_format=torch.channels_last)
         or _has_forward_hooks(conv)
-        # not `_plain_eager`: its forward-AD test reads a mode that is on outside inference_mode, i.e. in all
-        # training; F.pad and F.conv2d support forward AD anyway
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
+        or not _plain_eager(x)
     ):
         return None
     pad_h, pad_w = conv.padding
