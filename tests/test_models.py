@@ -256,6 +256,7 @@ def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly(monkeypatch)
     on a channels_last CPU batch as explicit padding + unpadded conv, with the plain conv's outputs and gradients."""
     from mobilenetv3.models import layers
 
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)  # the path is for CPUs without AVX-512
     torch.manual_seed(0)
     model = create_model("mobilenetv3_small_050", num_classes=5, in_chans=1, stem_stride=1)
     model.to(memory_format=torch.channels_last)
@@ -300,6 +301,40 @@ def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly(monkeypatch)
     model(x)
     assert len(seen) == 1 and sum(padded for padded, _, _ in calls) == sum(
         depthwise and overhangs for _, depthwise, overhangs in calls) - 1
+
+
+def test_padded_depthwise_conv_equals_the_conv_and_stays_off_where_unmeasured(monkeypatch):
+    """Non-square kernel, stride, bias: output and all gradients equal the padded conv's; off for anything else."""
+    from mobilenetv3.models import layers
+
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, (5, 3), stride=(2, 1), padding=(2, 1), groups=6, bias=True)
+    x = torch.randn(2, 6, 4, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(2, 6, 2, 2)
+
+    def run(fn):
+        x.grad = conv.weight.grad = conv.bias.grad = None
+        out = fn()
+        out.backward(grad_out)
+        return out.detach(), x.grad, conv.weight.grad, conv.bias.grad
+
+    padded = run(lambda: layers._padded_depthwise_conv(conv, x))
+    plain = run(lambda: conv(x))
+    for mine, reference in zip(padded, plain):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    assert layers._padded_depthwise_conv(conv, x.detach().double()) is None  # float32 only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers._padded_depthwise_conv(conv, x) is None
+    grouped = torch.nn.Conv2d(6, 6, 5, padding=2, groups=3)  # grouped but not depthwise
+    assert layers._padded_depthwise_conv(grouped, x) is None
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: True)  # not measured there: the plain conv
+    assert layers._padded_depthwise_conv(conv, x) is None
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
+    handle = conv.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+    assert layers._padded_depthwise_conv(conv, x) is None  # its backward hook must run
+    handle.remove()
+    assert layers._padded_depthwise_conv(conv, x) is not None
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -358,7 +393,8 @@ def test_cpu_inference_runs_channels_last_inside_and_returns_the_callers_layout(
     assert all(m.is_contiguous() for m in maps)
 
 
-def test_inference_fast_paths_leave_other_peoples_tensors_alone():
+@pytest.mark.parametrize("inference", [torch.no_grad, torch.inference_mode])
+def test_inference_fast_paths_leave_other_peoples_tensors_alone(inference):
     """A conv output handed to a hook, a conv that returns its input, and the caller's batch are never overwritten."""
     from torch.func import functional_call, stack_module_state
 
@@ -374,7 +410,7 @@ def test_inference_fast_paths_leave_other_peoples_tensors_alone():
     original = x.clone()
     kept = []
     model.stem.conv.register_forward_hook(lambda module, args, output: kept.append((args[0].clone(), output)))
-    with torch.inference_mode():
+    with inference():
         model(x)
         assert torch.equal(kept[0][1], torch.nn.functional.conv2d(
             kept[0][0], model.stem.conv.weight, None, 2, 1))  # the hook's tensor was not normalised in place
@@ -383,14 +419,22 @@ def test_inference_fast_paths_leave_other_peoples_tensors_alone():
     layer.conv = torch.nn.Identity()  # e.g. after pruning: the "conv output" is the caller's tensor
     y = torch.randn(8, 16, 64, 64)
     before = y.clone()
-    with torch.inference_mode():
+    with inference():
         out = layer(y)
     assert torch.equal(y, before) and not torch.equal(out, before)
+    # A hook that keeps a depthwise output (feature extraction) keeps it: the in-place SE product goes elsewhere.
+    block = next(b for b in model.blocks if b.has_se)
+    held = []
+    handle = block.depthwise.register_forward_hook(lambda module, args, output: held.append((output, output.clone())))
+    with inference():
+        model(x)
+    handle.remove()
+    assert torch.equal(held[0][0], held[0][1])
     # One input channel (Fashion-MNIST): NCHW and NHWC strides differ only in stride(1); still converted.
     grey = create_model("mobilenetv3_small_050", in_chans=1).eval()
     strides = []
     grey.stem.conv.register_forward_pre_hook(lambda module, args: strides.append(args[0].stride(1)))
-    with torch.inference_mode():
+    with inference():
         grey(torch.randn(2, 1, 64, 64))
     assert strides == [1]
     # vmap over an ensemble (torch.func) runs the plain ops: out= kernels have no batching rule.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -143,7 +144,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
         and not torch._C._are_functorch_transforms_active()
         # no forward-AD dual level open (`torch._C._is_fwd_grad_enabled()` is not this test: it is true
         # everywhere outside inference_mode, torch.no_grad() included)
-        and forward_ad._current_level < 0
+        and getattr(forward_ad, "_current_level", 0) < 0  # if torch renames it: the plain path
     )
 
 
@@ -158,30 +159,52 @@ def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.T
     at batch 128, channels_last, one thread, that layer's forward + backward took 3-6x (5x5) and 18-32x
     (3x3) longer than the same conv applied to a pre-padded input, which takes oneDNN's JIT kernels.  The
     result is the same convolution (zero padding is zero padding).  Where the kernel fits in the map, or in
-    NCHW, or with dilation, the pre-padded form was slower, so it is used only for an overhanging kernel on
-    a channels_last CPU input with autograd on.  Eager mode only (tracers and compilers see the plain
-    module), for a plain `nn.Conv2d` with zero padding and no forward hooks (a hooked conv is called as a
-    module, so its hooks run).  `benchmarks/train_step_speed.py` measures the training step with and without.
+    NCHW, or with dilation, the pre-padded form was slower, so it is used only where it was measured faster:
+    an overhanging kernel on a float32 channels_last input with autograd on and autocast off, on a CPU whose
+    ATen kernels are not AVX-512 ones (no AVX-512 machine could be measured).  Eager mode only (tracers and
+    compilers see the plain module), for a plain depthwise `nn.Conv2d` with zero padding and no hooks or
+    patched `forward` (such a conv is called as a module, so they run).  `benchmarks/train_step_speed.py`
+    measures the training step with and without.
     """
     if (  # the cheap tests first: this runs for every conv of every forward
         type(conv) is not nn.Conv2d
         or conv.groups == 1
         or not torch.is_grad_enabled()
         or not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
-        or x.dim() != 4
         or x.device.type != "cpu"
+        or not _plain_eager(x)  # before any test of x's shape: a tracer would guard on it
+        or x.dim() != 4
+        or x.dtype != torch.float32
+        or conv.groups != conv.in_channels
+        or conv.groups != conv.out_channels
         or conv.padding_mode != "zeros"
         or conv.dilation != (1, 1)
         or not isinstance(conv.padding, tuple)  # "same"/"valid" strings
         or conv.padding == (0, 0)
         or (x.shape[-2] >= conv.kernel_size[0] and x.shape[-1] >= conv.kernel_size[1])
         or not x.is_contiguous(memory_format=torch.channels_last)
-        or _has_forward_hooks(conv)
-        or not _plain_eager(x)
+        or torch.is_autocast_enabled("cpu")
+        or _avx512_kernels()
+        or _has_hooks_or_patched_forward(conv)
     ):
         return None
     pad_h, pad_w = conv.padding
     return F.conv2d(F.pad(x, [pad_w, pad_w, pad_h, pad_h]), conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+
+
+@functools.cache
+def _avx512_kernels() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _has_hooks_or_patched_forward(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks, forward or backward, its own or global ones, or an instance-level
+    `forward` (as hook libraries install): then it must be called as a module."""
+    return bool(
+        _has_forward_hooks(module) or module._backward_hooks or module._backward_pre_hooks
+        or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks
+        or "forward" in module.__dict__
+    )
 
 
 #: Feature maps at least this large (elements) get BatchNorm inference in place; smaller ones get a new tensor
@@ -286,6 +309,13 @@ def _may_overwrite(x: torch.Tensor, scale: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad))
 
 
+@torch.jit.unused  # TorchScript runs no hooks
+def _output_handed_out(layer: ConvNormAct) -> bool:
+    """Whether a forward hook (of `layer`, its BN, its in-place activation, or a global one) may hold `layer`'s
+    output, which the in-place squeeze-excite product would otherwise overwrite in inference."""
+    return _has_forward_hooks(layer) or _has_forward_hooks(layer.bn) or _has_forward_hooks(layer.act)
+
+
 class InvertedResidual(nn.Module):
     """The "bneck" block: 1x1 expand -> depthwise -> SE -> 1x1 linear projection, with a residual.
 
@@ -350,7 +380,12 @@ class InvertedResidual(nn.Module):
         out = self.expand(x) if self.has_expand else x
         out = self.depthwise(out)
         if self.has_se:
-            out = self.se(out)
+            if torch.jit.is_scripting():
+                out = self.se(out)
+            else:
+                if not (torch.is_grad_enabled() and out.requires_grad) and _output_handed_out(self.depthwise):
+                    out = out.clone()  # a hook may hold the depthwise output: the SE product must not overwrite it
+                out = self.se(out)
         out = self.project(out)
         if self.has_skip:
             if self.has_drop_path:

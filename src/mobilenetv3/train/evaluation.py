@@ -86,7 +86,8 @@ def evaluate_file(
 
     env = DistEnv(device=resolve_device(device, 0))
     amp = amp if amp is not None else str(train_config.get("amp", "none"))
-    # the run's layout too: channels_last convolutions round differently from NCHW ones
+    # the run's layout too: channels_last convolutions round differently from NCHW ones (on CUDA; eager CPU
+    # inference runs channels_last inside whatever the layout, as training's validation did)
     channels_last = bool(train_config.get("channels_last", False))
     model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if tta == "flip":
