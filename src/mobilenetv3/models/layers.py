@@ -383,7 +383,8 @@ class InvertedResidual(nn.Module):
             if torch.jit.is_scripting():
                 out = self.se(out)
             else:
-                if not (torch.is_grad_enabled() and out.requires_grad) and _output_handed_out(self.depthwise):
+                if (_output_handed_out(self.depthwise) and isinstance(out, torch.Tensor)  # not a torch.fx Proxy
+                        and not (torch.is_grad_enabled() and out.requires_grad)):
                     out = out.clone()  # a hook may hold the depthwise output: the SE product must not overwrite it
                 out = self.se(out)
         out = self.project(out)
