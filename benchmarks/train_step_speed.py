@@ -9,6 +9,7 @@ in machine load hits both alike, and reports the median ms/step of each and thei
 
     .venv/bin/python benchmarks/train_step_speed.py            # the fashion-mnist-large network, batch 128, 1 thread
     .venv/bin/python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --rounds 5
+    .venv/bin/python benchmarks/train_step_speed.py --on-avx512   # where the library keeps the path off: try it
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="as each of the recipe's 2 processes")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per setting")
+    parser.add_argument("--on-avx512", action="store_true",
+                        help="use the padding on a CPU with AVX-512 kernels too, where the library leaves it off")
     args = parser.parse_args()
+    if args.on_avx512:
+        layers._avx512_kernels = lambda: False
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `mobilenetv3 train` does on the CPU
@@ -79,7 +84,7 @@ def main() -> int:
         "ms_per_step_padded": [round(1000 * value, 1) for value in seconds["padded"]],
         "ms_per_step_plain": [round(1000 * value, 1) for value in seconds["plain"]],
         "median_ratio_plain_over_padded": round(medians["plain"] / medians["padded"], 3),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "padding_used": not layers._avx512_kernels(),
     }))
     return 0
 
