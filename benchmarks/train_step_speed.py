@@ -4,11 +4,11 @@ On small inputs (Fashion-MNIST's 28x28 with stem stride 1) the last stages run 5
 2x2 maps.  On CPUs without AVX-512, oneDNN computes the weight gradient of such a padded depthwise conv by
 im2col + GEMM; `ConvNormAct` therefore pads those maps explicitly during CPU training (see
 `mobilenetv3.models.layers._padded_depthwise_conv`).  This script times full training steps (forward, backward,
-SGD step) of one network both ways, in alternating rounds (padded, plain, padded, plain, ...) so that a change
+SGD step; `mobilenetv3 bench --train`'s step) of one network both ways, alternating step by step so that a change
 in machine load hits both alike, and reports the median ms/step of each and their ratio (plain / padded).
 
     .venv/bin/python benchmarks/train_step_speed.py            # the fashion-mnist-large network, batch 128, 1 thread
-    .venv/bin/python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --rounds 5
+    .venv/bin/python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --batch-size 256
     .venv/bin/python benchmarks/train_step_speed.py --on-avx512   # where the library keeps the path off: try it
 """
 
@@ -17,32 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 from mobilenetv3 import create_model
 from mobilenetv3.allocator import keep_freed_memory
+from mobilenetv3.deploy.bench import _train_fn, time_interleaved
 from mobilenetv3.models import layers
-
-
-def time_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, steps: int) -> float:
-    """Mean seconds per training step over `steps` steps, after one untimed warm-up step."""
-    def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()  # oneDNN builds its kernels for these shapes on first use
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - started) / steps
 
 
 def main() -> int:
@@ -53,8 +35,7 @@ def main() -> int:
     parser.add_argument("--stem-stride", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128, help="per process, as in the recipe")
     parser.add_argument("--threads", type=int, default=1, help="as each of the recipe's 2 processes")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per setting")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per setting")
     parser.add_argument("--on-avx512", action="store_true",
                         help="use the padding on a CPU with AVX-512 kernels too, where the library leaves it off")
     args = parser.parse_args()
@@ -65,24 +46,23 @@ def main() -> int:
     keep_freed_memory()  # as `mobilenetv3 train` does on the CPU
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=10, in_chans=args.in_chans, stem_stride=args.stem_stride)
-    model.train().to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    model.to(memory_format=torch.channels_last)
     images = layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
-    labels = torch.randint(0, 10, (args.batch_size,))
+    step = _train_fn(model, images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
 
-    seconds: dict[str, list[float]] = {"padded": [], "plain": []}
-    for _ in range(args.rounds):
-        seconds["padded"].append(time_steps(model, optimizer, images, labels, args.steps))
+    def plain_step() -> None:
         with mock.patch.object(layers, "_padded_depthwise_conv", lambda conv, x: None):  # every conv as a module
-            seconds["plain"].append(time_steps(model, optimizer, images, labels, args.steps))
-    for name, values in seconds.items():
-        print(f"{name}: " + " / ".join(f"{1000 * value:.0f}" for value in values) + " ms/step", file=sys.stderr)
+            step()
+
+    # round-robin, one step each, after a warm-up step each (oneDNN builds its kernels on first use)
+    seconds = time_interleaved({"padded": step, "plain": plain_step}, device=torch.device("cpu"), warmup=1,
+                               min_repeats=args.steps, min_seconds=0.0)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     print(json.dumps({
         "model": args.model, "input": [args.in_chans, args.input_size, args.input_size],
         "stem_stride": args.stem_stride, "batch_size": args.batch_size, "threads": args.threads,
-        "ms_per_step_padded": [round(1000 * value, 1) for value in seconds["padded"]],
-        "ms_per_step_plain": [round(1000 * value, 1) for value in seconds["plain"]],
+        "steps": args.steps, "median_ms_padded": round(1000 * medians["padded"], 1),
+        "median_ms_plain": round(1000 * medians["plain"], 1),
         "median_ratio_plain_over_padded": round(medians["plain"] / medians["padded"], 3),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "padding_used": not layers._avx512_kernels(),
     }))
