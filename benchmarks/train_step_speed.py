@@ -10,6 +10,11 @@ in machine load hits both alike, and reports the median ms/step of each and thei
     .venv/bin/python benchmarks/train_step_speed.py            # the fashion-mnist-large network, batch 128, 1 thread
     .venv/bin/python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --batch-size 256
     .venv/bin/python benchmarks/train_step_speed.py --on-avx512   # where the library keeps the path off: try it
+    .venv/bin/python benchmarks/train_step_speed.py --compile     # also time a torch.compile'd copy (`--compile`)
+
+With --compile a third contestant joins the round-robin: the same network (same initial weights) wrapped in
+`torch.compile`, as `mobilenetv3 train --compile` does; its first call (the compilation) is timed on its own.
+Under a compiler the explicit padding stays off (inductor sees the plain convolutions).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from unittest import mock
 
 import torch
@@ -36,6 +42,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="per process, as in the recipe")
     parser.add_argument("--threads", type=int, default=1, help="as each of the recipe's 2 processes")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per setting")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd copy of the network")
     parser.add_argument("--on-avx512", action="store_true",
                         help="use the padding on a CPU with AVX-512 kernels too, where the library leaves it off")
     args = parser.parse_args()
@@ -44,26 +51,41 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `mobilenetv3 train` does on the CPU
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, in_chans=args.in_chans, stem_stride=args.stem_stride)
-    model.to(memory_format=torch.channels_last)
+
+    def make_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = create_model(args.model, num_classes=10, in_chans=args.in_chans, stem_stride=args.stem_stride)
+        return model.to(memory_format=torch.channels_last)
+
     images = layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
-    step = _train_fn(model, images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
+    step = _train_fn(make_model(), images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
 
     def plain_step() -> None:
         with mock.patch.object(layers, "_padded_depthwise_conv", lambda conv, x: None):  # every conv as a module
             step()
 
+    contestants = {"padded": step, "plain": plain_step}
+    compile_seconds = None
+    if args.compile:
+        compiled_step = _train_fn(torch.compile(make_model()), images, torch.device("cpu"))
+        started = time.perf_counter()
+        compiled_step()  # the first call compiles the forward and the backward graph
+        compile_seconds = time.perf_counter() - started
+        contestants["compiled"] = compiled_step
+
     # round-robin, one step each, after a warm-up step each (oneDNN builds its kernels on first use)
-    seconds = time_interleaved({"padded": step, "plain": plain_step}, device=torch.device("cpu"), warmup=1,
-                               min_repeats=args.steps, min_seconds=0.0)
+    seconds = time_interleaved(contestants, device=torch.device("cpu"), warmup=1, min_repeats=args.steps,
+                               min_seconds=0.0)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    compiled = {} if compile_seconds is None else {
+        "median_ms_compiled": round(1000 * medians["compiled"], 1), "compile_s": round(compile_seconds, 1),
+        "median_ratio_compiled_over_padded": round(medians["compiled"] / medians["padded"], 3)}
     print(json.dumps({
         "model": args.model, "input": [args.in_chans, args.input_size, args.input_size],
         "stem_stride": args.stem_stride, "batch_size": args.batch_size, "threads": args.threads,
         "steps": args.steps, "median_ms_padded": round(1000 * medians["padded"], 1),
         "median_ms_plain": round(1000 * medians["plain"], 1),
-        "median_ratio_plain_over_padded": round(medians["plain"] / medians["padded"], 3),
+        "median_ratio_plain_over_padded": round(medians["plain"] / medians["padded"], 3), **compiled,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "padding_used": not layers._avx512_kernels(),
     }))
     return 0
