@@ -380,13 +380,11 @@ class InvertedResidual(nn.Module):
         out = self.expand(x) if self.has_expand else x
         out = self.depthwise(out)
         if self.has_se:
-            if torch.jit.is_scripting():
-                out = self.se(out)
-            else:
+            if not torch.jit.is_scripting():  # TorchScript runs no hooks
                 if (_output_handed_out(self.depthwise) and isinstance(out, torch.Tensor)  # not a torch.fx Proxy
                         and not (torch.is_grad_enabled() and out.requires_grad)):
                     out = out.clone()  # a hook may hold the depthwise output: the SE product must not overwrite it
-                out = self.se(out)
+            out = self.se(out)
         out = self.project(out)
         if self.has_skip:
             if self.has_drop_path:
