@@ -107,6 +107,26 @@ def test_contract_odd_resolution_channels_classes_and_grads(name):
     assert model(x).shape == (1, model.head_hidden_size)
 
 
+def test_zero_init_last_starts_every_residual_block_as_the_identity():
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_large_100", num_classes=5, zero_init_last=True)
+    plain = create_model("mobilenetv3_large_100", num_classes=5)
+    residual = [block for block in model.blocks if block.has_skip]
+    assert len(residual) == 10  # Table 1's rows whose input and output match (stride 1, same width)
+    x = torch.randn(2, 3, 64, 64)
+    features = model.stem(x)
+    for block, reference in zip(model.blocks, plain.blocks):
+        out = block(features)
+        if block.has_skip:
+            assert torch.equal(out, features)  # projection scaled by zero: only the shortcut is left
+        else:
+            assert torch.equal(block.project.bn.weight, reference.project.bn.weight)  # ones
+        features = out
+    model(x).sum().backward()
+    assert all(block.project.bn.weight.grad.abs().sum() > 0 for block in residual)  # the zero scale learns
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+
 @pytest.mark.parametrize("output_stride", [32, 16, 8])
 def test_features_only_shapes_match_feature_info(output_stride):
     torch.manual_seed(0)

@@ -185,3 +185,13 @@ def test_output_stride_reaches_the_model_and_its_saved_kwargs():
         assert model.config["output_stride"] == stride
         with torch.no_grad():
             assert model.forward_features(images).shape[-2:] == (size, size)
+
+
+def test_zero_init_last_reaches_the_model():
+    bundle = SimpleNamespace(num_classes=10, in_chans=1, model_defaults={"in_chans": 1, "stem_stride": 1})
+    for value, zeroed in (("false", False), ("true", True)):
+        config = load_config(recipe="fashion-mnist", overrides=[("model.zero_init_last", value)])
+        model = create_run_model(config.model, model_kwargs_for(config, bundle))
+        scales = [block.project.bn.weight for block in model.blocks if block.has_skip]
+        assert model.config["zero_init_last"] is zeroed
+        assert all(bool((scale == 0).all()) is zeroed for scale in scales)

@@ -100,6 +100,9 @@ class MobileNetV3(nn.Module):
         block_repeats, se_activation_from_block, first_block_residual: further layout rules for timm's
             mobilenetv3_large_150d (depth multiplier) and mobilenetv3_rw (see `spec.LayoutOptions`).
         final_conv_repeats: how many 1x1 convs end the features (timm's depth multiplier makes 2).
+        zero_init_last: start every residual block's last BN at zero scale, so that each block begins as the
+            identity (Goyal et al. 2017; timm's ResNet `zero_init_last`, torchvision's `zero_init_residual`).
+            Initialisation only: the layout and the state dict keys are unchanged.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class MobileNetV3(nn.Module):
         se_activation_from_block: bool = False,
         first_block_residual: bool = True,
         final_conv_repeats: int = 1,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         config = dict(locals())
@@ -224,6 +228,12 @@ class MobileNetV3(nn.Module):
             nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         )
         init_weights(self)
+        if zero_init_last:
+            for block in self.blocks:
+                if block.has_skip:
+                    if getattr(block.project.bn, "weight", None) is None:
+                        raise UserError("zero_init_last needs a norm layer with a learnable scale (affine)")
+                    nn.init.zeros_(block.project.bn.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The unpooled feature map of the last 1x1 conv (960 / 576 channels at width 1.0), in `x`'s layout."""

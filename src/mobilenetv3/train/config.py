@@ -52,6 +52,8 @@ class ModelConfig:
     drop_rate: float = 0.2
     #: stochastic depth of the last block, linearly scaled from 0 at the first (torchvision.ops.StochasticDepth).
     drop_path_rate: float = 0.0
+    #: start each residual block's last BN at zero scale, so every block begins as the identity.
+    zero_init_last: bool = False
     bn_eps: float | None = None
     #: PyTorch's and timm's 0.1: BN statistics that follow the weights within a short run.  The TF reference's
     #: 0.01 (decay 0.99) suits long ImageNet runs (`imagenet-paper` and `imagenet-torchvision` set it); None:

@@ -94,13 +94,15 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
     for key in ("in_chans", "stem_stride", "output_stride", "width_mult", "bn_eps", "bn_momentum"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
-    kwargs.update(num_classes=bundle.num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    kwargs.update(num_classes=bundle.num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+                  zero_init_last=cfg.zero_init_last)
     return kwargs
 
 
 #: Constructor kwargs a run takes from its data and its recipe, never from a pretrained file's layout.
 RUN_MODEL_KWARGS = (
-    "num_classes", "in_chans", "stem_stride", "output_stride", "drop_rate", "drop_path_rate", "bn_momentum"
+    "num_classes", "in_chans", "stem_stride", "output_stride", "drop_rate", "drop_path_rate", "bn_momentum",
+    "zero_init_last",
 )
 
 
