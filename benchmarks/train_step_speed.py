@@ -1,20 +1,23 @@
-"""CPU training step with and without the explicit padding of overhanging depthwise kernels, side by side.
+"""CPU training step with and without the library's faster routes for small-map convolutions, side by side.
 
 On small inputs (Fashion-MNIST's 28x28 with stem stride 1) the last stages run 5x5 depthwise kernels on 4x4 and
-2x2 maps.  On CPUs without AVX-512, oneDNN computes the weight gradient of such a padded depthwise conv by
-im2col + GEMM; `ConvNormAct` therefore pads those maps explicitly during CPU training (see
-`mobilenetv3.models.layers._padded_depthwise_conv`).  This script times full training steps (forward, backward,
-SGD step; `mobilenetv3 bench --train`'s step) of one network both ways, alternating step by step so that a change
-in machine load hits both alike, and reports the median ms/step of each and their ratio (plain / padded).
+2x2 maps, and every squeeze-excite and the head run 1x1 convs on 1x1 maps.  On CPUs without AVX-512, oneDNN
+is slow on both, so during CPU training the library (`mobilenetv3.models.layers.call_conv`) pads overhanging
+depthwise kernels explicitly, computes those with at most 4 output pixels tap by tap (`_DepthwiseByTaps`), and
+runs 1x1 convs on maps of at most 16 pixels as one GEMM (`_pointwise_conv_as_matmul`).  This script times full
+training steps (forward, backward, SGD step; `mobilenetv3 bench --train`'s step) of one network three ways,
+alternating step by step so that a change in machine load hits all alike, and reports the median ms/step of
+each and the ratios: `fast` (the library as shipped), `padded_only` (explicit padding only, the library before
+the tap-by-tap and GEMM routes) and `plain` (every conv called as a module).
 
     .venv/bin/python benchmarks/train_step_speed.py            # the fashion-mnist-large network, batch 128, 1 thread
     .venv/bin/python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --batch-size 256
-    .venv/bin/python benchmarks/train_step_speed.py --on-avx512   # where the library keeps the path off: try it
+    .venv/bin/python benchmarks/train_step_speed.py --on-avx512   # where the library keeps the routes off: try it
     .venv/bin/python benchmarks/train_step_speed.py --compile     # also time a torch.compile'd copy (`--compile`)
 
-With --compile a third contestant joins the round-robin: the same network (same initial weights) wrapped in
+With --compile a fourth contestant joins the round-robin: the same network (same initial weights) wrapped in
 `torch.compile`, as `mobilenetv3 train --compile` does; its first call (the compilation) is timed on its own.
-Under a compiler the explicit padding stays off (inductor sees the plain convolutions).
+Under a compiler the faster routes stay off (inductor sees the plain convolutions).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per setting")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd copy of the network")
     parser.add_argument("--on-avx512", action="store_true",
-                        help="use the padding on a CPU with AVX-512 kernels too, where the library leaves it off")
+                        help="use the routes on a CPU with AVX-512 kernels too, where the library leaves them off")
     args = parser.parse_args()
     if args.on_avx512:
         layers._avx512_kernels = lambda: False
@@ -60,11 +63,17 @@ def main() -> int:
     images = layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
     step = _train_fn(make_model(), images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
 
-    def plain_step() -> None:
-        with mock.patch.object(layers, "_padded_depthwise_conv", lambda conv, x: None):  # every conv as a module
+    def padded_only_step() -> None:
+        with mock.patch.object(layers, "TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS", 0), \
+                mock.patch.object(layers, "_pointwise_conv_as_matmul", lambda conv, x: None):
             step()
 
-    contestants = {"padded": step, "plain": plain_step}
+    def plain_step() -> None:
+        with mock.patch.object(layers, "_padded_depthwise_conv", lambda conv, x: None), \
+                mock.patch.object(layers, "_pointwise_conv_as_matmul", lambda conv, x: None):  # every conv as a module
+            step()
+
+    contestants = {"fast": step, "padded_only": padded_only_step, "plain": plain_step}
     compile_seconds = None
     if args.compile:
         compiled_step = _train_fn(torch.compile(make_model()), images, torch.device("cpu"))
@@ -79,14 +88,15 @@ def main() -> int:
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     compiled = {} if compile_seconds is None else {
         "median_ms_compiled": round(1000 * medians["compiled"], 1), "compile_s": round(compile_seconds, 1),
-        "median_ratio_compiled_over_padded": round(medians["compiled"] / medians["padded"], 3)}
+        "median_ratio_compiled_over_fast": round(medians["compiled"] / medians["fast"], 3)}
     print(json.dumps({
         "model": args.model, "input": [args.in_chans, args.input_size, args.input_size],
         "stem_stride": args.stem_stride, "batch_size": args.batch_size, "threads": args.threads,
-        "steps": args.steps, "median_ms_padded": round(1000 * medians["padded"], 1),
-        "median_ms_plain": round(1000 * medians["plain"], 1),
-        "median_ratio_plain_over_padded": round(medians["plain"] / medians["padded"], 3), **compiled,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "padding_used": not layers._avx512_kernels(),
+        "steps": args.steps,
+        **{f"median_ms_{name}": round(1000 * medians[name], 1) for name in ("fast", "padded_only", "plain")},
+        "median_ratio_padded_only_over_fast": round(medians["padded_only"] / medians["fast"], 3),
+        "median_ratio_plain_over_fast": round(medians["plain"] / medians["fast"], 3), **compiled,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "routes_used": not layers._avx512_kernels(),
     }))
     return 0
 

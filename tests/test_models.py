@@ -297,15 +297,29 @@ def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly(monkeypatch)
         out.square().sum().backward()
         return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
+    matmuls = []  # the 1x1 convs that ran as a GEMM: (input pixels, bias)
+    original_matmul = layers._pointwise_conv_as_matmul
+
+    def matmul_spy(conv, t):
+        result = original_matmul(conv, t)
+        if result is not None:
+            matmuls.append((t.shape[-2] * t.shape[-1], conv.bias is not None))
+        return result
+
     monkeypatch.setattr(layers, "_padded_depthwise_conv", spy)
+    monkeypatch.setattr(layers, "_pointwise_conv_as_matmul", matmul_spy)
     fast, fast_grads = train_step()
     assert any(padded for padded, _, _ in calls)
+    assert (1, True) in matmuls and any(pixels > 1 for pixels, _ in matmuls)  # squeeze-excite, small maps
     assert all(padded == (depthwise and overhangs) for padded, depthwise, overhangs in calls)
     monkeypatch.setattr(layers, "_padded_depthwise_conv", lambda conv, t: None)  # every conv called as a module
+    monkeypatch.setattr(layers, "_pointwise_conv_as_matmul", lambda conv, t: None)
     plain, plain_grads = train_step()
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+    # Relative to the largest gradient: some (the BN biases before a block's next BN) are rounding noise, ~1e-9.
+    scale = max(grad.abs().max().item() for grad in plain_grads.values())
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
     # Only with autograd on, on a channels_last batch, and never for a hooked conv (its hooks must run).
     monkeypatch.setattr(layers, "_padded_depthwise_conv", spy)
     for memory_format, grad in ((torch.contiguous_format, True), (torch.channels_last, False)):
@@ -355,6 +369,68 @@ def test_padded_depthwise_conv_equals_the_conv_and_stays_off_where_unmeasured(mo
     assert layers._padded_depthwise_conv(conv, x) is None  # its backward hook must run
     handle.remove()
     assert layers._padded_depthwise_conv(conv, x) is not None
+
+
+def test_depthwise_by_taps_is_the_conv_with_its_gradients_and_second_gradients():
+    """The tap-by-tap depthwise conv of tiny maps (5x5 on 2x2, and strided with a non-square kernel) against
+    F.conv2d in float64, then autograd's numerical check of its gradients and of their gradients."""
+    from mobilenetv3.models.layers import _DepthwiseByTaps
+
+    torch.manual_seed(0)
+    for size, kernel, stride, padding in (((2, 2), (5, 5), (1, 1), (2, 2)), ((4, 3), (5, 3), (2, 1), (2, 1))):
+        x = torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(4, 1, *kernel, dtype=torch.float64)
+        torch.testing.assert_close(
+            _DepthwiseByTaps.apply(x, weight, stride, padding),
+            torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, 4),
+        )
+        x.requires_grad_()
+        weight.requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b: _DepthwiseByTaps.apply(a, b, stride, padding), (x, weight))
+        assert torch.autograd.gradgradcheck(lambda a, b: _DepthwiseByTaps.apply(a, b, stride, padding), (x, weight))
+
+
+def test_pointwise_conv_as_matmul_equals_the_conv_and_stays_off_where_unmeasured(monkeypatch):
+    """A 1x1 conv with bias on small NHWC maps (1x1 as in squeeze-excite and the head, and 4x4) as a GEMM: the
+    conv's output, layout and gradients; the plain conv for anything else."""
+    from mobilenetv3.models import layers
+
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 5, 1, bias=True)
+    for size in (1, 4):
+        x = torch.randn(3, 8, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+        grad_out = torch.randn(3, 5, size, size)
+        results = []
+        for fn in (lambda: layers._pointwise_conv_as_matmul(conv, x), lambda: conv(x)):
+            x.grad = conv.weight.grad = conv.bias.grad = None
+            out = fn()
+            out.backward(grad_out)
+            results.append((out.detach(), x.grad, conv.weight.grad, conv.bias.grad))
+        for mine, reference in zip(*results):
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+        assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert layers._pointwise_conv_as_matmul(conv, x) is not None
+    with torch.no_grad():
+        assert layers._pointwise_conv_as_matmul(conv, x) is None  # training only: inference was not measured
+    conv.eval()
+    assert layers._pointwise_conv_as_matmul(conv, x) is None  # nor an eval-mode model under autograd
+    conv.train()
+    assert layers._pointwise_conv_as_matmul(conv, x.contiguous()) is None  # NCHW: the view would not exist
+    assert layers._pointwise_conv_as_matmul(conv, x.double()) is None
+    big = torch.randn(1, 8, 5, 4).contiguous(memory_format=torch.channels_last)  # 20 pixels: oneDNN is as fast
+    assert layers._pointwise_conv_as_matmul(conv, big) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers._pointwise_conv_as_matmul(conv, x) is None
+    for other in (torch.nn.Conv2d(8, 5, 1, stride=2), torch.nn.Conv2d(8, 4, 1, groups=2), torch.nn.Conv2d(8, 5, 3)):
+        assert layers._pointwise_conv_as_matmul(other, x) is None
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: True)
+    assert layers._pointwise_conv_as_matmul(conv, x) is None
+    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
+    handle = conv.register_forward_hook(lambda module, args, output: None)
+    assert layers._pointwise_conv_as_matmul(conv, x) is None  # its hook must run
+    handle.remove()
 
 
 @pytest.mark.parametrize("grad", [True, False])

@@ -98,9 +98,7 @@ class ConvNormAct(nn.Module):
         if torch.jit.is_scripting():
             x = self.bn(self.conv(x))
         else:
-            conv_out = _padded_depthwise_conv(self.conv, x)
-            if conv_out is None:
-                conv_out = self.conv(x)
+            conv_out = call_conv(self.conv, x)
             normalised = _inference_batchnorm(self.bn, conv_out, self.conv, x)
             x = self.bn(conv_out) if normalised is None else normalised
         return self.act(x) if self.has_act else x
@@ -148,6 +146,60 @@ def _plain_eager(x: torch.Tensor) -> bool:
     )
 
 
+@torch.jit.unused  # TorchScript calls the module
+def call_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`, or the same convolution by a faster route where one was measured faster: during eager CPU
+    training, overhanging depthwise kernels on explicitly padded maps and 1x1 convs on small maps as a GEMM."""
+    out = _padded_depthwise_conv(conv, x)
+    if out is None:
+        out = _pointwise_conv_as_matmul(conv, x)
+    return conv(x) if out is None else out
+
+
+#: 1x1 convs on maps of at most this many pixels run as a GEMM during CPU training (`_pointwise_conv_as_matmul`).
+MATMUL_POINTWISE_MAX_PIXELS = 16
+
+
+@torch.jit.unused
+def _pointwise_conv_as_matmul(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A 1x1 conv on a small channels_last map as one matrix product (`F.linear` on the (N*H*W, C) view of
+    the NHWC data) during CPU training; None when `conv` must be called as usual.
+
+    A 1x1 convolution with stride 1 and no padding is that GEMM, and on NHWC data both the input and the
+    output are views, so nothing is copied.  On CPUs without AVX-512, oneDNN 3.12 (torch 2.14) runs the
+    forward + backward of such convs on small maps at 12-28 GMAC/s against MKL's 32-38 (measured at batch
+    128, one thread): 2.7-3x slower on the 1x1 maps of squeeze-excite and the head, 1.1-1.6x on 2x2 and 4x4
+    maps, and no faster on 28x28.  Same conditions as `_padded_depthwise_conv`: float32, autograd on, autocast
+    off, eager mode, a plain `nn.Conv2d` without hooks, on a CPU whose kernels are not AVX-512 ones; and a module
+    in training mode (an eval-mode model under autograd, as tracers and saliency tools run it, keeps the conv).
+    `benchmarks/train_step_speed.py` measures the training step with and without.
+    """
+    if (  # the cheap tests first: this runs for every conv of every forward
+        type(conv) is not nn.Conv2d
+        or conv.kernel_size != (1, 1)
+        or conv.groups != 1
+        or not conv.training
+        or not torch.is_grad_enabled()
+        or not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
+        or x.device.type != "cpu"
+        or not _plain_eager(x)  # before any test of x's shape: a tracer would guard on it
+        or x.dim() != 4
+        or x.dtype != torch.float32
+        or conv.stride != (1, 1)
+        or conv.padding != (0, 0)  # also rejects the "same"/"valid" strings
+        or x.shape[-2] * x.shape[-1] > MATMUL_POINTWISE_MAX_PIXELS
+        or not x.is_contiguous(memory_format=torch.channels_last)
+        or torch.is_autocast_enabled("cpu")
+        or _avx512_kernels()
+        or _has_hooks_or_patched_forward(conv)
+    ):
+        return None
+    n, channels, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, channels)  # a view: x is NHWC in memory
+    out = F.linear(rows, conv.weight.view(conv.out_channels, channels), conv.bias)
+    return out.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)  # NCHW shape, NHWC strides, as conv gives
+
+
 @torch.jit.unused  # TorchScript takes the plain `self.conv(x)` branch
 def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """A depthwise conv whose kernel is larger than its input map, as explicit zero padding then an unpadded
@@ -189,7 +241,90 @@ def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.T
     ):
         return None
     pad_h, pad_w = conv.padding
+    out_h = (x.shape[-2] + 2 * pad_h - conv.kernel_size[0]) // conv.stride[0] + 1
+    out_w = (x.shape[-1] + 2 * pad_w - conv.kernel_size[1]) // conv.stride[1] + 1
+    if out_h * out_w <= TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS:
+        out = _DepthwiseByTaps.apply(x, conv.weight, conv.stride, conv.padding)
+        return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
     return F.conv2d(F.pad(x, [pad_w, pad_w, pad_h, pad_h]), conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+
+
+#: Depthwise convs (of `_padded_depthwise_conv`'s kind) with at most this many output pixels run as `_DepthwiseByTaps`.
+TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS = 4
+
+
+@functools.cache
+def _depthwise_taps(
+    size: tuple[int, int], kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[int, int, list[tuple[int, int, int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (output pixel, input pixel, kernel tap) triples of a zero-padded depthwise conv whose tap lands on
+    the map, as a list and as three index tensors, with the output height and width."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = size, kernel_size, stride, padding
+    out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    triples = [
+        (oy * out_w + ox, iy * w + ix, ky * kw + kx)
+        for oy in range(out_h) for ox in range(out_w) for ky in range(kh) for kx in range(kw)
+        for iy, ix in [(oy * sh - ph + ky, ox * sw - pw + kx)]
+        if 0 <= iy < h and 0 <= ix < w
+    ]
+    out_pixels, in_pixels, taps = (torch.tensor(column) for column in zip(*triples))
+    return out_h, out_w, triples, out_pixels, in_pixels, taps
+
+
+class _DepthwiseByTaps(torch.autograd.Function):
+    """A depthwise conv on a tiny channels_last map as one multiply-add over (batch, channels) per kernel tap
+    that lands on the map, forward and backward.
+
+    With a 5x5 kernel on a 2x2 output (the last stage of a 28x28 input at stem stride 1), 21 of every 25 taps
+    of even the pre-padded conv multiply padding; oneDNN's kernels still run them, and on AVX2 its weight
+    gradient there is slow.  Here every tap on the map is one `addcmul_` over a contiguous (N, C) slice of
+    the NHWC data (C innermost, so vectorised), and the weight gradient one gathered product summed over the
+    batch.  Measured at batch 128, one thread, forward + backward: 1200 channels 2x2 -> 2x2, 11.6 ms against
+    46.7 padded; 864 channels 4x4 -> 2x2 at stride 2, 27.4 against 42.3.  With a 4x4 output it was 2.5x slower
+    than the padded conv, hence `TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS`.  The backward is made of differentiable ops,
+    so double backward works (slowly).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+        stride: tuple[int, int], padding: tuple[int, int],
+    ) -> torch.Tensor:
+        n, channels, h, w = x.shape
+        out_h, out_w, triples, _, _, _ = _depthwise_taps((h, w), tuple(weight.shape[-2:]), stride, padding)
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, channels)  # a view: x is NHWC in memory
+        tap_weights = weight.reshape(channels, -1).t().contiguous()  # (taps, C)
+        out = x.new_zeros(n, out_h * out_w, channels)
+        for out_pixel, in_pixel, tap in triples:
+            out[:, out_pixel].addcmul_(rows[:, in_pixel], tap_weights[tap])
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding)  # type: ignore[attr-defined]
+        return out.view(n, out_h, out_w, channels).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        stride, padding = ctx.geometry  # type: ignore[attr-defined]
+        n, channels, h, w = x.shape
+        out_h, out_w, triples, out_pixels, in_pixels, taps = _depthwise_taps(
+            (h, w), tuple(weight.shape[-2:]), stride, padding
+        )
+        grad_rows = to_channels_last(grad).permute(0, 2, 3, 1).reshape(n, out_h * out_w, channels)
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, channels)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            tap_weights = weight.reshape(channels, -1).t().contiguous()
+            grad_x_rows = x.new_zeros(n, h * w, channels)
+            for out_pixel, in_pixel, tap in triples:
+                grad_x_rows[:, in_pixel].addcmul_(grad_rows[:, out_pixel], tap_weights[tap])
+            grad_x = grad_x_rows.view(n, h, w, channels).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            per_triple = (grad_rows[:, out_pixels] * rows[:, in_pixels]).sum(0)  # (triples, C)
+            grad_taps = weight.new_zeros(weight.shape[-2] * weight.shape[-1], channels).index_add_(0, taps, per_triple)
+            grad_weight = grad_taps.t().reshape(weight.shape)
+        return grad_x, grad_weight, None, None
 
 
 @functools.cache
@@ -291,10 +426,11 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = x.mean((2, 3), keepdim=True)
-        scale = self.gate(self.fc2(self.act(self.fc1(scale))))
         if torch.jit.is_scripting():
+            scale = self.gate(self.fc2(self.act(self.fc1(scale))))
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
             return x.mul_(scale) if self.inplace and not needs_grad else x * scale
+        scale = self.gate(call_conv(self.fc2, self.act(call_conv(self.fc1, scale))))
         if self.inplace and _may_overwrite(x, scale):
             return x.mul_(scale)  # same product, one feature map fewer to allocate
         return x * scale

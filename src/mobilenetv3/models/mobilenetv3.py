@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import UserError
 from .layers import (
     ConvNormAct,
+    call_conv,
     InvertedResidual,
     NormLayer,
     make_activation,
@@ -247,7 +248,9 @@ class MobileNetV3(nn.Module):
         return self.final_conv(self.blocks(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.flatten(self.head_act(self.conv_head(self.global_pool(x))))
+        x = self.global_pool(x)
+        x = self.conv_head(x) if torch.jit.is_scripting() else call_conv(self.conv_head, x)
+        x = self.flatten(self.head_act(x))
         if pre_logits:
             return x
         return self.classifier(self.dropout(x))
