@@ -215,8 +215,10 @@ def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.T
     an overhanging kernel on a float32 channels_last input with autograd on and autocast off, on a CPU whose
     ATen kernels are not AVX-512 ones (no AVX-512 machine could be measured).  Eager mode only (tracers and
     compilers see the plain module), for a plain depthwise `nn.Conv2d` with zero padding and no hooks or
-    patched `forward` (such a conv is called as a module, so they run).  `benchmarks/train_step_speed.py`
-    measures the training step with and without.
+    patched `forward` (such a conv is called as a module, so they run).  One with at most
+    `TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS` output pixels skips the padding altogether: `_DepthwiseByTaps` computes
+    only the taps that land on the map.  `benchmarks/train_step_speed.py` measures the training step with and
+    without.
     """
     if (  # the cheap tests first: this runs for every conv of every forward
         type(conv) is not nn.Conv2d

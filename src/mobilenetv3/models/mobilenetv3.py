@@ -11,9 +11,9 @@ from torch import nn
 from ..errors import UserError
 from .layers import (
     ConvNormAct,
-    call_conv,
     InvertedResidual,
     NormLayer,
+    call_conv,
     make_activation,
     make_conv,
     runs_channels_last,
