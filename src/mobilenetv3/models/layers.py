@@ -179,18 +179,10 @@ def _pointwise_conv_as_matmul(conv: nn.Module, x: torch.Tensor) -> Optional[torc
         or conv.kernel_size != (1, 1)
         or conv.groups != 1
         or not conv.training
-        or not torch.is_grad_enabled()
-        or not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
-        or x.device.type != "cpu"
-        or not _plain_eager(x)  # before any test of x's shape: a tracer would guard on it
-        or x.dim() != 4
-        or x.dtype != torch.float32
         or conv.stride != (1, 1)
         or conv.padding != (0, 0)  # also rejects the "same"/"valid" strings
+        or not _cpu_training_route_input(x)
         or x.shape[-2] * x.shape[-1] > MATMUL_POINTWISE_MAX_PIXELS
-        or not x.is_contiguous(memory_format=torch.channels_last)
-        or torch.is_autocast_enabled("cpu")
-        or _avx512_kernels()
         or _has_hooks_or_patched_forward(conv)
     ):
         return None
@@ -223,22 +215,14 @@ def _padded_depthwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.T
     if (  # the cheap tests first: this runs for every conv of every forward
         type(conv) is not nn.Conv2d
         or conv.groups == 1
-        or not torch.is_grad_enabled()
-        or not isinstance(x, torch.Tensor)  # a torch.fx Proxy: the traced graph gets the plain module
-        or x.device.type != "cpu"
-        or not _plain_eager(x)  # before any test of x's shape: a tracer would guard on it
-        or x.dim() != 4
-        or x.dtype != torch.float32
         or conv.groups != conv.in_channels
         or conv.groups != conv.out_channels
         or conv.padding_mode != "zeros"
         or conv.dilation != (1, 1)
         or not isinstance(conv.padding, tuple)  # "same"/"valid" strings
         or conv.padding == (0, 0)
+        or not _cpu_training_route_input(x)
         or (x.shape[-2] >= conv.kernel_size[0] and x.shape[-1] >= conv.kernel_size[1])
-        or not x.is_contiguous(memory_format=torch.channels_last)
-        or torch.is_autocast_enabled("cpu")
-        or _avx512_kernels()
         or _has_hooks_or_patched_forward(conv)
     ):
         return None
@@ -327,6 +311,23 @@ class _DepthwiseByTaps(torch.autograd.Function):
             grad_taps = weight.new_zeros(weight.shape[-2] * weight.shape[-1], channels).index_add_(0, taps, per_triple)
             grad_weight = grad_taps.t().reshape(weight.shape)
         return grad_x, grad_weight, None, None
+
+
+@torch.jit.unused
+def _cpu_training_route_input(x: torch.Tensor) -> bool:
+    """Whether a conv input may take one of `call_conv`'s training routes (those were measured only there): a
+    real float32 NHWC batch on a CPU without AVX-512 kernels, autograd on, autocast off, in plain eager mode."""
+    return (
+        torch.is_grad_enabled()
+        and isinstance(x, torch.Tensor)  # not a torch.fx Proxy: the traced graph gets the plain module
+        and x.device.type == "cpu"
+        and _plain_eager(x)  # before any test of x's shape: a tracer would guard on it
+        and x.dim() == 4
+        and x.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not torch.is_autocast_enabled("cpu")
+        and not _avx512_kernels()
+    )
 
 
 @functools.cache
