@@ -166,13 +166,14 @@ def _pointwise_conv_as_matmul(conv: nn.Module, x: torch.Tensor) -> Optional[torc
     the NHWC data) during CPU training; None when `conv` must be called as usual.
 
     A 1x1 convolution with stride 1 and no padding is that GEMM, and on NHWC data both the input and the
-    output are views, so nothing is copied.  On CPUs without AVX-512, oneDNN 3.12 (torch 2.14) runs the
-    forward + backward of such convs on small maps at 12-28 GMAC/s against MKL's 32-38 (measured at batch
-    128, one thread): 2.7-3x slower on the 1x1 maps of squeeze-excite and the head, 1.1-1.6x on 2x2 and 4x4
-    maps, and no faster on 28x28.  Same conditions as `_padded_depthwise_conv`: float32, autograd on, autocast
-    off, eager mode, a plain `nn.Conv2d` without hooks, on a CPU whose kernels are not AVX-512 ones; and a module
-    in training mode (an eval-mode model under autograd, as tracers and saliency tools run it, keeps the conv).
-    `benchmarks/train_step_speed.py` measures the training step with and without.
+    output are views, so nothing is copied.  On CPUs without AVX-512, oneDNN 3.12 (torch 2.14) was slower at
+    the forward + backward of such convs on small maps (`benchmarks/small_conv_speed.py`, Large 1.25 at 28x28,
+    batch 128, one thread): 1.6-3.1x on the 1x1 maps of squeeze-excite and the head (10-12 GMAC/s against
+    28-34 for the larger ones), 1.4-1.7x on 2x2 and 1.1-1.2x on 4x4 maps.  On 7x7 the GEMM led by only
+    1.06-1.15x, and on 14x14 and 28x28 it was slower.  Same conditions as `_padded_depthwise_conv`: float32,
+    autograd on, autocast off, eager mode, a plain `nn.Conv2d` without hooks, on a CPU whose kernels are not
+    AVX-512 ones; and a module in training mode (an eval-mode model under autograd, as tracers and saliency
+    tools run it, keeps the conv).  `benchmarks/train_step_speed.py` measures the training step with and without.
     """
     if (  # the cheap tests first: this runs for every conv of every forward
         type(conv) is not nn.Conv2d
@@ -265,10 +266,11 @@ class _DepthwiseByTaps(torch.autograd.Function):
     of even the pre-padded conv multiply padding; oneDNN's kernels still run them, and on AVX2 its weight
     gradient there is slow.  Here every tap on the map is one `addcmul_` over a contiguous (N, C) slice of
     the NHWC data (C innermost, so vectorised), and the weight gradient one gathered product summed over the
-    batch.  Measured at batch 128, one thread, forward + backward: 1200 channels 2x2 -> 2x2, 11.6 ms against
-    46.7 padded; 864 channels 4x4 -> 2x2 at stride 2, 27.4 against 42.3.  With a 4x4 output it was 2.5x slower
-    than the padded conv, hence `TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS`.  The backward is made of differentiable ops,
-    so double backward works (slowly).
+    batch.  Forward + backward at batch 128, one thread (`benchmarks/small_conv_speed.py`): 1200 channels
+    2x2 -> 2x2, 9.8 ms against 36.1 pre-padded and 102.8 plain; 864 channels 4x4 -> 2x2 at stride 2, 19.6
+    against 28.2 and 154.3.  The Python loop grows with the taps on the map, so `TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS`
+    keeps it to outputs of the size measured.  The backward is made of differentiable ops, so double backward
+    works (slowly).
     """
 
     @staticmethod
