@@ -22,10 +22,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from mobilenetv3 import create_model
 from mobilenetv3.allocator import keep_freed_memory
 from mobilenetv3.deploy.bench import time_interleaved
 from mobilenetv3.models import layers
+from train_step_speed import add_network_arguments, make_images, make_network  # a sibling script: its folder is on sys.path
 
 
 def routed_layers(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[str, torch.nn.Conv2d, torch.Size]]:
@@ -55,12 +55,7 @@ def routed_layers(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mobilenetv3_large_125")
-    parser.add_argument("--input-size", type=int, default=28)
-    parser.add_argument("--in-chans", type=int, default=1)
-    parser.add_argument("--stem-stride", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    add_network_arguments(parser)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per way and layer")
     parser.add_argument("--gemm-max-pixels", type=int, default=layers.MATMUL_POINTWISE_MAX_PIXELS,
                         help="time 1x1 convs on maps up to this many pixels as a GEMM (the library's bound by default)")
@@ -68,10 +63,7 @@ def main() -> int:
     layers.MATMUL_POINTWISE_MAX_PIXELS = args.gemm_max_pixels  # this process only: what to measure
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `mobilenetv3 train` does on the CPU
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=10, in_chans=args.in_chans, stem_stride=args.stem_stride)
-    model.to(memory_format=torch.channels_last)
-    images = layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
+    model, images = make_network(args), make_images(args)
     if layers._avx512_kernels():
         print(json.dumps({"note": "AVX-512 CPU: the library keeps the routes off here",
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()}))

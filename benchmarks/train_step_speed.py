@@ -36,14 +36,31 @@ from mobilenetv3.deploy.bench import _train_fn, time_interleaved
 from mobilenetv3.models import layers
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """The network and batch to time: by default one `fashion-mnist-large` process's (also used by
+    `small_conv_speed.py`)."""
     parser.add_argument("--model", default="mobilenetv3_large_125")
     parser.add_argument("--input-size", type=int, default=28)
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--stem-stride", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128, help="per process, as in the recipe")
     parser.add_argument("--threads", type=int, default=1, help="as each of the recipe's 2 processes")
+
+
+def make_network(args: argparse.Namespace) -> torch.nn.Module:
+    """The network of `add_network_arguments`, in channels_last with fixed initial weights."""
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=args.in_chans, stem_stride=args.stem_stride)
+    return model.to(memory_format=torch.channels_last)
+
+
+def make_images(args: argparse.Namespace) -> torch.Tensor:
+    return layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_network_arguments(parser)
     parser.add_argument("--steps", type=int, default=15, help="timed steps per setting")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd copy of the network")
     parser.add_argument("--on-avx512", action="store_true",
@@ -55,13 +72,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `mobilenetv3 train` does on the CPU
 
-    def make_model() -> torch.nn.Module:
-        torch.manual_seed(0)
-        model = create_model(args.model, num_classes=10, in_chans=args.in_chans, stem_stride=args.stem_stride)
-        return model.to(memory_format=torch.channels_last)
-
-    images = layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
-    step = _train_fn(make_model(), images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
+    images = make_images(args)
+    step = _train_fn(make_network(args), images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
 
     def padded_only_step() -> None:
         with mock.patch.object(layers, "TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS", 0), \
@@ -76,7 +88,7 @@ def main() -> int:
     contestants = {"fast": step, "padded_only": padded_only_step, "plain": plain_step}
     compile_seconds = None
     if args.compile:
-        compiled_step = _train_fn(torch.compile(make_model()), images, torch.device("cpu"))
+        compiled_step = _train_fn(torch.compile(make_network(args)), images, torch.device("cpu"))
         started = time.perf_counter()
         compiled_step()  # the first call compiles the forward and the backward graph
         compile_seconds = time.perf_counter() - started
