@@ -5,9 +5,12 @@ per variant, each in its own run folder) until they finish or `--deadline` secon
 variant (last and best val_top1, epochs done, wall time) and a table sorted by the last epoch's top-1.
 A variant stopped by the deadline reports the epochs it finished, marked "stopped".
 
-Made for choosing a CPU recipe with a GPU's help. Measured on one H200 with eight `fashion-mnist-large`
-variants at once (batch 256, `deterministic=true` so no cuDNN autotuning): about 36 s per epoch each, so a
-35-epoch sweep takes about 21 minutes, where the eight runs would take eight hours on two CPU cores.
+Made for choosing a CPU recipe with a GPU's help (benchmarks/gpu_recipe_sweep.sh runs it on a lent GPU).
+Fashion-MNIST's per-sample augmentation, not the GPU, sets the pace: give each variant DataLoader workers.
+Measured on one H200 with 16 host cores and nine `fashion-mnist-large` variants at once (batch 256,
+`deterministic=true` so no cuDNN autotuning, 2-4 workers each): 18-24 s per epoch each while all nine ran (the
+first epoch 24-27 s), 8-11 s once the seven short ones had finished; the whole sweep (seven 14-epoch runs, one of 20 and one of 30) took 505 s, where
+the nine runs would take about nine hours on two CPU cores.
 
     python benchmarks/recipe_sweep.py --recipe fashion-mnist-large --set batch_size=256 --set threads=0 \
         --variant "sgd" --variant "adamw optim.name=adamw optim.lr=0.004 optim.weight_decay=0.01" \
