@@ -350,6 +350,88 @@ def test_batched_pad_crop_flip_matches_v2_kernels_per_image():
         assert torch.equal(single, RandomPadCropFlip(9, padding=2, flip_p=0.5)(images[index : index + 1])[0])
 
 
+def _small_image_transform(**settings):
+    from mobilenetv3.data.transforms import SmallImageTrainTransform
+
+    prep = Preprocessing(input_size=12, crop_pct=1.0, mean=(0.3,), std=(0.4,), in_chans=1)
+    return SmallImageTrainTransform(DataConfig(hflip=0.5, **settings), prep, native_size=12), prep
+
+
+def test_seeded_batches_depend_only_on_each_images_seed_and_crop_like_v2():
+    """The training loader's batched path: image k's crop and flip come from seeds[k] alone, whatever the batch."""
+    from torchvision.transforms.v2 import functional as F
+
+    from mobilenetv3.train.distributed import SeededSamples
+
+    transform, prep = _small_image_transform()
+    images = torch.from_numpy(RNG.integers(0, 256, (256, 1, 12, 12), dtype=np.uint8))
+    seeds = [int(seed) for seed in RNG.integers(0, 2**32, 256)]
+    torch_state = torch.get_rng_state()
+    batch = transform.seeded(images, seeds)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # torch's RNG (dropout, mixup) is left alone
+    assert batch.shape == (256, 1, 12, 12) and batch.dtype == torch.float32
+    order = RNG.permutation(256)
+    torch.testing.assert_close(transform.seeded(images[order], [seeds[k] for k in order]), batch[order], rtol=0, atol=0)
+    for k in range(4):  # alone, or in a batch of one through the loader's dataset wrapper: the same image
+        alone = transform.seeded(images[k : k + 1], seeds[k : k + 1])[0]
+        assert torch.equal(alone, batch[k])
+    dataset = SeededSamples(fashion_mnist.InMemoryImages(images, torch.arange(256) % 10, list("abcdefghij"), transform))
+    assert dataset.dataset.batch_seedable
+    items = dataset.__getitems__([(k, seeds[k]) for k in range(256)])
+    assert all(torch.equal(image, batch[k]) and label == k % 10 for k, (image, label) in enumerate(items))
+    assert torch.equal(dataset[(5, seeds[5])][0], batch[5])
+    seen = set()
+    for image, output in zip(images, batch):
+        padded = F.pad(image, [1])  # padding round(12 / 14) = 1
+        candidates = {
+            (top, left, flip): F.horizontal_flip(c) if flip else c
+            for top in range(3) for left in range(3) for flip in (False, True)
+            for c in [F.crop(padded, top, left, 12, 12)]
+        }
+        normalized = {key: F.normalize(F.to_dtype(c, torch.float32, scale=True), prep.mean, prep.std)
+                      for key, c in candidates.items()}
+        matches = [key for key, candidate in normalized.items() if torch.equal(candidate, output)]
+        assert len(matches) == 1  # random pixels: exactly one (offset, flip) explains the output
+        seen.add(matches[0])
+    assert len(seen) == 18  # all 3 x 3 offsets, both flips, in 256 images
+    other = transform.seeded(images[:8], [seed + 1 for seed in seeds[:8]])
+    assert not torch.equal(other, batch[:8])
+
+
+def test_seeded_random_erasing_draws_boxes_like_torchvision():
+    """Per-image erasing from seeds: one zero box per erased image, distributed as v2.RandomErasing's boxes."""
+    from torchvision.transforms import v2
+
+    from mobilenetv3.data.transforms import ERASING_ATTEMPTS, erasing_boxes
+
+    transform, _ = _small_image_transform(random_erasing=0.5)
+    images = torch.from_numpy(RNG.integers(0, 256, (400, 1, 12, 12), dtype=np.uint8))
+    batch = transform.seeded(images, list(range(400)))
+    zero = batch[:, 0] == 0  # no pixel normalises to exactly 0 (mean 0.3 is no multiple of 1/255): erased ones
+    erased = zero.flatten(1).any(1)
+    assert 160 <= int(erased.sum()) <= 240  # p = 0.5 of 400 images
+    for mask in zero[erased]:  # exactly one filled rectangle each
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert int(mask.sum()) == len(rows) * len(cols)
+        assert bool(mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all())
+    # the box distribution against torchvision's own draws, on a 28x28 image (Fashion-MNIST's size)
+    erasing = v2.RandomErasing(p=1.0, value=0)
+    torch.manual_seed(0)
+    theirs = [erasing.make_params([torch.zeros(1, 28, 28)]) for _ in range(4000)]
+    theirs = np.array([[p["i"], p["j"], p["h"], p["w"]] for p in theirs if p["v"] is not None], dtype=float)
+    uniforms = np.random.default_rng(0).random((4000, 1 + 4 * ERASING_ATTEMPTS))
+    ours = erasing_boxes(erasing, uniforms, 28, 28).astype(float)
+    assert (ours[:, 2] > 0).mean() == pytest.approx(len(theirs) / 4000, abs=0.01)  # attempts that all fail
+    ours = ours[ours[:, 2] > 0]
+    for column, name in enumerate(("row", "column", "height", "width")):
+        assert ours[:, column].mean() == pytest.approx(theirs[:, column].mean(), rel=0.05), name
+    assert (ours[:, 2] * ours[:, 3]).mean() == pytest.approx((theirs[:, 2] * theirs[:, 3]).mean(), rel=0.05)
+    assert (ours[:, :2] + ours[:, 2:] <= 28).all() and (ours[:, 2:] < 28).all()
+    assert transform.seedable
+    with pytest.raises(ValueError, match="auto-augment"):
+        _small_image_transform(auto_augment="trivialaugment")[0].seeded(images[:2], [0, 1])
+
+
 def test_fashion_mnist_corrupt_files_are_named(isolated_search):
     root = _fake_fashion_mnist(isolated_search / "fake", 4, 2)
     labels = root / "t10k-labels-idx1-ubyte.gz"

@@ -159,6 +159,16 @@ class InMemoryImages(Dataset):
             image = self.transform(image)
         return image, int(self.labels[index])
 
+    @property
+    def batch_seedable(self) -> bool:
+        """Whether `seeded_items` can run (the transform draws from per-image seeds: `SmallImageTrainTransform`)."""
+        return getattr(self.transform, "seedable", False)
+
+    def seeded_items(self, indices: list[int], seeds: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Like `__getitems__`, with image k's random draws taken from seeds[k] alone (see `SeededSamples`)."""
+        batch = self.transform.seeded(self.images[indices], seeds)
+        return list(zip(batch, self.labels[indices].tolist()))
+
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         images = self.images[indices]
         if self.transform is None:

@@ -175,7 +175,9 @@ class SeededSamples(Dataset):
     """dataset[(index, seed)] = dataset[index] computed with torch / random / numpy seeded by `seed`.
 
     The DataLoader fetches a whole batch through `__getitems__`, so the caller's generator states are
-    saved and restored once per batch, not once per sample.
+    saved and restored once per batch, not once per sample.  A dataset that can take the seeds itself
+    (`batch_seedable`, e.g. Fashion-MNIST's in-memory images) transforms the whole batch at once through
+    `seeded_items` instead, leaving the global generators alone; a sample fetched alone goes the same way.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -191,10 +193,11 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
     def __getitem__(self, key: tuple[int, int]):
-        with _preserved_rng():
-            return self._seeded_item(*key)
+        return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        if getattr(self.dataset, "batch_seedable", False):
+            return self.dataset.seeded_items([index for index, _ in keys], [seed for _, seed in keys])
         with _preserved_rng():
             return [self._seeded_item(index, seed) for index, seed in keys]
 
