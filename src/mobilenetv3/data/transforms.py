@@ -151,7 +151,7 @@ def erasing_boxes(erasing, uniforms: np.ndarray, height: int, width: int) -> np.
     count = uniforms.shape[0]
     attempts = uniforms[:, 1:].reshape(count, ERASING_ATTEMPTS, 4)
     low, high = erasing.scale
-    log_low, log_high = (float(bound) for bound in erasing._log_ratio)
+    log_low, log_high = np.log(erasing.ratio[0]), np.log(erasing.ratio[1])
     area = height * width * (low + (high - low) * attempts[..., 0])
     aspect = np.exp(log_low + (log_high - log_low) * attempts[..., 1])
     box_h = np.round(np.sqrt(area * aspect)).astype(np.int64)  # round half to even, like Python's round
