@@ -14,6 +14,7 @@ batch of each, round-robin (the same sampler keys for both), in this process wit
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -55,13 +56,12 @@ def main() -> int:
     batches = [keys[start:start + args.batch_size] for start in range(0, len(keys), args.batch_size)]
     paths = {"batched": SeededSamples(train), "per_image": SeededSamples(PerImage(train))}
     assert paths["batched"].dataset.batch_seedable, "this recipe's transform has no batched seeded path"
-    positions = {name: iter(range(10**9)) for name in paths}
 
-    def one_batch(name: str):
-        batch = batches[next(positions[name]) % len(batches)]
-        return lambda: collate_skipping(paths[name].__getitems__(batch))
+    def batch_after_batch(dataset: SeededSamples):
+        in_order = itertools.cycle(batches)  # both paths see the same batches in the same order
+        return lambda: collate_skipping(dataset.__getitems__(next(in_order)))
 
-    calls = {name: (lambda name=name: one_batch(name)()) for name in paths}
+    calls = {name: batch_after_batch(dataset) for name, dataset in paths.items()}
     times = time_interleaved(calls, device=torch.device("cpu"), warmup=2, min_repeats=10, min_seconds=args.min_time)
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
     print(json.dumps({"recipe": args.recipe, "batch_size": args.batch_size,
