@@ -11,9 +11,11 @@
 # Every variant trains in its own process on the one GPU (benchmarks/recipe_sweep.py), all at once, at batch 256:
 # the recipe's global batch (2 ranks x 128 on the CPU), hence the same lr and steps per epoch; BatchNorm sees 256
 # images per batch instead of 128.  `deterministic=true` keeps cuDNN from autotuning in nine processes at once.
-# Fashion-MNIST's per-sample augmentation costs about 0.45 ms of CPU per image, so the DataLoader workers, not
-# the GPU, set the pace; the longer runs get more of them.  On an H200 with 16 host cores (2026-11-30) the single
-# set took 505 s (the 14-epoch runs 323-342 s each, the 30-epoch run 484 s) and the combined set 198 s.
+# When it ran (2026-11-30, an H200 with 16 host cores), Fashion-MNIST's augmentation cost about 0.45 ms of CPU
+# per image, so the DataLoader workers, not the GPU, set the pace (the longer runs got more of them): the single
+# set took 505 s (the 14-epoch runs 323-342 s each, the 30-epoch run 484 s) and the combined set 198 s.  The
+# training loader has since become about 9x cheaper per batch (benchmarks/loader_speed.py), so a rerun should be
+# faster, and it draws another augmentation stream from the same seeds.
 #
 #     OUT=runs/gpu-sweep bash benchmarks/gpu_recipe_sweep.sh      # uses `python3`, or $PYTHON; DEADLINE=540 s
 #     SWEEP_SET=combined OUT=runs/gpu-sweep2 bash benchmarks/gpu_recipe_sweep.sh
