@@ -19,8 +19,9 @@ import argparse
 import json
 import statistics
 
+from unittest import mock
+
 import torch
-import torch.nn.functional as F
 
 from mobilenetv3.allocator import keep_freed_memory
 from mobilenetv3.deploy.bench import time_interleaved
@@ -51,6 +52,12 @@ def routed_layers(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[st
                 layers._padded_depthwise_conv(conv, probe) is not None:
             routed.append((name, conv, shape))
     return routed
+
+
+def padded_only(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The library's pre-padded depthwise conv, with the tap-by-tap route turned off."""
+    with mock.patch.object(layers, "TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS", 0):
+        return layers._padded_depthwise_conv(conv, x)
 
 
 def main() -> int:
@@ -87,10 +94,7 @@ def main() -> int:
         if conv.groups == 1:
             ways = {"route": lambda: layers._pointwise_conv_as_matmul(conv, x)}
         else:
-            pad_h, pad_w = conv.padding
-            ways = {"route": lambda: layers._padded_depthwise_conv(conv, x),
-                    "padded": lambda: F.conv2d(F.pad(x, [pad_w, pad_w, pad_h, pad_h]), conv.weight, conv.bias,
-                                               conv.stride, 0, 1, conv.groups)}
+            ways = {"route": lambda: layers._padded_depthwise_conv(conv, x), "padded": lambda: padded_only(conv, x)}
         ways["plain"] = lambda: conv(x)  # no hooks, called as a module: oneDNN's convolution
         seconds = time_interleaved({way: forward_backward(fn) for way, fn in ways.items()},
                                    device=torch.device("cpu"), warmup=2, min_repeats=args.repeats, min_seconds=0.0)
