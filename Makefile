@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project is tested with; pyproject.toml keeps ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test clean
+.PHONY: venv data demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-demo: venv
+# Fashion-MNIST for the demo: found, else Debian's package (as root), else torchvision's download.
+data: venv
+	bash scripts/get_fashion_mnist.sh $(PY)
+
+demo: data
 	bash scripts/demo.sh $(PY)
 
 test: venv

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
+
+import mobilenetv3
 from mobilenetv3.cli import main
 
 
@@ -41,3 +47,56 @@ def test_unknown_model_is_one_line_without_traceback():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "unknown model 'mobilenetv3_smal_100'" in lines[0] and "mobilenetv3_small_100" in lines[0]
+
+
+def test_version_names_the_package_and_torch(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"mobilenetv3 {mobilenetv3.__version__} (torch {torch.__version__.split('+')[0]}")
+    assert "torchvision" in out
+
+
+def _run_with_reader_gone(args, env=None):
+    """Run the CLI with stdout a pipe whose reader closed before the first write (as `| head -1` does
+    once it has its line): every write, or the final flush, gets EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mobilenetv3", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(write_end)
+    return proc
+
+
+@pytest.mark.parametrize("args", [["list"], ["profile", "--json", "--resolution", "224", "192"], ["train", "--help"]])
+def test_a_closed_pipe_ends_quietly(args):
+    proc = _run_with_reader_gone(args)
+    assert proc.stderr == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
+    assert proc.returncode in (0, 141)  # 141: 128 + SIGPIPE, as a shell reports for `yes | head -1`
+
+
+@pytest.fixture(scope="module")
+def tiny_weights_and_images(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pipe")
+    model = mobilenetv3.create_model("mobilenetv3_small_050", num_classes=3).eval()
+    weights = root / "tiny.safetensors"
+    mobilenetv3.save_model(model, weights)
+    generator = np.random.default_rng(0)
+    for index in range(40):
+        pixels = generator.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"img{index:02d}.png")
+    return weights, root
+
+
+@pytest.mark.parametrize("extra", [["--engine", "torch"], ["--engine", "onnxruntime"], ["--engine", "torch", "--json"]])
+def test_predict_into_a_closed_pipe_ends_quietly(tiny_weights_and_images, tmp_path, extra):
+    weights, images = tiny_weights_and_images
+    env = dict(os.environ, MOBILENETV3_CACHE=str(tmp_path / "cache"))
+    proc = _run_with_reader_gone(["predict", "--checkpoint", str(weights), *extra, str(images)], env=env)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

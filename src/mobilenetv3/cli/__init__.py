@@ -2,6 +2,8 @@
 
 Each command is a module of this package with `HELP`, `add_arguments(parser)` and `run(args) -> int`;
 the library code it calls never sees argparse.  A `UserError` becomes one line on stderr and exit 2.
+A reader that goes away (`mobilenetv3 predict ... | head -1`) ends the command quietly, as it ends Unix
+tools: no traceback, exit status 141 (128 + SIGPIPE, what a shell reports for a tool killed by it).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="mobilenetv3", description="MobileNetV3 for PyTorch: build, convert, train, evaluate, export, deploy."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-V", "--version", action="version", version=version_line(),
+                        help="print the versions of mobilenetv3, torch and torchvision, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         if only in COMMANDS and name != only:
@@ -42,7 +46,46 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    """`mobilenetv3 X (torch Y, torchvision Z, python W)`, read from the installed metadata: no torch import."""
+    from importlib import metadata
+
+    from .. import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    return (f"mobilenetv3 {__version__} (torch {installed('torch')}, torchvision {installed('torchvision')}, "
+            f"python {python})")
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away: point stdout at /dev/null, so that the interpreter's final flush of
+    what is still buffered does not fail a second time ("Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout closed or not a real file (pytest's capture)
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        except SystemExit:  # --help, --version and usage errors print, then exit through here
+            sys.stdout.flush()
+            raise
+    except BrokenPipeError:
+        return _stdout_gone()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
@@ -51,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
-        return int(args.run_command(args) or 0)
+        status = int(args.run_command(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that is gone fails here, not at interpreter exit
+        return status
     except UserError as error:
         print(f"mobilenetv3 {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:
+        if error.errno == errno.EPIPE:  # BrokenPipeError, also when a library re-raised it as a plain OSError
+            return _stdout_gone()
         if error.errno != errno.ENOSPC:
             raise
         where = f" while writing {error.filename}" if error.filename else ""
