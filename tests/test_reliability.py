@@ -148,8 +148,8 @@ def test_torchrun_restarts_a_killed_rank_and_training_resumes_by_itself(tmp_path
                                env=env, capture_output=True, text=True, timeout=600)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "exitcode: -9" in restarted.stderr  # rank 1 really died of SIGKILL
-    resumed = re.search(r"resumed from \S+/restarted/checkpoints/last\.pt: epoch \d, batch \d, step (\d)",
-                        restarted.stderr)
+    resumed = re.search(r"resumed from \S+/restarted/checkpoints/last\.pt "
+                        r"\(saved at epoch \d/2, batch \d/2, step (\d)\)", restarted.stderr)
     assert resumed and resumed.group(1) in ("2", "3"), restarted.stderr[-3000:]  # from the last step written
 
     clean = subprocess.run([*torchrun, "-m", "mobilenetv3", *train, "--output", tmp_path / "clean"],

@@ -424,8 +424,10 @@ def test_lr_find_writes_plot_and_suggestion(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (output / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((output / "lr_find.json").read_text())
-    assert 1e-4 <= result["range"][0] <= result["range"][1] <= 10
-    assert result["steepest"] in saved["lrs"] and result["max"] == pytest.approx(result["min_loss"] / 10)
+    assert 1e-4 <= result["suggested_min_lr"] <= result["suggested_max_lr"] <= 10
+    assert result["steepest_lr"] in saved["lrs"] and result["min_loss_lr"] in saved["lrs"]
+    assert sorted([result["steepest_lr"], result["min_loss_lr"] / 10]) == pytest.approx(
+        [result["suggested_min_lr"], result["suggested_max_lr"]])
 
 
 def test_pretrained_with_another_class_count(ema_run, tmp_path, monkeypatch):

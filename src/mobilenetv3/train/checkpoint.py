@@ -88,9 +88,59 @@ def load(path: str | Path) -> dict[str, Any]:
 def resolve_resume_path(resume: str, output: str | Path) -> Path:
     """--resume (no value: "auto") means OUTPUT/checkpoints/last.pt."""
     path = Path(output) / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
+    if path.is_dir():
+        raise UserError(f"cannot resume: {path} is a directory; give a checkpoint file, or --output RUN --resume")
     if not path.is_file():
-        raise UserError(f"cannot resume: {path} does not exist")
+        hint = f" (no run has saved a checkpoint in {output})" if resume == "auto" else ""
+        raise UserError(f"cannot resume: {path} does not exist{hint}")
     return path
+
+
+#: Config keys a resume may change without breaking the exact-resume promise: where files go and how often
+#: they are written, where and how fast the same computation runs, labels, and `epochs` (a longer run
+#: stretches the schedule from the resume point on).  Any other change (model, data, input size, batch,
+#: batch limits, optimizer, schedule, regularization, precision, layout, seed, determinism) is refused
+#: unless the caller allows it (`mobilenetv3 train --allow-config-change`).
+RESUME_SAFE_KEYS = frozenset({
+    "epochs", "output", "resume", "device", "threads", "keep_freed_memory", "compile",
+    "data.workers", "data.data_dir", "data.strict_data", "model.pretrained",
+    "checkpoint.every_steps", "checkpoint.keep_last_epochs", "checkpoint.keep_best_epochs",
+    "description", "reference_top1", "reference_label",
+})
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint value, new value) of every key outside RESUME_SAFE_KEYS that differs between a
+    checkpoint's config and the config it is resumed with (keys only one side knows are skipped)."""
+    old, new = _flatten(saved), _flatten(current)
+    plain = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
+    return [(key, old[key], new[key]) for key in new
+            if key in old and key not in RESUME_SAFE_KEYS and plain(old[key]) != plain(new[key])]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """"optim.lr 0.002 -> 0.01, batch_size 64 -> 32"."""
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+
+
+def describe_position(epoch: int, batch_in_epoch: int, step: int, *, epochs: int, batches: int) -> str:
+    """A checkpoint's position in 1-based human terms, as the epoch lines count: "epoch 2/10, batch 5/250,
+    step 255" (the last batch it includes); an epoch-end checkpoint shows its epoch's last batch."""
+    if batch_in_epoch:
+        return f"epoch {epoch + 1}/{epochs}, batch {batch_in_epoch}/{batches}, step {step}"
+    if epoch == 0:
+        return "before the first step"
+    return f"epoch {epoch}/{epochs}, batch {batches}/{batches}, step {step}"
 
 
 def resume_after_restart(resume: str | None, output: str | Path) -> str | None:
@@ -118,16 +168,20 @@ def restore_modules(
     payload: dict[str, Any],
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
-    scaler: torch.amp.GradScaler,
+    scaler: torch.amp.GradScaler | None,
     ema: nn.Module | None,
     swa: nn.Module | None = None,
 ) -> None:
+    """Load the checkpoint's states into the run's objects (an optimizer or scaler given as None keeps its
+    fresh state: a resume that changed the optimizer or the precision, allowed by the user)."""
     model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
+    if scaler is not None:
+        scaler.load_state_dict(payload["scaler"])
     if ema is not None:
         if payload.get("ema") is None:
             logger.warning("the checkpoint has no EMA weights: the EMA starts from the current model")

@@ -6,6 +6,10 @@ weights file the stored preprocessing is used, in full precision.  `input_size` 
 either.  `tta="flip"` scores each image as the mean of the logits of two views, as is and mirrored left-right
 (test-time augmentation: twice the compute, and not the single-view protocol that training logs or that
 published accuracies use unless they say so).
+
+`logged` is what training logged for a checkpoint (its metrics row); `logged_data` says what that validation
+ran on (dataset, samples, input size, crop) and `logged_differs` which of those this evaluation changed: any
+of them makes the two sets of numbers incomparable, which is not a failed reproduction.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import DataConfig, build_datasets, collate_skipping
+from ..data import BUILTIN_DATASETS, DataConfig, build_datasets, collate_skipping
 from ..errors import UserError
 from ..weights.io import SAFETENSORS_SUFFIXES, build_model, load_checkpoint, read_weights
 from .distributed import DistEnv, resolve_device
@@ -60,6 +64,10 @@ def evaluate_file(
         raise UserError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA_MODES)}")
     if amp is not None and amp not in AMP_DTYPES:
         raise UserError(f"unknown amp mode {amp!r}; choose from {', '.join(AMP_DTYPES)}")
+    try:  # first: a misspelt device fails before any reading
+        env = DistEnv(device=resolve_device(device, 0))
+    except RuntimeError as error:  # torch.device("gpu"), an index past the last GPU, ...
+        raise UserError(f"--device {device}: {str(error).strip().splitlines()[0]}") from None
     path = Path(path)
     weights = read_weights(path, ema=ema)
     train_config: dict[str, Any] = {}
@@ -84,7 +92,6 @@ def evaluate_file(
     if weights.class_names and list(weights.class_names) != list(bundle.class_names):
         logger.warning("the class names of %s differ from the dataset's; labels are compared by index", path)
 
-    env = DistEnv(device=resolve_device(device, 0))
     amp = amp if amp is not None else str(train_config.get("amp", "none"))
     # the run's layout too: channels_last convolutions round differently from NCHW ones (on CUDA; eager CPU
     # inference runs channels_last inside whatever the layout, as training's validation did)
@@ -100,6 +107,35 @@ def evaluate_file(
                             num_classes=bundle.num_classes)
     with torch.inference_mode(False):
         result = evaluate(model, loader, settings, num_batches=limit_batches, env=env, progress_label="eval")
+    logged = weights.extra.get("metrics")
     result.update(checkpoint=str(path), ema=ema, tta=tta, amp=amp, preprocessing=bundle.preprocessing.to_dict(),
-                  logged=weights.extra.get("metrics"))
+                  logged=logged)
+    if logged:
+        trained = {
+            "dataset": train_config.get("data", {}).get("dataset"), "samples": logged.get("val_samples"),
+            "input_size": weights.preprocessing.input_size, "crop_pct": weights.preprocessing.crop_pct,
+            "limit_batches": train_config.get("limit_val_batches"),
+        }
+        used = {"samples": result["samples"], "input_size": bundle.preprocessing.input_size,
+                "crop_pct": bundle.preprocessing.crop_pct}
+        differs = [key for key in ("samples", "input_size", "crop_pct")
+                   if trained[key] is not None and trained[key] != used[key]]
+        if trained["dataset"] is not None and not same_dataset(trained["dataset"], dataset):
+            differs.insert(0, "dataset")
+        result.update(logged_data=trained, logged_differs=differs)
     return result
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two --data values name the same data: the same built-in name, or the same folder.
+
+    A relative folder is resolved against the current directory, which need not be the training's: the same
+    relative spelling counts as the same folder (its sample count still tells a changed val/ apart)."""
+    if a == b:
+        return True
+    if a in BUILTIN_DATASETS or b in BUILTIN_DATASETS:
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False

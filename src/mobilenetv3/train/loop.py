@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,6 +64,21 @@ class StepSettings:
     grad_clip_norm: float | None
     label_smoothing: float
     num_classes: int
+
+
+def progress_enabled(progress: bool | None = None, stream: Any = None) -> bool:
+    """Whether to draw tqdm bars: `progress` when given (--progress / --no-progress), else off when the
+    TQDM_DISABLE environment variable is set (to anything but 0 / false / no / off), else only on a terminal:
+    a bar's carriage-return frames would fill a log file (the epoch lines say the same, once per epoch)."""
+    if progress is not None:
+        return bool(progress)
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
 
 
 def autocast(settings: StepSettings):
@@ -203,8 +220,12 @@ def evaluate(
     num_batches: int | None = None,
     env: DistEnv = DistEnv(),
     progress_label: str | None = None,
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 (percent) and mean cross-entropy (no label smoothing) over the whole set.
+
+    A bar labelled `progress_label` is drawn on rank 0 when `progress_enabled(progress)` (by default only
+    on a terminal).
 
     Under DDP each rank sees a disjoint shard (`ShardSampler`) and the sums are all-reduced: every
     sample is counted exactly once, whatever len(val) % world_size is; `samples` shows it.
@@ -214,8 +235,8 @@ def evaluate(
     model.eval()
     loss_sum = correct1 = correct5 = samples = skipped = 0.0
     total = len(loader) if num_batches is None else min(num_batches, len(loader))
-    bar = tqdm(total=total, desc=progress_label, disable=not env.is_main or progress_label is None,
-               leave=False, dynamic_ncols=True)
+    show = env.is_main and progress_label is not None and progress_enabled(progress)
+    bar = tqdm(total=total, desc=progress_label, disable=not show, leave=False, dynamic_ncols=True)
     for batch_index, (images, targets, skipped_now) in enumerate(loader):
         if batch_index >= total:
             break

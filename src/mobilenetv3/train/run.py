@@ -10,6 +10,8 @@ import logging
 import os
 import platform
 import random
+import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
 from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
-from .loop import AMP_DTYPES, StepSettings, TrainState, EpochTotals, evaluate, train_one_epoch
+from .loop import AMP_DTYPES, StepSettings, TrainState, EpochTotals, evaluate, progress_enabled, train_one_epoch
 from .metrics import MetricsWriter
 from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
 from .regularization import DropBlockSchedule, ModelEma, StochasticWeightAverage, build_mix
@@ -99,6 +101,11 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
     return kwargs
 
 
+#: Data keys that can change the network (its class or channel count), like the `model.` keys: a resume that
+#: changes one is refused by `checkpoint.check_compatible`, naming the model difference, when it does.
+MODEL_SHAPING_DATA_KEYS = ("data.dataset", "data.synthetic_classes")
+
+
 #: Constructor kwargs a run takes from its data and its recipe, never from a pretrained file's layout.
 RUN_MODEL_KWARGS = (
     "num_classes", "in_chans", "stem_stride", "output_stride", "drop_rate", "drop_path_rate", "bn_momentum",
@@ -160,38 +167,122 @@ def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader
     return train_loader, train_sampler, val_loader
 
 
-def run(config: TrainConfig) -> dict[str, Any]:
-    """Train as `config` says; returns a summary dict (also logged as the final line)."""
+def run(config: TrainConfig, *, progress: bool | None = None, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train as `config` says; returns a summary dict (also logged as the final line).
+
+    `progress`: tqdm bars (True), one line per epoch only (False), or bars only on a terminal unless
+    TQDM_DISABLE is set (None; see `loop.progress_enabled`).  `allow_config_change`: resume even though the
+    config differs from the checkpoint's in keys that break an exact resume (see `checkpoint.RESUME_SAFE_KEYS`).
+    A run that fails or is interrupted before its first checkpoint leaves no folder it created behind.
+    """
     env = distributed.init(config.device)
     resume = ckpt.resume_after_restart(config.resume, config.output)
     if resume != config.resume:
         logger.info("torchrun restart %s: resuming from %s/checkpoints/last.pt",
                     os.environ.get("TORCHELASTIC_RESTART_COUNT"), config.output)
         config = replace_config(config, resume=resume)
+    created = _missing_folders(Path(config.output)) if env.is_main else []
+    trainer = None
     try:
-        return Trainer(config, env).fit()
+        trainer = Trainer(config, env, progress=progress, allow_config_change=allow_config_change)
+        return trainer.fit()
+    except BaseException as error:
+        removed = _remove_unsaved_run(Path(config.output), created)
+        if isinstance(error, KeyboardInterrupt) and env.is_main:
+            logger.warning("%s", interrupted_message(config, env, trainer, removed))
+        raise
     finally:
         distributed.shutdown()
+
+
+def _missing_folders(output: Path) -> list[Path]:
+    """`output` and those of its parents that do not exist yet (the run would create them), innermost first."""
+    missing = []
+    for folder in (output, *output.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_unsaved_run(output: Path, created: list[Path]) -> bool:
+    """After a failure: remove the folders this run created if no checkpoint made it in (a failed command
+    writes nothing: no empty runs/NAME to trip over); True when it removed `output`."""
+    if not created or not output.is_dir():
+        return False
+    checkpoints = output / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return False
+    shutil.rmtree(output, ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()  # only while empty
+        except OSError:
+            break
+    return not output.exists()
+
+
+def resume_command(output: str | Path, env: DistEnv, checkpoint: Path | None = None) -> str:
+    """The command line that continues a run (`checkpoint`: a file other than OUTPUT/checkpoints/last.pt)."""
+    resume = "--resume" if checkpoint is None else f"--resume {shlex.quote(str(checkpoint))}"
+    command = f"train --output {shlex.quote(str(output))} {resume}"
+    if not env.process_group:
+        return f"mobilenetv3 {command}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    nodes = "" if per_node == env.world_size else " (on every node, with this job's rendezvous options)"
+    return f"torchrun --nproc_per_node={per_node} -m mobilenetv3 {command}{nodes}"
+
+
+def interrupted_message(config: TrainConfig, env: DistEnv, trainer: "Trainer | None", removed: bool) -> str:
+    """What Ctrl-C leaves: the checkpoint that holds the run (epoch, batch and step, 1-based) and the command
+    that resumes from it, or that nothing was saved."""
+    saved = trainer.saved if trainer is not None else None
+    default = Path(config.output) / "checkpoints" / "last.pt"
+    if saved is None and config.resume and trainer is None:  # interrupted while starting a resume
+        path = default if config.resume == "auto" else Path(config.resume)
+        return (f"interrupted before training resumed; {path} is unchanged; resume with: "
+                f"{resume_command(config.output, env, None if path == default else path)}")
+    if saved is None:
+        where = f"; removed {config.output}" if removed else ""
+        return (f"interrupted before the first checkpoint: nothing was saved{where} (a checkpoint is written "
+                "at the end of each epoch, and every N steps with --checkpoint-every-steps N)")
+    path, position = saved
+    return (f"interrupted: {path} holds {position}; resume with: "
+            f"{resume_command(config.output, env, None if path == default else path)}")
 
 
 class Trainer:
     """Holds what one run builds; `fit` is the epoch loop.  Built in the order data -> model -> optim -> resume."""
 
-    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+    def __init__(self, config: TrainConfig, env: DistEnv, *, progress: bool | None = None,
+                 allow_config_change: bool = False) -> None:
         from ..data import build_datasets
         from ..weights.io import model_description
 
         self.config, self.env = config, env
         self.output = Path(config.output)
         self.log = logger.info if env.is_main else (lambda *args, **kwargs: None)
+        self.progress = env.is_main and progress_enabled(progress)
+        self.allow_config_change = allow_config_change
+        #: (path, "epoch E/N, batch B/M, step S") of the newest checkpoint that holds this run, for Ctrl-C.
+        self.saved: tuple[Path, str] | None = None
+        # A --resume without its checkpoint, or with settings that break an exact resume, fails first, before
+        # any data is read (changes that alter the network are left to `check_compatible`, which names them).
+        resume_path = ckpt.resolve_resume_path(config.resume, self.output) if config.resume else None
+        self.resume_payload = ckpt.load(resume_path) if resume_path is not None else None
+        if self.resume_payload is not None:
+            changes = ckpt.config_changes(self.resume_payload.get("config") or {}, to_dict(config))
+            if not any(key.startswith("model.") or key in MODEL_SHAPING_DATA_KEYS for key, _, _ in changes):
+                self._refuse_config_changes(resume_path, changes)
         setup_runtime(config, env)
-        if env.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
+        # The run folder is made once everything that can fail on the user's input has passed (data, model,
+        # resume): a misspelt --data or a --resume without a run leaves no empty folder behind.
 
         # 1. data (rank 0 first: a Fashion-MNIST download must not run in every process at once)
         with distributed.rank_zero_first(env):
             self.bundle = bundle = build_datasets(config.data)
-        self.log("data: %s", bundle.describe())
+        synthetic = " (synthetic: random tensors, not real images)" if config.data.dataset == "synthetic" else ""
+        self.log("data: %s%s", bundle.describe(), synthetic)
         model_kwargs = model_kwargs_for(config, bundle)  # class / channel mismatches fail before any work
         self.train_loader, self.train_sampler, self.val_loader = build_loaders(config, bundle, env)
         size = bundle.preprocessing.input_size  # train crops are square, input_size on a side
@@ -241,8 +332,8 @@ class Trainer:
 
         # 4. resume
         self.state = TrainState()
-        if config.resume:
-            self._resume(ckpt.resolve_resume_path(config.resume, self.output))
+        if resume_path is not None:
+            self._resume(resume_path)
 
         # DDP / SyncBN / compile wrap last: checkpoints and EMA always use the plain module.
         self.train_model = distributed.wrap_model(model, env, config.sync_bn)
@@ -250,6 +341,8 @@ class Trainer:
             self.model = distributed.unwrap(self.train_model)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
+        if env.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.output, enabled=env.is_main, reference_top1=config.reference_top1,
                                      reference_label=config.reference_label,
                                      title=f"{self.model_name} on {config.data.dataset}")
@@ -261,9 +354,22 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------
 
+    def _refuse_config_changes(self, path: Path, changes: list[tuple[str, Any, Any]]) -> None:
+        if changes and not self.allow_config_change:
+            raise UserError(
+                f"cannot resume {path} exactly: the config differs from the checkpoint's in "
+                f"{ckpt.describe_changes(changes)}; drop those settings, or pass --allow-config-change to "
+                "continue with the new values (config.yaml is then rewritten with them)"
+            )
+
     def _resume(self, path: Path) -> None:
-        payload = ckpt.load(path)
+        payload, self.resume_payload = self.resume_payload, None  # read once, in __init__
         ckpt.check_compatible(payload, self.model_name, self.model_kwargs, path)
+        changes = ckpt.config_changes(payload.get("config") or {}, to_dict(self.config))
+        self._refuse_config_changes(path, changes)
+        if changes and self.env.is_main:
+            logger.warning("resuming %s with a changed config (not an exact resume): %s", path,
+                           ckpt.describe_changes(changes))
         sampler = payload["sampler"]
         if payload["batch_in_epoch"] and (sampler["world_size"] != self.env.world_size
                                           or sampler["batch_size"] != self.config.batch_size):
@@ -272,8 +378,22 @@ class Trainer:
                 f"(checkpoint: {sampler['world_size']} x {sampler['batch_size']}, now: "
                 f"{self.env.world_size} x {self.config.batch_size}); resume from an epoch-end checkpoint"
             )
-        ckpt.restore_modules(payload, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                             scaler=self.scaler, ema=self.ema, swa=self.swa)
+        # The optimizer's and scheduler's saved state carries the old hyperparameters (lr, weight decay, ...):
+        # with an allowed change the new config's values replace them; another optimizer or precision starts
+        # its state afresh (the saved one does not fit it).
+        changed = {key for key, _, _ in changes}
+        fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        fresh_base_lrs = list(self.scheduler.base_lrs)
+        ckpt.restore_modules(payload, model=self.model,
+                             optimizer=None if "optim.name" in changed else self.optimizer,
+                             scheduler=self.scheduler, scaler=None if "amp" in changed else self.scaler,
+                             ema=self.ema, swa=self.swa)
+        if changes:
+            for group, fresh, base in zip(self.optimizer.param_groups, fresh_groups, fresh_base_lrs):
+                group.update(fresh)
+                group.update(initial_lr=base, lr=base * self.schedule(self.scheduler.last_epoch))
+            self.scheduler.base_lrs = fresh_base_lrs
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         totals = payload["epoch_totals"]  # one per rank: each rank resumes its own running sums
         if isinstance(totals, list):
             totals = totals[self.env.rank] if len(totals) == self.env.world_size else totals[0]
@@ -286,8 +406,17 @@ class Trainer:
             self.dropblock.step(self.state.step)
         per_rank = payload["rng"]
         ckpt.restore_rng(per_rank[self.env.rank] if len(per_rank) == self.env.world_size else per_rank[0])
-        self.log("resumed from %s: epoch %d, batch %d, step %d", path, self.state.epoch,
-                 self.state.batch_in_epoch, self.state.step)
+        state, config = self.state, self.config
+        position = ckpt.describe_position(state.epoch, state.batch_in_epoch, state.step, epochs=config.epochs,
+                                          batches=self.batches_per_epoch)
+        self.saved = (path, position)
+        if state.epoch >= config.epochs:
+            after = f"all {config.epochs} epochs are done; raise --epochs to train more"
+        elif state.batch_in_epoch:
+            after = f"continuing with batch {state.batch_in_epoch + 1} of epoch {state.epoch + 1}"
+        else:
+            after = f"continuing with epoch {state.epoch + 1}"
+        self.log("resumed from %s (saved at %s): %s", path, position, after)
 
     def checkpoint_payload(self, metrics: dict[str, Any] | None) -> dict[str, Any]:
         """Everything needed to continue exactly; a collective call under DDP (RNG states are gathered)."""
@@ -323,7 +452,12 @@ class Trainer:
         if every and state.step % every == 0 and state.batch_in_epoch < self.batches_per_epoch:
             payload = self.checkpoint_payload(None)
             if self.env.is_main:
-                ckpt.save(self.output / "checkpoints" / "last.pt", payload)
+                self._mark_saved(ckpt.save(self.output / "checkpoints" / "last.pt", payload))
+
+    def _mark_saved(self, path: Path) -> None:
+        state = self.state
+        self.saved = (path, ckpt.describe_position(state.epoch, state.batch_in_epoch, state.step,
+                                                   epochs=self.config.epochs, batches=self.batches_per_epoch))
 
     def _is_better(self, value: float) -> bool:
         if self.state.best_value is None:
@@ -334,7 +468,7 @@ class Trainer:
     def _validate_average(self, module: nn.Module, prefix: str) -> dict[str, float]:
         """{prefix}_val_loss / _top1 / _top5 of an averaged copy (EMA or SWA) on the validation set."""
         result = evaluate(module, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
-                          env=self.env, progress_label=f"validate {prefix.upper()}")
+                          env=self.env, progress_label=f"validate {prefix.upper()}", progress=self.progress)
         return {f"{prefix}_val_{key}": result[key] for key in ("loss", "top1", "top5")}
 
     # ----------------------------------------------------------------------------------------------------
@@ -350,7 +484,7 @@ class Trainer:
             mix_on = self.mix is not None and epoch < config.epochs - config.regularization.mix_off_last_epochs
             self.train_sampler.set_position(epoch, state.batch_in_epoch * config.batch_size)
             bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch // config.optim.accumulation_steps,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not env.is_main,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not self.progress,
                        dynamic_ncols=True, leave=False)
             with bar:  # closed (its line cleared) also when the epoch raises: an error gets a line of its own
                 totals = train_one_epoch(
@@ -362,7 +496,7 @@ class Trainer:
             train_loss_sum, train_correct, train_samples, train_skipped = distributed.all_reduce_sum(
                 [totals.loss_sum, totals.correct, totals.samples, totals.skipped], env.device)
             val = evaluate(self.model, self.val_loader, self.settings, num_batches=config.limit_val_batches,
-                           env=env, progress_label="validate")
+                           env=env, progress_label="validate", progress=self.progress)
             row = {
                 "epoch": epoch + 1, "step": state.step, "lr": self.optimizer.param_groups[0]["lr"],
                 "train_loss": train_loss_sum / max(train_samples, 1),
@@ -392,11 +526,14 @@ class Trainer:
                     logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (gradients overflowed); "
                                    "loss scale now %g", epoch + 1, totals.amp_skipped_steps, self.steps_per_epoch,
                                    self.scaler.get_scale())
-            self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s%s | %.0fs",
+            # One line per epoch: with the bars off (not a terminal) this is all a log file gets.
+            self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s%s | "
+                     "%.0f img/s | %.0fs",
                      epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
                      row["val_samples"],
                      f" | EMA top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else "",
-                     f" | SWA top1 {row['swa_val_top1']:.2f}" if "swa_val_top1" in row else "", totals.seconds)
+                     f" | SWA top1 {row['swa_val_top1']:.2f}" if "swa_val_top1" in row else "",
+                     row["train_images_per_s"], totals.seconds)
 
             # Epoch done: the next resume point is the start of the next epoch.
             state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
@@ -416,7 +553,7 @@ class Trainer:
                     ckpt.save(folder / f"epoch_{epoch + 1:04d}.pt", ckpt.weights_only_checkpoint(payload))
                 if improved:
                     ckpt.save(folder / "best.pt", payload)
-                ckpt.save(folder / "last.pt", payload)
+                self._mark_saved(ckpt.save(folder / "last.pt", payload))
                 if keep_epochs:
                     metric = config.checkpoint.best_metric
                     scores = {r["epoch"]: r[metric] for r in rows if metric in r}
