@@ -19,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help=".safetensors weights file, or a .pt checkpoint")
     parser.add_argument("--run", default=None, metavar="DIR", help="take checkpoints/epoch_*.pt of this run")
     selection = parser.add_mutually_exclusive_group()
-    selection.add_argument("--last", type=int, default=None, metavar="K")
-    selection.add_argument("--best", type=int, default=None, metavar="K")
+    selection.add_argument("--last", type=int, default=None, metavar="K",
+                           help="with --run: the last K epochs (train with checkpoint.keep_last_epochs >= K)")
+    selection.add_argument("--best", type=int, default=None, metavar="K",
+                           help="with --run: the K best epochs by --metric (train with checkpoint.keep_best_epochs >= K)")
     parser.add_argument("--metric", default="val_top1", help="what --best ranks by (default val_top1)")
     parser.add_argument("--ema", action="store_true", help="average the EMA weights instead")
 

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "amp-fp16 (default CPU: eager,onnxruntime; GPU: all torch engines)")
     parser.add_argument("--compare", default="", help="comma-separated peers: torchvision,timm")
     parser.add_argument("--train", action="store_true", help="also time forward + backward + SGD step (eager)")
-    parser.add_argument("--resolution", type=int, default=224, metavar="R")
+    parser.add_argument("--resolution", type=int, default=224, metavar="R", help="square input size (default 224)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per network (default 3)")

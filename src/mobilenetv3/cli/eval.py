@@ -5,7 +5,9 @@ layout, and reproduces the validation numbers training logged for that checkpoin
 uses the stored preprocessing in full precision.  --input-size / --crop-pct / --amp override.  With
 --json the last line is {"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the
 logits of each image and its mirror image (two forward passes; training's logged numbers are single-view)
-and adds "tta": "flip" to that line.
+and adds "tta": "flip" to that line.  Beside a checkpoint's logged numbers it shows their sample count, and a
+note when this evaluation's data, sample count (e.g. --limit-batches) or preprocessing differs from what
+training validated on: then the numbers are not comparable.
 
 examples:
   mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
@@ -24,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="training checkpoint or .safetensors")
     parser.add_argument("--data", required=True, help="fashion-mnist, synthetic, or an ImageNet-layout folder (val/)")
     parser.add_argument("--data-dir", default=None, help="where fashion-mnist is looked for first")
-    parser.add_argument("--input-size", type=int, default=None, metavar="R")
-    parser.add_argument("--crop-pct", type=float, default=None, metavar="P")
+    parser.add_argument("--input-size", type=int, default=None, metavar="R",
+                        help="crop size in pixels; default: the weights' own (a training checkpoint's run's)")
+    parser.add_argument("--crop-pct", type=float, default=None, metavar="P",
+                        help="resize to R / P, then centre-crop R; default: the weights' own")
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     # the choices are evaluation.TTA_MODES, spelled out so that `--help` does not import torch
     parser.add_argument("--tta", choices=["flip"], default=None,
@@ -33,9 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None,
                         help="autocast dtype; default: a training checkpoint's own (its run's amp), else none")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size, else 64")
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--limit-batches", type=int, default=None)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="data-loading processes; default: the run's data.workers, else 2")
+    parser.add_argument("--limit-batches", type=int, default=None, metavar="N",
+                        help="evaluate only the first N batches (default: all)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: cuda when available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
 
 
@@ -45,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.limit_batches is not None and args.limit_batches < 1:
+        raise UserError(f"--limit-batches must be positive, got {args.limit_batches}")
     result = evaluate_file(
         args.checkpoint, args.data, data_dir=args.data_dir, input_size=args.input_size, crop_pct=args.crop_pct,
         ema=args.ema, batch_size=args.batch_size, workers=args.workers, limit_batches=args.limit_batches,
@@ -60,11 +69,36 @@ def run(args: argparse.Namespace) -> int:
     logged = result.get("logged")
     if logged:
         prefix = "ema_" if args.ema else ""
+        trained = result["logged_data"]
+        samples = f"  ({trained['samples']} samples)" if trained["samples"] is not None else ""
         print(f"training logged for this checkpoint (epoch {logged['epoch']}{', single view' if args.tta else ''}): "
               f"top-1 {logged[prefix + 'val_top1']:.2f}%  "
-              f"top-5 {logged[prefix + 'val_top5']:.2f}%  loss {logged[prefix + 'val_loss']:.4f}")
+              f"top-5 {logged[prefix + 'val_top5']:.2f}%  loss {logged[prefix + 'val_loss']:.4f}{samples}")
+        if result["logged_differs"]:
+            print(_not_comparable_note(trained, result, args))
     if args.json:
         # "tta" only appears with --tta, so single-view output keeps the four documented keys
         print(json.dumps({key: result[key] for key in ("top1", "top5", "loss", "samples")}
                          | ({"tta": args.tta} if args.tta else {})))
     return 0
+
+
+def _not_comparable_note(trained: dict, result: dict, args: argparse.Namespace) -> str:
+    """'note: training validated on fashion-mnist (10000 samples); this evaluation used fashion-mnist (320 samples,
+    --limit-batches 5), so the numbers are not comparable', naming only what tells the two apart."""
+    differs, prep = result["logged_differs"], result["preprocessing"]
+
+    def describe(dataset: str | None, samples: int | None, input_size: int, crop_pct: float, limit: str) -> str:
+        parts = [f"{samples} samples" if samples is not None else "",
+                 limit if "samples" in differs else "",
+                 f"{input_size}px" if "input_size" in differs else "",
+                 f"crop {crop_pct}" if "crop_pct" in differs else ""]
+        details = ", ".join(part for part in parts if part)
+        return f"{dataset or 'its data'}{f' ({details})' if details else ''}"
+
+    limit = trained.get("limit_batches")
+    before = describe(trained["dataset"], trained["samples"], trained["input_size"], trained["crop_pct"],
+                      f"limit_val_batches {limit}" if limit else "")
+    now = describe(args.data, result["samples"], prep["input_size"], prep["crop_pct"],
+                   f"--limit-batches {args.limit_batches}" if args.limit_batches else "")
+    return f"note: training validated on {before}; this evaluation used {now}, so the numbers are not comparable"

@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model names (default: every width of Large and Small, and the minimal ones)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="R",
                         help="input resolution(s) (default 224)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--in-chans", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=1000, metavar="N",
+                        help="classifier outputs (default 1000, as the paper's ImageNet counts)")
+    parser.add_argument("--in-chans", type=int, default=3, metavar="C",
+                        help="input channels (default 3; 1 for greyscale)")
     parser.add_argument("--json", action="store_true", help="one JSON object per model and resolution")
 
 

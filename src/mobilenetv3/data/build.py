@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +13,16 @@ from ..errors import UserError
 from ..preprocessing import Preprocessing
 from . import fashion_mnist
 from .config import DataConfig
-from .folder import TolerantImageFolder, check_same_classes, split_dirs
+from .folder import TolerantImageFolder, check_same_classes, split_dirs, typical_image_size
 from .synthetic import VAL_SPLIT, SyntheticImages
 from .transforms import SmallImageTrainTransform, check_transform_settings, imagenet_train_transform
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_DATASETS = ("fashion-mnist", "synthetic")
+#: a folder's images count as "much smaller" than the input size when their typical short side is at most this
+#: fraction of it (upscaled at least 2x on a side, 4x the pixels): then a one-line warning names --input-size
+UPSCALE_WARNING_FRACTION = 0.5
 
 
 @dataclass
@@ -98,7 +104,42 @@ def _image_folder(cfg: DataConfig, need_train: bool, base: Preprocessing | None)
     if train_dir is not None:
         train = TolerantImageFolder(train_dir, imagenet_train_transform(cfg, prep), strict=cfg.strict_data)
         check_same_classes(train, val)
+    _warn_if_upscaled(train if train is not None else val, prep, cfg, base)
     return DatasetBundle(train, val, len(val.classes), list(val.classes), 3, prep, {})
+
+
+def _warn_if_upscaled(
+    folder: TolerantImageFolder, prep: Preprocessing, cfg: DataConfig, base: Preprocessing | None
+) -> None:
+    """One warning, naming --input-size, when the folder's images are much smaller than the input size they are
+    resized to (e.g. 32x32 images at the folders' default 224 px cost ~49x the compute, for no new detail).
+
+    Training (`base` None) is told to pass --input-size; evaluating weights at their own input size is told that
+    another size changes the results, since such weights were trained on images resized as these are."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # one warning per job, not one per rank
+    size = typical_image_size(folder)
+    if size is None:
+        return
+    width, height = size
+    short, wanted = min(width, height), prep.input_size
+    if short > UPSCALE_WARNING_FRACTION * wanted:
+        return
+    suggested = max(short, 8)  # data.input_size must be >= 8
+    cheaper = f"about {(wanted / suggested) ** 2:.0f}x less compute per image"
+    seen = f"images in {folder.root} are about {width}x{height} px but are resized to {wanted} px"
+    if base is None:
+        source = "data.input_size" + ("" if cfg.input_size is not None else
+                                      f", {Preprocessing().input_size} by default for folders")
+        logger.warning("%s (%s); pass --input-size %d to train at their own size, %s",
+                       seen, source, suggested, cheaper)
+    elif wanted == base.input_size:
+        logger.warning("%s, the weights' input size (another --input-size changes the results; a model trained "
+                       "with --input-size %d would need %s)", seen, suggested, cheaper)
+    else:
+        logger.warning("%s (--input-size %d; the weights' own input size is %d px)", seen, wanted, base.input_size)
 
 
 def _fashion_mnist(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:

@@ -24,6 +24,8 @@ Additions (backward compatible):
         cfg.input_size / cfg.crop_pct still override it when set; a channel-count mismatch is a UserError.
     collate_skipping: when every item of a batch is None, B == 0 (images and targets are empty): skip the step.
     check_data_config(cfg): the one-line UserErrors of build_datasets' settings checks, callable early.
+    A folder whose typical image (median of a few files' headers) has a short side at most half the input size
+    gets one logging warning naming --input-size (rank 0 only); nothing else changes.
     All randomness of items comes from torch's RNG (v2 transforms, synthetic generators): seeding a worker's
     torch RNG reproduces its samples; no Python `random` or NumPy RNG is used.
 """

@@ -3,12 +3,14 @@
 Any image mode (L, RGBA, P, CMYK, 16-bit "I;16", ...) is converted to RGB when it is read.  A file that can't
 be decoded (truncated, empty, not an image) becomes a `None` item plus one warning naming the file, which
 `collate_skipping` drops and counts; with `strict=True` it is a `UserError` instead.
+`typical_image_size` reads the headers of a few files (no decoding) to tell how large the images are.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
 import struct
 import zlib
 from pathlib import Path
@@ -92,6 +94,26 @@ class TolerantImageFolder(ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
+
+
+def typical_image_size(folder: ImageFolder, count: int = 8) -> tuple[int, int] | None:
+    """(width, height), the medians over `count` files spread evenly over the folder's samples (so every class
+    is sampled when there are enough files); only the headers are read.  None when no sampled file opens.
+    Files that can't be read are skipped silently: reading them properly warns about them."""
+    samples = folder.samples
+    if not samples:
+        return None
+    picks = sorted({round(i * (len(samples) - 1) / max(count - 1, 1)) for i in range(min(count, len(samples)))})
+    sizes = []
+    for index in picks:
+        try:
+            with Image.open(samples[index][0]) as image:  # lazy: the header only, no pixel data
+                sizes.append(image.size)
+        except DECODE_ERRORS:
+            continue
+    if not sizes:
+        return None
+    return int(statistics.median_low(w for w, _ in sizes)), int(statistics.median_low(h for _, h in sizes))
 
 
 def _listed(names: list[str], most: int) -> str:
