@@ -138,6 +138,8 @@ def main() -> int:
         for stale in cache.glob("onnx/*.onnx"):
             stale.unlink()
         cold_time, _ = timed(predict_cmds["onnxruntime"], env)  # exports to ONNX and fills the cache
+        if not list(cache.glob("onnx/*.onnx")):  # predict fell back to eager PyTorch (its warning says why)
+            raise SystemExit("the ONNX export was not made: the onnxruntime rows would time eager PyTorch")
 
     times: dict[str, list[float]] = {"user script": [], **{f"predict ({e})": [] for e in predict_cmds}}
     outputs: dict[str, str] = {}

@@ -19,21 +19,14 @@ from mobilenetv3 import Preprocessing
 from mobilenetv3.cli import COMMANDS, main
 from mobilenetv3.data import DataConfig, build_datasets
 from mobilenetv3.train.metrics import read_rows
+from test_train_run import make_image_folder  # noqa: E402  (tests/ is on sys.path)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def make_folder(root: Path, size: int, train_per_class: int = 2, val_per_class: int = 2) -> Path:
-    """train/ and val/ of two classes (bright, dark) of size x size PNGs."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for label, base in (("bright", 180), ("dark", 60)):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index}.png")
-    return root
+    """train/ and val/ of two classes (bright, dark) of size x size images."""
+    return make_image_folder(root, train_per_class, val_per_class, size=size)
 
 
 def upscale_warnings(caplog) -> list[str]:
@@ -198,7 +191,7 @@ def test_note_when_the_data_is_another_folder(tiny_run, tmp_path, capsys):
     data, run = tiny_run
     other = tmp_path / "other"
     shutil.copytree(data, other)
-    (other / "val" / "dark" / "0.png").unlink()
+    (other / "val" / "dark" / "0.jpg").unlink()
     [note] = [line for line in run_eval(run, "--data", str(other), capsys=capsys) if line.startswith("note:")]
     assert note == (f"note: training validated on {data} (4 samples); this evaluation used {other} (3 samples), "
                     "so the numbers are not comparable")

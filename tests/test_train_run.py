@@ -49,15 +49,15 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def make_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 3) -> Path:
-    """Two classes of 40x40 images (bright vs dark, so the task is learnable), PNG and JPEG mixed."""
+def make_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 3, size: int = 40) -> Path:
+    """Two classes of size x size images (bright vs dark, so the task is learnable), PNG and JPEG mixed."""
     rng = np.random.default_rng(0)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for label, base in (("bright", 180), ("dark", 60)):
             folder = root / split / label
             folder.mkdir(parents=True)
             for index in range(count):
-                pixels = np.clip(base + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 suffix = "png" if index % 2 else "jpg"
                 Image.fromarray(pixels).save(folder / f"{index}.{suffix}")
     return root

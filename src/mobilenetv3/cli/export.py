@@ -1,15 +1,23 @@
-"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram, verified against eager PyTorch.
+"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram, verified before it is written.
 
-BatchNorm is folded into the convolutions.  After writing, the artifact is loaded back with its own
-runtime (ONNX Runtime, torch.jit.load, torch.export.load), run on random inputs at two batch sizes and
-compared with eager PyTorch; the command fails (exit 1, no file written) if the largest difference is
-above --tolerance (1e-4) x max(1, largest |output|): an absolute 1e-4 for logits within +-1, relative to
-the logits' scale beyond, where float32 itself is not exact to 1e-4.
+BatchNorm is folded into the convolutions.  The artifact is loaded back with its own runtime (ONNX
+Runtime, torch.jit.load, torch.export.load), run at two batch sizes on smooth random images in the data's
+range (uniform pixels on a coarse grid, interpolated, then normalised as the weights' preprocessing says),
+and compared with the unfused model evaluated in float64; float32 eager PyTorch is compared with it too.
+The command fails (exit 1, no file written) unless
+
+  max |artifact - float64| <= max(4 x max |eager float32 - float64|, --tolerance x max(1, max |output|))
+
+i.e. the artifact may be as inexact as float32 itself is on these inputs (4x, a measured margin), and
+is always allowed --tolerance (1e-4) in units of the logits' scale.
+
+Without --format, the format follows --output: .onnx, .pt2 (exported-program), .torchscript.pt or .ts
+(torchscript).  A --format that contradicts the output's name is refused.
 
 examples:
-  mobilenetv3 export --checkpoint large.safetensors --format onnx --output large.onnx
-  mobilenetv3 export --checkpoint runs/exp/last.pt --format torchscript --output model.pt --batch 8
-  mobilenetv3 export --model mobilenetv3_small_100 --format exported-program --output small.pt2
+  mobilenetv3 export --checkpoint large.safetensors --output large.onnx
+  mobilenetv3 export --checkpoint runs/exp/checkpoints/last.pt --format torchscript --output model.pt --batch 8
+  mobilenetv3 export --model mobilenetv3_small_100 --output small.pt2
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="FILE", help="weights file (.safetensors) or training checkpoint")
     source.add_argument("--model", metavar="NAME", help="a registered model name, with random weights")
-    parser.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
+    parser.add_argument("--format", default=None, choices=["onnx", "torchscript", "exported-program"],
+                        help="default: from --output's name (.onnx, .pt2, .torchscript.pt / .ts)")
     parser.add_argument("--output", required=True, metavar="OUT", help="artifact path")
     parser.add_argument("--input-size", type=int, default=None, metavar="R",
                         help="square input resolution (default: the weights' preprocessing, else 224)")
@@ -33,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, metavar="K", help="ONNX opset (default 18)")
     parser.add_argument("--num-classes", type=int, default=None, help="with --model: classifier size")
     parser.add_argument("--ema", action="store_true", help="with a training checkpoint: export its EMA weights")
-    parser.add_argument("--tolerance", type=float, default=None, help="allowed max abs difference, in units of max(1, max |output|) (default 1e-4)")
+    parser.add_argument("--tolerance", type=float, default=None, metavar="T",
+                        help="the least difference from float64 always allowed, in units of max(1, max |output|) "
+                             "(default 1e-4); beyond it, up to 4x float32 eager's own difference is allowed")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -54,6 +65,7 @@ def parse_batch(value: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from ..deploy.engines import check_weights_file
     from ..files import file_sha256
     from ..deploy.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportFormat, ExportVerificationError,
                                  artifact_metadata, export_model)
@@ -62,13 +74,16 @@ def run(args: argparse.Namespace) -> int:
     from ..preprocessing import Preprocessing
     from ..weights.io import load_model
 
-    fmt = ExportFormat.parse(args.format)
+    fmt = ExportFormat.for_output(args.output, args.format)
     batch = parse_batch(args.batch)
     if args.opset is not None and fmt is not ExportFormat.ONNX:
         raise UserError("--opset applies to --format onnx only")
     if args.checkpoint:
         if args.num_classes is not None:
             raise UserError("--num-classes applies to --model only (a checkpoint fixes its classifier)")
+        if check_weights_file(args.checkpoint) == "onnx":
+            raise UserError(f"{args.checkpoint} is already an ONNX export; "
+                            "export a weights file or training checkpoint")
         model = load_model(args.checkpoint, ema=args.ema)
         digest = file_sha256(args.checkpoint)
     else:
@@ -95,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         sizes = ", ".join(str(b) for b in report.checked_batch_sizes)
         print(f"wrote {report.path} ({fmt.value}, input {report.input_size}, batch "
               f"{'dynamic' if batch is None else batch}, {report.batchnorms_folded} BatchNorms folded)")
-        print(f"verified against eager PyTorch at batch {sizes}: max abs diff {report.max_abs_diff:.3g} "
-              f"(max |output| {report.output_scale:.3g}, allowed {report.to_dict()['allowed_diff']:.3g})")
+        print(f"verified against float64 at batch {sizes}: max abs diff {report.max_abs_diff:.3g}, float32 eager's "
+              f"own {report.eager_float32_diff:.3g} (max |output| {report.output_scale:.3g}, "
+              f"allowed {report.allowed_diff:.3g})")
     return 0

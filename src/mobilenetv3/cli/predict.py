@@ -2,9 +2,10 @@
 
 Each INPUT is an image file or a folder (scanned recursively).  The resize / crop / normalisation
 and the class names come from the weights' metadata (ImageNet's names for a 1000-class model without
-names).  The default engine is ONNX Runtime when installed: the weights are exported to ONNX once and
-the export is cached by the weights' sha256 ($MOBILENETV3_CACHE, default ~/.cache/mobilenetv3).
-Decoding runs in threads, overlapped with inference.
+names).  The default engine is ONNX Runtime when installed: the weights are exported to ONNX once,
+verified on a few of the input images, and cached by the weights' sha256 ($MOBILENETV3_CACHE, default
+~/.cache/mobilenetv3).  If that export cannot be made or verified, a warning says so and eager PyTorch
+runs instead.  Decoding runs in threads, overlapped with inference.
 
 Unreadable images are reported on stderr and skipped.  Exit status: 0 all images classified,
 1 some were skipped, 2 usage error (no images, bad weights file, ...).
@@ -40,18 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..deploy.engines import make_engine, split_threads
+    from ..deploy.engines import check_weights_file, make_engine, split_threads
     from ..deploy.predict import Skipped, class_names_for, find_images, predict_files
     from ..errors import UserError
     from ..preprocessing import Preprocessing
 
     if args.topk < 1 or args.batch_size < 1:
         raise UserError(f"--topk and --batch-size must be positive, got {args.topk} and {args.batch_size}")
+    check_weights_file(args.checkpoint)  # before anything is scanned, announced or exported
     paths = find_images(args.inputs)
     if not paths:
         raise UserError(f"no image files found in {' '.join(args.inputs)}")
     threads, workers = split_threads(args.workers, args.threads)
-    engine = make_engine(args.engine, args.checkpoint, threads=threads)
+    # A new ONNX export is verified on a few of these images (their own range and statistics).
+    engine = make_engine(args.engine, args.checkpoint, threads=threads, images=paths)
     metadata = engine.metadata
     if "preprocessing" not in metadata:
         raise UserError(f"{args.checkpoint} carries no preprocessing metadata (export it with `mobilenetv3 export`)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -126,15 +126,52 @@ class TorchEngine:
             return self.model(batch).float().cpu().numpy()
 
 
-def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None = None) -> Path:
+#: First bytes of files people pass by mistake, so the error can say what the file is.
+_OTHER_FILES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+                (b"RIFF", "a RIFF file (WebP image?)"), (b"%PDF", "a PDF document"))
+
+
+def check_weights_file(path: str | os.PathLike) -> str:
+    """What `path` is ("onnx", "safetensors" or "checkpoint"), judged from its name and first bytes.
+
+    Called before any work is announced or done (hashing, exporting), so `predict --checkpoint cat.png`
+    is one clear line rather than "exporting cat.png to ONNX" and then a failure.  A missing file, a
+    directory, or a file of another kind is a `UserError`.  Cheap and torch-free: the full check is the
+    loading itself (`weights.io`), which also refuses pickles that would run code.
+    """
+    path = Path(path)
+    is_onnx = path.suffix.lower() == ".onnx"
+    if not path.is_file():
+        from ..weights.io import missing_file_error  # imports torch: only on this error path
+
+        raise missing_file_error(path, "ONNX file" if is_onnx else "weights file")
+    if is_onnx:
+        return "onnx"  # ONNX Runtime's own loading says best what is wrong with one
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    other = next((what for magic, what in _OTHER_FILES if head.startswith(magic)), None)
+    if path.suffix.lower() == ".safetensors":
+        if head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+            return "safetensors"
+        raise UserError(f"{path} is not a readable safetensors file ({other or 'no safetensors header'})")
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        return "checkpoint"
+    if other:
+        raise UserError(f"{path} is {other}, not a weights file (.safetensors), training checkpoint or .onnx export")
+    raise UserError(f"{path} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle)")
+
+
+def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None = None, *,
+                       images: Sequence[str | os.PathLike] = ()) -> Path:
     """The path of a verified ONNX export of a weights file / checkpoint, exporting it on first use.
 
     Keyed by the file's sha256, the input size and `EXPORT_VERSION`; written atomically, so concurrent
-    callers never see a partial file.
+    callers never see a partial file.  `images` (paths): a few of the user's images, on which the export
+    is verified (see `export.verification_inputs`).
     """
     weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise UserError(f"weights file not found: {weights_path}")
+    check_weights_file(weights_path)
     digest = file_sha256(weights_path)
     size_tag = f"-{input_size}" if input_size else ""
     target = cache_dir() / "onnx" / f"{digest[:24]}{size_tag}-v{EXPORT_VERSION}.onnx"
@@ -142,33 +179,56 @@ def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None =
         logger.debug("using cached export %s", target)
         return target
     from ..weights.io import load_model
-    from .export import ExportFormat, artifact_metadata, export_model
+    from .export import ExportFormat, artifact_metadata, export_model, verification_batch_sizes
+    from .predict import load_samples
 
-    logger.info("exporting %s to ONNX once (cached at %s)", weights_path, target)
-    model = load_model(weights_path)
+    model = load_model(weights_path)  # a file that is not valid weights fails here, before any announcement
     size = int(input_size or model.preprocessing.input_size)
-    metadata = artifact_metadata(model, model.preprocessing.replace(input_size=size), model.class_names, digest)
-    export_model(model, target, ExportFormat.ONNX, input_size=size, metadata=metadata)
+    preprocessing = model.preprocessing.replace(input_size=size)
+    metadata = artifact_metadata(model, preprocessing, model.class_names, digest)
+    samples = load_samples(images, preprocessing, sum(verification_batch_sizes(None)))
+    logger.info("exporting %s to ONNX once (cached at %s)", weights_path, target)
+    try:
+        export_model(model, target, ExportFormat.ONNX, input_size=size, metadata=metadata, images=samples)
+    except Exception as error:  # ExportVerificationError, an exporter failure, a full disk, ...
+        raise ExportUnavailable(f"the ONNX export of {weights_path} failed: {_first_line(error)}") from error
     return target
 
 
+class ExportUnavailable(RuntimeError):
+    """`cached_onnx_export` could not make or verify the export (the weights themselves loaded fine)."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int | None = None,
-                threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+                threads: int | None = None,
+                images: Sequence[str | os.PathLike] = ()) -> Callable[[np.ndarray], np.ndarray]:
     """Build `name` ("auto", "torch", "onnxruntime") for a weights file, training checkpoint or .onnx file.
 
     The returned engine has `.metadata` (weights-file vocabulary: preprocessing, class_names, ...).
+    `images`: a few of the inputs, to verify a new ONNX export on.  When the export cannot be made or
+    fails its verification, this says so in one warning and returns the torch engine: the user asked for
+    predictions, which eager PyTorch gives (a bad weights file is still an error: it fails either way).
     """
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     weights_path = Path(weights_path)
-    is_onnx = weights_path.suffix == ".onnx"
+    is_onnx = check_weights_file(weights_path) == "onnx"
     if name == "auto":
         name = "onnxruntime" if (is_onnx or onnxruntime_available()) else "torch"
     if name == "onnxruntime":
-        path = weights_path if is_onnx else cached_onnx_export(weights_path, input_size)
-        if is_onnx and not weights_path.is_file():
-            raise UserError(f"ONNX file not found: {weights_path}")
-        return OnnxRuntimeEngine(path, threads=threads)
+        if is_onnx:
+            return OnnxRuntimeEngine(weights_path, threads=threads)
+        try:
+            path = cached_onnx_export(weights_path, input_size, images=images)
+        except ExportUnavailable as error:
+            logger.warning("%s; running eager PyTorch instead", error)
+        else:
+            return OnnxRuntimeEngine(path, threads=threads)
     if is_onnx:
         raise UserError(f"{weights_path} is an ONNX file: use --engine onnxruntime (or auto)")
     import torch

@@ -143,6 +143,20 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
+def load_samples(paths: Iterable[str | os.PathLike], preprocessing: Preprocessing, count: int) -> np.ndarray | None:
+    """Up to `count` of `paths` prepared as `predict` prepares them (N x C x R x R), for verifying an export
+    on the user's own data; unreadable files are passed over (at most 4 x count files are tried)."""
+    loader, decode_errors, samples = ImageLoader(preprocessing), _decode_errors(), []
+    for tried, path in enumerate(paths):
+        if len(samples) == count or tried == 4 * count:
+            break
+        try:
+            samples.append(loader(path))
+        except decode_errors:
+            continue
+    return np.stack(samples) if samples else None
+
+
 def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, probabilities) of the k most probable classes per row, most probable first."""
     shifted = logits - logits.max(axis=1, keepdims=True)

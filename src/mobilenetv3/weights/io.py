@@ -148,6 +148,21 @@ def _disk_full(error: BaseException, directory: Path) -> bool:
         return False
 
 
+#: Files in a run folder that a command taking a weights file most likely wanted, most likely first.
+RUN_FOLDER_WEIGHTS = ("checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/swa.safetensors", "best.pt", "last.pt")
+
+
+def missing_file_error(path: str | os.PathLike, what: str = "weights file") -> UserError:
+    """`{what} not found: PATH`; for a directory (a run folder, say), that it is one and which weights
+    file inside it was probably meant, rather than a "not found" that contradicts what the user sees."""
+    path = Path(path)
+    if not path.is_dir():
+        return UserError(f"{what} not found: {path}")
+    candidates = [path / name for name in RUN_FOLDER_WEIGHTS] + sorted(path.glob("*.safetensors"))
+    hint = next((candidate for candidate in candidates if candidate.is_file()), None)
+    return UserError(f"{path} is a directory; expected a {what}" + (f" (did you mean {hint}?)" if hint else ""))
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, with a clear error for anything else."""
     from safetensors import SafetensorError
@@ -155,7 +170,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
+        raise missing_file_error(path, "weights file")
     try:
         from safetensors import safe_open
 
@@ -171,7 +186,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise missing_file_error(path, "checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
