@@ -36,5 +36,5 @@ cache=$("$PY" -c 'from mobilenetv3.files import cache_dir; print(cache_dir() / "
         || echo "~/.cache/mobilenetv3/fashion-mnist")
 echo "error: Fashion-MNIST is not installed and could not be downloaded; run 'sudo apt-get install dataset-fashion-mnist'" \
      "(Debian/Ubuntu), or put the four *-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist" \
-     "into $cache, then run this again" >&2
+     "into $cache, then run 'make demo' (or 'make data') again" >&2
 exit 2

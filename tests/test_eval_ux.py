@@ -111,7 +111,8 @@ def help_of_options(command: str, capsys) -> dict[str, str]:
 LISTED_IN_ISSUE_22 = {
     "eval": ("--input-size", "--crop-pct", "--workers", "--limit-batches", "--device"),
     "profile": ("--num-classes", "--in-chans"),
-    "lr-find": ("--start-lr", "--end-lr", "--steps"),
+    "lr-find": ("--start-lr", "--end-lr", "--steps", "--batch-size"),
+    "train": ("--input-size", "--epochs", "--lr", "--batch-size", "--limit-train-batches", "--device"),
 }
 
 

@@ -358,3 +358,14 @@ def test_issue_22_large_with_photo_statistics_exports_and_predicts(tmp_path, mon
     assert main(argv) == 0
     torch_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["topk"][0]["index"] for row in onnx_rows] == [row["topk"][0]["index"] for row in torch_rows]
+
+
+def test_onnxruntime_asked_for_by_name_but_missing_is_a_user_error(weights, monkeypatch):
+    """--engine onnxruntime without onnxruntime: one line naming the pip install, not an export then a fallback."""
+    from mobilenetv3.deploy import engines
+
+    monkeypatch.setattr(engines, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(engines, "cached_onnx_export", lambda *a, **k: pytest.fail("must not export"))
+    with pytest.raises(UserError, match=r"onnxruntime is not installed: pip install 'mobilenetv3\[onnx\]'"):
+        engines.make_engine("onnxruntime", weights)
+    assert engines.make_engine("auto", weights).name == "torch"  # auto quietly takes what is there

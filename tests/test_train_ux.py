@@ -180,6 +180,41 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path, mobilenetv3, c
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.01
 
 
+def test_a_plain_resume_after_an_allowed_change_resumes_the_checkpoint(tmp_path, mobilenetv3, caplog):
+    """config.yaml holds an allowed change before any checkpoint does: the plain resume (the command Ctrl-C
+    suggests) takes the checkpoint's own config, not config.yaml's, so it is exact and not refused."""
+    run = tmp_path / "run"
+    assert mobilenetv3("train", *TINY, "--epochs", 1, "--output", run)[0] == 0
+    # all epochs are done: the allowed change rewrites config.yaml but saves no checkpoint
+    status, _, stderr = mobilenetv3("train", "--output", run, "--resume", "--lr", "0.01", "--allow-config-change")
+    assert status == 0, stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    caplog.clear()
+    status, _, stderr = mobilenetv3("train", "--output", run, "--resume", "--epochs", 2)
+    assert status == 0, stderr
+    assert not [message for message in logged(caplog) if "changed config" in message]
+    assert read_rows(run / "metrics.jsonl")[-1]["lr"] == pytest.approx(0.002 * 4 / 256)
+
+
+def test_the_same_folder_spelt_another_way_is_not_a_data_change(tmp_path, mobilenetv3, monkeypatch):
+    from test_train_run import make_image_folder  # noqa: E402  (tests/ is on sys.path)
+
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "imgs", train_per_class=2, val_per_class=1, size=16)
+    folder_run = [*TINY[2:], "--output", "run"]  # TINY without its --data synthetic
+    assert mobilenetv3("train", "--data", "imgs", *folder_run, "--epochs", 1, "--num-classes", 2)[0] == 0
+    status, _, stderr = mobilenetv3("train", "--data", "./imgs/", "--output", "run", "--resume", "--epochs", 2)
+    assert status == 0, stderr
+    status, _, stderr = mobilenetv3("train", "--data", "synthetic", "--output", "run", "--resume", "--epochs", 3)
+    assert status == 2 and "data.dataset './imgs/' -> 'synthetic'" in stderr  # the resumed run's spelling
+
+
+def test_allow_config_change_without_resume_is_refused(tmp_path, mobilenetv3):
+    status, _, stderr = mobilenetv3("train", *TINY, "--output", tmp_path / "run", "--allow-config-change")
+    assert error_line(status, stderr) == "mobilenetv3 train: error: --allow-config-change applies to --resume only"
+    assert not (tmp_path / "run").exists()
+
+
 # --- Ctrl-C -----------------------------------------------------------------------------------------------------
 
 

@@ -63,6 +63,22 @@ def version_line() -> str:
             f"python {python})")
 
 
+def _reader_of_stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (Linux and macOS poll report POLLERR for it), as
+    opposed to an EPIPE from some other pipe or socket (a DataLoader queue, a process group), which is a bug
+    to show, not a reason to end quietly."""
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: no way to ask, so trust the error
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # stdout is no real file (replaced in-process): the EPIPE came from elsewhere
+        return False
+
+
 def _stdout_gone() -> int:
     """The reader of stdout went away: point stdout at /dev/null, so that the interpreter's final flush of
     what is still buffered does not fail a second time ("Exception ignored ... BrokenPipeError")."""
@@ -82,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             raise
     except BrokenPipeError:
+        if not _reader_of_stdout_gone():
+            raise
         return _stdout_gone()
 
 
@@ -101,7 +119,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"mobilenetv3 {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.errno == errno.EPIPE:  # BrokenPipeError, also when a library re-raised it as a plain OSError
+        if error.errno == errno.EPIPE and _reader_of_stdout_gone():  # also when re-raised as a plain OSError
             return _stdout_gone()
         if error.errno != errno.ENOSPC:
             raise

@@ -68,6 +68,15 @@ FLAG_HELP = {
             "'fashion-mnist', or 'synthetic' (random tensors: speed tests only); required unless {sources} sets it",
 }
 
+#: What a flag's default means, for its help, where the bare value would not say it.
+DEFAULT_MEANS = {
+    "data-dir": "$MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, then the cache",
+    "input-size": "the data's: 224 for folders, 28 for fashion-mnist", "num-classes": "the data's",
+    "pretrained": "none, random initialisation", "limit-train-batches": "all", "limit-val-batches": "all",
+    "lr": "{default} for {optim[lr_base_batch]} images, scaled linearly with the global batch",
+    "checkpoint-every-steps": "0, at epoch ends only",
+}
+
 DATA_REQUIRED = (
     "no training data given: use --data DIR (a folder in ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*), "
     "--data fashion-mnist, or --data synthetic (random tensors, for speed tests only), or a --recipe / --config "
@@ -105,14 +114,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
     parser.add_argument("--recipe", default=None, help=f"shipped recipe: {', '.join(list_recipes())}")
     parser.add_argument("--config", default=None, metavar="FILE", help="a YAML config (e.g. a run's config.yaml)")
-    group = parser.add_argument_group("config shortcuts (each sets the key in brackets)")
+    from ..train.config import TrainConfig, to_dict
+
+    group = parser.add_argument_group("config shortcuts (each sets the key in brackets; the defaults are the "
+                                      "built-in config's, which a recipe may change)")
+    defaults = to_dict(TrainConfig())
     for flag, key in FLAGS.items():
         if flag in skip:
             continue
         hint = _field_type(key)
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         base = options[0] if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) else hint
-        text = f"[{key}] {FLAG_HELP[flag].format(sources=data_sources)}" if flag in FLAG_HELP else f"[{key}]"
+        if flag in FLAG_HELP:
+            text = f"[{key}] {FLAG_HELP[flag].format(sources=data_sources)}"
+        else:
+            default = defaults
+            for part in key.split("."):
+                default = default[part]
+            shown = DEFAULT_MEANS.get(flag, "").format(default=default, **defaults) or (
+                ("on" if default else "off") if isinstance(default, bool) else default)
+            text = f"[{key}] (default: {shown})".replace("%", "%%")
         if base is bool:
             group.add_argument(f"--{flag}", dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(base) is typing.Literal:
@@ -129,14 +150,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 def resolve_config(args: argparse.Namespace):
     """The TrainConfig the command line describes (shared by `train` and `lr-find`).
 
-    `--resume` without --recipe / --config starts from the run's own config (OUTPUT/config.yaml, or the
-    config stored in the checkpoint FILE), so `train --output DIR --resume` just continues.
+    `--resume` without --recipe / --config starts from the config stored in the checkpoint it resumes
+    (OUTPUT/checkpoints/last.pt, or FILE), so `train --output DIR --resume` just continues, exactly.  Not
+    from config.yaml: after a resume with --allow-config-change that file holds the new settings before
+    any checkpoint does, and a plain resume of the checkpoint would then be refused as a change.
     """
     from pathlib import Path
 
-    from ..train.config import load_config, parse_assignment, read_yaml
-
     from ..train.checkpoint import load
+    from ..train.config import load_config, parse_assignment, read_yaml
 
     base = None
     resume = getattr(args, "resume", None)
@@ -144,8 +166,8 @@ def resolve_config(args: argparse.Namespace):
         if resume == "auto":
             run_folder = Path(getattr(args, "output", None) or "runs/train")
             saved, last = run_folder / "config.yaml", run_folder / "checkpoints" / "last.pt"
-            # config.yaml, else (a run folder that lost it) the config inside last.pt
-            base = read_yaml(saved) if saved.is_file() else load(last)["config"] if last.is_file() else None
+            # the config inside last.pt; config.yaml only for a run without one (the resume then fails, naming it)
+            base = load(last)["config"] if last.is_file() else read_yaml(saved) if saved.is_file() else None
         else:
             base = load(resume)["config"]
 
@@ -192,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
         print(dump_yaml(config), end="")
         return 0
     require_data_source(args)
+    if args.allow_config_change and args.resume is None:
+        raise UserError("--allow-config-change applies to --resume only")
     from ..train import run as train_run
 
     summary = train_run(config, progress=args.progress, allow_config_change=args.allow_config_change)

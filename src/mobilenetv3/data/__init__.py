@@ -8,7 +8,7 @@
 The contract (item format, bundle fields) is documented in `data/config.py`.
 """
 
-from .build import BUILTIN_DATASETS, DatasetBundle, build_datasets, check_data_config, collate_skipping
+from .build import BUILTIN_DATASETS, DatasetBundle, build_datasets, check_data_config, collate_skipping, same_dataset
 from .config import DataConfig
 
-__all__ = ["BUILTIN_DATASETS", "DataConfig", "DatasetBundle", "build_datasets", "check_data_config", "collate_skipping"]
+__all__ = ["BUILTIN_DATASETS", "DataConfig", "DatasetBundle", "build_datasets", "check_data_config", "collate_skipping", "same_dataset"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,21 @@ class DatasetBundle:
             f"{train}{len(self.val)} val samples, {self.num_classes} classes, {self.in_chans}x"
             f"{self.preprocessing.input_size}x{self.preprocessing.input_size} input"
         )
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two --data values name the same data: the same built-in name, or the same folder.
+
+    A relative folder is resolved against the current directory, which need not be the training's: the same
+    relative spelling counts as the same folder (its sample count still tells a changed val/ apart)."""
+    if a == b:
+        return True
+    if a in BUILTIN_DATASETS or b in BUILTIN_DATASETS:
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def check_data_config(cfg: DataConfig) -> None:

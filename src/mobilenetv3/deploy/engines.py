@@ -148,8 +148,11 @@ def check_weights_file(path: str | os.PathLike) -> str:
         raise missing_file_error(path, "ONNX file" if is_onnx else "weights file")
     if is_onnx:
         return "onnx"  # ONNX Runtime's own loading says best what is wrong with one
-    with open(path, "rb") as handle:
-        head = handle.read(16)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:  # permission denied, an I/O error
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
     other = next((what for magic, what in _OTHER_FILES if head.startswith(magic)), None)
     if path.suffix.lower() == ".safetensors":
         if head[8:9] == b"{":  # an 8-byte header length, then the JSON header
@@ -186,9 +189,9 @@ def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None =
     size = int(input_size or model.preprocessing.input_size)
     preprocessing = model.preprocessing.replace(input_size=size)
     metadata = artifact_metadata(model, preprocessing, model.class_names, digest)
-    samples = load_samples(images, preprocessing, sum(verification_batch_sizes(None)))
     logger.info("exporting %s to ONNX once (cached at %s)", weights_path, target)
     try:
+        samples = load_samples(images, preprocessing, sum(verification_batch_sizes(None)))
         export_model(model, target, ExportFormat.ONNX, input_size=size, metadata=metadata, images=samples)
     except Exception as error:  # ExportVerificationError, an exporter failure, a full disk, ...
         raise ExportUnavailable(f"the ONNX export of {weights_path} failed: {_first_line(error)}") from error
@@ -221,6 +224,8 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
     if name == "auto":
         name = "onnxruntime" if (is_onnx or onnxruntime_available()) else "torch"
     if name == "onnxruntime":
+        if not onnxruntime_available():  # asked for by name: a missing runtime is the user's to fix
+            raise UserError("onnxruntime is not installed: pip install 'mobilenetv3[onnx]', or use --engine torch")
         if is_onnx:
             return OnnxRuntimeEngine(weights_path, threads=threads)
         try:

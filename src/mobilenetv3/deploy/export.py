@@ -441,6 +441,8 @@ def export_model(
     batches = verification_inputs(preprocessing, input_size, batch_sizes, images)
     real_images = min(len(images) if images is not None else 0, sum(batch_sizes))
     output = Path(output)
+    # Folders this call creates are removed again if the export fails: a failed command leaves nothing.
+    created = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     result: list[Comparison] = []
 
@@ -458,7 +460,13 @@ def export_model(
         except ExportVerificationError as error:
             raise ExportVerificationError(f"{error}; nothing was written to {output}") from None
 
-    atomic_write(output, write_and_verify)
+    try:
+        atomic_write(output, write_and_verify)
+    except BaseException:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     comparison = result[0]
     report = ExportReport(output, fmt, input_size, batch, batch_sizes, comparison.artifact_diff, tolerance,
                           comparison.scale, folded, metadata, eager_float32_diff=comparison.eager_diff,

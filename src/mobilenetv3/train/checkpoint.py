@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import same_dataset
 from ..errors import UserError
 from ..weights.io import atomic_write, load_checkpoint
 
@@ -124,8 +125,13 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple
     checkpoint's config and the config it is resumed with (keys only one side knows are skipped)."""
     old, new = _flatten(saved), _flatten(current)
     plain = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
-    return [(key, old[key], new[key]) for key in new
-            if key in old and key not in RESUME_SAFE_KEYS and plain(old[key]) != plain(new[key])]
+
+    def same(key: str) -> bool:
+        if key == "data.dataset" and isinstance(old[key], str) and isinstance(new[key], str):
+            return same_dataset(old[key], new[key])  # ./imgs, imgs/ and imgs are one folder
+        return plain(old[key]) == plain(new[key])
+
+    return [(key, old[key], new[key]) for key in new if key in old and key not in RESUME_SAFE_KEYS and not same(key)]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import BUILTIN_DATASETS, DataConfig, build_datasets, collate_skipping
+from ..data import DataConfig, build_datasets, collate_skipping, same_dataset
 from ..errors import UserError
 from ..weights.io import SAFETENSORS_SUFFIXES, build_model, load_checkpoint, read_weights
 from .distributed import DistEnv, resolve_device
@@ -124,18 +124,3 @@ def evaluate_file(
             differs.insert(0, "dataset")
         result.update(logged_data=trained, logged_differs=differs)
     return result
-
-
-def same_dataset(a: str, b: str) -> bool:
-    """Whether two --data values name the same data: the same built-in name, or the same folder.
-
-    A relative folder is resolved against the current directory, which need not be the training's: the same
-    relative spelling counts as the same folder (its sample count still tells a changed val/ apart)."""
-    if a == b:
-        return True
-    if a in BUILTIN_DATASETS or b in BUILTIN_DATASETS:
-        return False
-    try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-    except (OSError, RuntimeError):
-        return False
