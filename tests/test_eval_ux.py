@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from mobilenetv3 import Preprocessing
 from mobilenetv3.cli import COMMANDS, main

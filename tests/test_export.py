@@ -81,7 +81,7 @@ def test_fused_model_matches_and_has_no_batchnorm(model):
     assert count_batchnorms(model) == 34  # the original is untouched
 
 
-@pytest.mark.parametrize("fmt", list(ExportFormat))
+@pytest.mark.parametrize("fmt", [f for f in ExportFormat if f.dynamic_batch])  # .pte: tests/test_executorch.py
 def test_round_trip_with_dynamic_batch(model, exports, fmt):
     path, report = exports(fmt)
     assert report.batch is None and report.checked_batch_sizes == (1, 3)
@@ -276,7 +276,7 @@ def test_cli_infers_the_format_from_the_output(tmp_path, capsys):
      "use --format exported-program or an output ending in .onnx"),
     (["--output", "x.pt"],
      "error: cannot tell the export format from {tmp}/x.pt: pass --format or name the output with one of "
-     ".torchscript.pt (torchscript), .onnx (onnx), .pt2 (exported-program), .ts (torchscript)"),
+     ".torchscript.pt (torchscript), .onnx (onnx), .pt2 (exported-program), .ts (torchscript), .pte (executorch)"),
 ])
 def test_cli_format_and_output_name_must_agree(argv, message, tmp_path, capsys):
     argv = [str(tmp_path / a) if a.startswith("x.") else a for a in argv]

@@ -6,10 +6,15 @@ peer's median latency divided by ours (above 1: we are faster), measured in the 
 the calls are timed with CUDA events and the default engines add channels_last, AMP (bf16, fp16) and
 torch.compile.  --train adds img/s of forward + backward + SGD step.
 
+On the CPU, engine executorch times a verified float32 XNNPACK ExecuTorch program of our network and
+executorch-int8 an int8 one (PT2E quantization, calibrated on the same in-range batch as the BatchNorm
+statistics); both need pip install 'mobilenetv3[mobile]', and export one program per batch size (fixed).
+
 examples:
   mobilenetv3 bench --model mobilenetv3_large_100 --compare torchvision,timm
   mobilenetv3 bench --model mobilenetv3_small_100 --batch-size 1 8 64 --engines eager,compile,onnxruntime --json
   mobilenetv3 bench --model mobilenetv3_large_100 --batch-size 32 --train --compare torchvision,timm
+  mobilenetv3 bench --model mobilenetv3_large_100 --engines onnxruntime,executorch,executorch-int8
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 32], metavar="N", help="default: 1 32")
     parser.add_argument("--engines", default=None,
                         help="comma-separated: eager, channels-last (model and input converted "
-                             "by the caller, for every network), compile, onnxruntime; on a GPU also amp-bf16, "
-                             "amp-fp16 (default CPU: eager,onnxruntime; GPU: all torch engines)")
+                             "by the caller, for every network), compile, onnxruntime, executorch, executorch-int8 "
+                             "(CPU only); on a GPU also amp-bf16, amp-fp16 (default CPU: eager,onnxruntime; "
+                             "GPU: all torch engines)")
     parser.add_argument("--compare", default="", help="comma-separated peers: torchvision,timm")
     parser.add_argument("--train", action="store_true", help="also time forward + backward + SGD step (eager)")
     parser.add_argument("--resolution", type=int, default=224, metavar="R", help="square input size (default 224)")

@@ -1,4 +1,4 @@
-"""Evaluate a training checkpoint or a weights file: top-1 / top-5 / loss.
+"""Evaluate a training checkpoint, a weights file or an ExecuTorch .pte program: top-1 / top-5 / loss.
 
 On a training checkpoint it uses the run's preprocessing, data settings, precision (amp) and memory
 layout, and reproduces the validation numbers training logged for that checkpoint; on a weights file it
@@ -9,9 +9,14 @@ and adds "tta": "flip" to that line.  Beside a checkpoint's logged numbers it sh
 note when this evaluation's data, sample count (e.g. --limit-batches) or preprocessing differs from what
 training validated on: then the numbers are not comparable.
 
+A .pte (`export --format executorch`, or an int8 program from `quantize`; needs pip install
+'mobilenetv3[mobile]') is evaluated itself, in ExecuTorch's runtime on the CPU, with the preprocessing
+embedded in it: the accuracy of the program that ships, quantization included.
+
 examples:
   mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
   mobilenetv3 eval --checkpoint mobilenetv3_large_100.safetensors --data /data/imagenet --json
+  mobilenetv3 eval --checkpoint small_int8.pte --data fashion-mnist
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "evaluate a checkpoint or weights file on a dataset"
+HELP = "evaluate a checkpoint, weights file or .pte program on a dataset"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="training checkpoint or .safetensors")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="training checkpoint, .safetensors or .pte")
     parser.add_argument("--data", required=True, help="fashion-mnist, synthetic, or an ImageNet-layout folder (val/)")
     parser.add_argument("--data-dir", default=None, help="where fashion-mnist is looked for first")
     parser.add_argument("--input-size", type=int, default=None, metavar="R",

@@ -1,8 +1,9 @@
-"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram, verified before it is written.
+"""Export a model to ONNX, TorchScript, a torch.export ExportedProgram or an ExecuTorch program, verified first.
 
 BatchNorm is folded into the convolutions.  The artifact is loaded back with its own runtime (ONNX
-Runtime, torch.jit.load, torch.export.load), run at two batch sizes on smooth random images in the data's
-range (uniform pixels on a coarse grid, interpolated, then normalised as the weights' preprocessing says),
+Runtime, torch.jit.load, torch.export.load, ExecuTorch's runtime), run at two batch sizes (one when the
+batch is fixed) on smooth random images in the data's range (uniform pixels on a coarse grid,
+interpolated, then normalised as the weights' preprocessing says),
 and compared with the unfused model evaluated in float64; float32 eager PyTorch is compared with it too.
 The command fails (exit 1, no file written) unless
 
@@ -12,12 +13,18 @@ i.e. the artifact may be as inexact as float32 itself is on these inputs (4x, a 
 is always allowed --tolerance (1e-4) in units of the logits' scale.
 
 Without --format, the format follows --output: .onnx, .pt2 (exported-program), .torchscript.pt or .ts
-(torchscript).  A --format that contradicts the output's name is refused.
+(torchscript), .pte (executorch).  A --format that contradicts the output's name is refused.
+
+--format executorch (needs pip install 'mobilenetv3[mobile]') writes a float32 program for ExecuTorch's
+on-device runtime, its operators delegated to XNNPACK (ARM and x86 CPUs), with the metadata embedded.
+Its batch size is fixed: 1 unless --batch N says otherwise (a caller pads the last batch; `predict`,
+`eval` and `bench` do).
 
 examples:
   mobilenetv3 export --checkpoint large.safetensors --output large.onnx
   mobilenetv3 export --checkpoint runs/exp/checkpoints/last.pt --format torchscript --output model.pt --batch 8
   mobilenetv3 export --model mobilenetv3_small_100 --output small.pt2
+  mobilenetv3 export --checkpoint large.safetensors --output large.pte
 """
 
 from __future__ import annotations
@@ -25,20 +32,21 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "export to onnx / torchscript / exported-program, verified against eager"
+HELP = "export to onnx / torchscript / exported-program / executorch (.pte), verified against eager"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="FILE", help="weights file (.safetensors) or training checkpoint")
     source.add_argument("--model", metavar="NAME", help="a registered model name, with random weights")
-    parser.add_argument("--format", default=None, choices=["onnx", "torchscript", "exported-program"],
-                        help="default: from --output's name (.onnx, .pt2, .torchscript.pt / .ts)")
+    parser.add_argument("--format", default=None, choices=["onnx", "torchscript", "exported-program", "executorch"],
+                        help="default: from --output's name (.onnx, .pt2, .torchscript.pt / .ts, .pte)")
     parser.add_argument("--output", required=True, metavar="OUT", help="artifact path")
     parser.add_argument("--input-size", type=int, default=None, metavar="R",
                         help="square input resolution (default: the weights' preprocessing, else 224)")
-    parser.add_argument("--batch", default="dynamic", metavar="dynamic|N",
-                        help="'dynamic' (default) for a dynamic batch axis, or a fixed batch size")
+    parser.add_argument("--batch", default=None, metavar="dynamic|N",
+                        help="'dynamic' for a dynamic batch axis (the default), or a fixed batch size; "
+                             "executorch programs have a fixed batch size (default 1)")
     parser.add_argument("--opset", type=int, default=None, metavar="K", help="ONNX opset (default 18)")
     parser.add_argument("--num-classes", type=int, default=None, help="with --model: classifier size")
     parser.add_argument("--ema", action="store_true", help="with a training checkpoint: export its EMA weights")
@@ -75,14 +83,22 @@ def run(args: argparse.Namespace) -> int:
     from ..weights.io import load_model
 
     fmt = ExportFormat.for_output(args.output, args.format)
-    batch = parse_batch(args.batch)
+    if fmt is ExportFormat.EXECUTORCH:
+        from ..deploy.executorch import require_executorch
+
+        require_executorch("--format executorch")  # before any loading
+        if args.batch == "dynamic":
+            raise UserError("--format executorch exports a fixed batch size: pass --batch N (default 1); "
+                            "predict, eval and bench pad the last batch")
+    batch = parse_batch(args.batch or "dynamic")  # executorch: None becomes export.EXECUTORCH_DEFAULT_BATCH
     if args.opset is not None and fmt is not ExportFormat.ONNX:
         raise UserError("--opset applies to --format onnx only")
     if args.checkpoint:
         if args.num_classes is not None:
             raise UserError("--num-classes applies to --model only (a checkpoint fixes its classifier)")
-        if check_weights_file(args.checkpoint) == "onnx":
-            raise UserError(f"{args.checkpoint} is already an ONNX export; "
+        kind = check_weights_file(args.checkpoint)
+        if kind in ("onnx", "executorch"):
+            raise UserError(f"{args.checkpoint} is already an {'ONNX' if kind == 'onnx' else 'ExecuTorch'} export; "
                             "export a weights file or training checkpoint")
         model = load_model(args.checkpoint, ema=args.ema)
         digest = file_sha256(args.checkpoint)
@@ -109,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         sizes = ", ".join(str(b) for b in report.checked_batch_sizes)
         print(f"wrote {report.path} ({fmt.value}, input {report.input_size}, batch "
-              f"{'dynamic' if batch is None else batch}, {report.batchnorms_folded} BatchNorms folded)")
+              f"{'dynamic' if report.batch is None else report.batch}, {report.batchnorms_folded} BatchNorms folded)")
         print(f"verified against float64 at batch {sizes}: max abs diff {report.max_abs_diff:.3g}, float32 eager's "
               f"own {report.eager_float32_diff:.3g} (max |output| {report.output_scale:.3g}, "
               f"allowed {report.allowed_diff:.3g})")

@@ -1,4 +1,4 @@
-"""Classify images with a weights file, a training checkpoint or an exported .onnx file.
+"""Classify images with a weights file, a training checkpoint, an exported .onnx file or a .pte program.
 
 Each INPUT is an image file or a folder (scanned recursively).  The resize / crop / normalisation
 and the class names come from the weights' metadata (ImageNet's names for a 1000-class model without
@@ -7,12 +7,17 @@ verified on a few of the input images, and cached by the weights' sha256 ($MOBIL
 ~/.cache/mobilenetv3).  If that export cannot be made or verified, a warning says so and eager PyTorch
 runs instead.  Decoding runs in threads, overlapped with inference.
 
+A .pte (ExecuTorch program, from `export --format executorch` or `quantize`; needs pip install
+'mobilenetv3[mobile]') runs in ExecuTorch's runtime, with the preprocessing and class names embedded in
+it; its fixed batch size is padded to.
+
 Unreadable images are reported on stderr and skipped.  Exit status: 0 all images classified,
 1 some were skipped, 2 usage error (no images, bad weights file, ...).
 
 examples:
   mobilenetv3 predict --checkpoint large.safetensors photos/ cat.jpg
   mobilenetv3 predict --checkpoint large.safetensors --topk 1 --json photos/ > predictions.jsonl
+  mobilenetv3 predict --checkpoint large_int8.pte photos/
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ HELP = "classify image files and folders (top-k, JSON lines)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (recursive)")
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="weights file (.safetensors), training checkpoint, or exported .onnx")
+                        help="weights file (.safetensors), training checkpoint, exported .onnx or .pte")
     parser.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per engine call (default 32)")
-    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                        help="auto (default): onnxruntime if installed, else torch")
+    parser.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "executorch"], default="auto",
+                        help="auto (default): executorch for a .pte, else onnxruntime if installed, else torch")
     parser.add_argument("--threads", type=int, default=None,
                         help="engine threads (default: the CPUs not decoding; oversubscribing is slow)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: a quarter of the CPUs, >= 1)")
@@ -48,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.topk < 1 or args.batch_size < 1:
         raise UserError(f"--topk and --batch-size must be positive, got {args.topk} and {args.batch_size}")
-    check_weights_file(args.checkpoint)  # before anything is scanned, announced or exported
+    if check_weights_file(args.checkpoint) == "executorch":  # before anything is scanned, announced or exported
+        from pathlib import Path
+
+        from ..deploy.executorch import require_executorch
+
+        require_executorch(f"running {Path(args.checkpoint).name}")
     paths = find_images(args.inputs)
     if not paths:
         raise UserError(f"no image files found in {' '.join(args.inputs)}")

@@ -32,7 +32,8 @@ Additions (backward compatible):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
 
 
 @dataclass
@@ -58,3 +59,16 @@ class DataConfig:
     synthetic_train_samples: int = 256
     synthetic_val_samples: int = 64
     synthetic_classes: int = 10
+
+    @classmethod
+    def for_run(cls, run_data: Mapping[str, Any] | None, dataset: str, **replace: Any) -> "DataConfig":
+        """A training run's data settings (the `data` section of its config; none for a weights file) on
+        `dataset`, with the keyword arguments that are not None replaced: how `eval` and `quantize` rebuild
+        the data a checkpoint was validated on.  Keys this version does not know are dropped."""
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{key: value for key, value in (run_data or {}).items() if key in known})
+        cfg.dataset = dataset
+        for key, value in replace.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        return cfg

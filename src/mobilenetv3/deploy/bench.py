@@ -11,6 +11,11 @@ slow on CPUs and would make the comparison depend on the initialisation instead 
 
 "Peak" is the machine's measured dense matmul rate in the same dtype (a large GEMM, timed here), so
 `peak_fraction` says how much of what this machine's BLAS reaches the network reaches.
+
+ExecuTorch engines (the `[mobile]` extra): "executorch" runs a verified float32 XNNPACK program of our
+network, "executorch-int8" an int8 one (PT2E post-training quantization, calibrated on the same in-range
+batch as the BatchNorm statistics, by `deploy.quantize.quantize_to_pte`).  ExecuTorch programs have a
+fixed batch size, so one program is exported per batch size; they run with torch's thread count.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from ..errors import UserError
 logger = logging.getLogger(__name__)
 
 PEERS = ("torchvision", "timm")
-CPU_ENGINES = ("eager", "channels-last", "compile", "onnxruntime")
+CPU_ENGINES = ("eager", "channels-last", "compile", "onnxruntime", "executorch", "executorch-int8")
+#: Engines that run an exported artifact on numpy arrays rather than a torch module.
+ARTIFACT_ENGINES = ("onnxruntime", "executorch", "executorch-int8")
 GPU_ENGINES = ("eager", "channels-last", "amp-bf16", "amp-fp16", "compile")
 TORCH_ENGINES = ("eager", "compile", "channels-last", "amp-bf16", "amp-fp16")  # peers can run these
 
@@ -180,9 +187,38 @@ def onnxruntime_engine(model: nn.Module, resolution: int):
         return OnnxRuntimeEngine(path, threads=torch.get_num_threads())  # the session holds the graph
 
 
+def executorch_engine(model: nn.Module, resolution: int, batch: int, *, int8: bool = False,
+                      calibration: torch.Tensor | None = None):
+    """ExecuTorch on a `batch`-sized XNNPACK program of `model` (in a temporary folder): float32, exported and
+    verified by `export_model`, or with `int8` quantized by `deploy.quantize.quantize_to_pte`, calibrated on
+    `calibration` (images in the range the BatchNorm statistics were taken on)."""
+    import tempfile
+    from pathlib import Path
+
+    from .engines import ExecuTorchEngine
+    from .executorch import require_executorch
+    from .export import ExportFormat, export_model
+
+    require_executorch(f"engine {'executorch-int8' if int8 else 'executorch'}")
+    with tempfile.TemporaryDirectory(prefix="mobilenetv3-bench-") as folder:
+        path = Path(folder) / "model.pte"
+        model = model.cpu().eval()
+        if int8:
+            from .quantize import quantize_to_pte
+
+            if calibration is None:
+                calibration = torch.randn(8, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+            # Timing only: a random network's int8 top-1 need not agree with float32's (`quantize` checks that).
+            quantize_to_pte(model, [calibration], path, {}, batch=batch, min_agreement=0.0,
+                            threads=torch.get_num_threads())
+        else:
+            export_model(model, path, ExportFormat.EXECUTORCH, input_size=resolution, batch=batch, metadata={})
+        return ExecuTorchEngine(path, threads=torch.get_num_threads())  # the program holds its bytes
+
+
 def _inference_fn(model: nn.Module, engine: str, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:
-    """A no-argument callable running `model` (a torch module, or an ONNX Runtime engine) on `images`."""
-    if engine == "onnxruntime":
+    """A no-argument callable running `model` (a torch module, or an ONNX Runtime / ExecuTorch engine) on `images`."""
+    if engine in ARTIFACT_ENGINES:
         array = images.cpu().numpy()
         return lambda: model(array)
     model = model.eval().to(device)
@@ -234,7 +270,7 @@ def benchmark(
 ) -> list[BenchRow]:
     """Time our `model_name` (and the peers in `compare`) for every engine and batch size.
 
-    Peers run in every torch engine; ONNX Runtime rows are compared with the peers' eager rows.
+    Peers run in every torch engine; ONNX Runtime and ExecuTorch rows are compared with the peers' eager rows.
     """
     from ..models.registry import create_model
     from ..profile import count_macs
@@ -249,6 +285,13 @@ def benchmark(
             raise UserError(f"unknown engine {engine!r}; choose from {', '.join(sorted(known))}")
         if engine in ("amp-bf16", "amp-fp16") and dev.type != "cuda":
             raise UserError(f"engine {engine} needs a CUDA GPU (CPU engines: {', '.join(CPU_ENGINES)})")
+        if engine.startswith("executorch"):
+            if dev.type != "cpu":
+                raise UserError(f"engine {engine} runs on the CPU: pass --device cpu")
+            from .executorch import require_executorch, require_quantization
+
+            # before any network is built or timed
+            (require_quantization if engine == "executorch-int8" else require_executorch)(f"engine {engine}")
     if any(b < 1 for b in batch_sizes):
         raise UserError("batch sizes must be positive")
     if clock not in CLOCKS:
@@ -285,7 +328,13 @@ def benchmark(
             for name, network in networks.items():
                 if name != "ours" and mode == "inference" and engine not in TORCH_ENGINES:
                     continue
-                net = onnx_engines[name] if engine == "onnxruntime" else copy.deepcopy(network)
+                if engine == "onnxruntime":
+                    net = onnx_engines[name]
+                elif engine.startswith("executorch"):
+                    net = executorch_engine(copy.deepcopy(network), resolution, batch,
+                                            int8=engine == "executorch-int8", calibration=calibration)
+                else:
+                    net = copy.deepcopy(network)
                 fns[name] = _train_fn(net, images, dev) if mode == "train" else _inference_fn(net, engine, images, dev)
             logger.info("timing %s %s batch %d: %s", engine, mode, batch, ", ".join(fns))
             times = time_interleaved(fns, device=dev, warmup=warmup, min_repeats=min_repeats, min_seconds=min_seconds, clock=clock)
@@ -319,11 +368,11 @@ def _add_speedups(rows: list[BenchRow]) -> None:
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     peers = sorted({p for r in rows for p in r.speedup})
-    header = (f"{'network':12s} {'engine':13s} {'mode':9s} {'batch':>5s} {'median ms':>10s} {'p90 ms':>9s} "
+    header = (f"{'network':12s} {'engine':15s} {'mode':9s} {'batch':>5s} {'median ms':>10s} {'p90 ms':>9s} "
               f"{'img/s':>8s} {'% peak':>7s}" + "".join(f" {'vs ' + p:>14s}" for p in peers))
     lines = [header]
     for r in rows:
         ratios = "".join(f" {r.speedup[p]:13.2f}x" if p in r.speedup else f" {'':14s}" for p in peers)
-        lines.append(f"{r.network:12s} {r.engine:13s} {r.mode:9s} {r.batch_size:5d} {r.median_ms:10.2f} "
+        lines.append(f"{r.network:12s} {r.engine:15s} {r.mode:9s} {r.batch_size:5d} {r.median_ms:10.2f} "
                      f"{r.p90_ms:9.2f} {r.images_per_s:8.1f} {100 * r.peak_fraction:6.1f}%{ratios}")
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""Inference engines behind `predict` and `bench`: eager PyTorch and ONNX Runtime, plus the export cache.
+"""Inference engines behind `predict` and `bench`: eager PyTorch, ONNX Runtime and ExecuTorch, plus the export cache.
 
 An engine is a callable `images (N, C, H, W float32 numpy) -> logits (N, classes)`.  ONNX Runtime
 runs an ONNX export of the weights, cached under `cache_dir()` by the weights file's sha256 (and the
-input size), so only the first call on a set of weights pays for the export.
+input size), so only the first call on a set of weights pays for the export.  ExecuTorch runs a `.pte`
+program the user exported (`mobilenetv3 export --format executorch`, or `mobilenetv3 quantize`); it is
+the optional `[mobile]` extra.
 
 Nothing here imports torch at module level: with a cached export, `predict` runs on ONNX Runtime,
 PIL and numpy alone.
@@ -22,7 +24,7 @@ from ..files import cache_dir, file_sha256
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime")
+ENGINES = ("auto", "torch", "onnxruntime", "executorch")
 #: Bumped whenever the exported graph would change for the same weights (invalidates predict's cache).
 EXPORT_VERSION = "1"
 
@@ -90,16 +92,41 @@ class OnnxRuntimeEngine:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
-        size = self.fixed_batch
-        if size is None or len(images) == size:
-            return self.session.run(None, {self.input_name: images})[0]
-        # A fixed-batch export: run chunks of exactly that size, the last one padded with zeros.
-        count = len(images)
-        padding = (-count) % size if count else size
-        padded = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
-        outputs = [self.session.run(None, {self.input_name: padded[start:start + size]})[0]
-                   for start in range(0, len(padded), size)]
-        return np.concatenate(outputs)[:count]
+        run = lambda batch: self.session.run(None, {self.input_name: batch})[0]  # noqa: E731
+        return run(images) if self.fixed_batch is None else run_in_fixed_batches(run, images, self.fixed_batch)
+
+
+def run_in_fixed_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, size: int) -> np.ndarray:
+    """`run` (a program with a fixed batch `size`) over any number of images: chunks of exactly `size`, the
+    last one padded with zeros whose outputs are dropped (an empty input runs one padded batch for the shape)."""
+    count = len(images)
+    if count == size:
+        return run(images)
+    padding = (-count) % size if count else size
+    padded = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
+    outputs = [run(padded[start:start + size]) for start in range(0, len(padded), size)]
+    return np.concatenate(outputs)[:count]
+
+
+class ExecuTorchEngine:
+    """An ExecuTorch `.pte` program (XNNPACK-delegated, float32 or int8), run by ExecuTorch's runtime.
+
+    Its batch size is fixed: other batch sizes are run in chunks of it, the last one padded with zeros.
+    """
+
+    name = "executorch"
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        from .executorch import load_pte
+
+        self.path = Path(path)
+        self.program = load_pte(self.path, threads=threads)
+        self.metadata: dict[str, str] = dict(self.program.metadata)
+        #: the program's batch size (always fixed for a .pte).
+        self.fixed_batch: int = self.program.fixed_batch
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.program(images)
 
 
 class TorchEngine:
@@ -133,7 +160,7 @@ _OTHER_FILES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), 
 
 
 def check_weights_file(path: str | os.PathLike) -> str:
-    """What `path` is ("onnx", "safetensors" or "checkpoint"), judged from its name and first bytes.
+    """What `path` is ("onnx", "executorch", "safetensors" or "checkpoint"), judged from its name and first bytes.
 
     Called before any work is announced or done (hashing, exporting), so `predict --checkpoint cat.png`
     is one clear line rather than "exporting cat.png to ONNX" and then a failure.  A missing file, a
@@ -142,6 +169,11 @@ def check_weights_file(path: str | os.PathLike) -> str:
     """
     path = Path(path)
     is_onnx = path.suffix.lower() == ".onnx"
+    if path.suffix.lower() == ".pte":
+        from .executorch import check_pte_file
+
+        check_pte_file(path)  # there, a file, its header; ExecuTorch's loading checks the rest
+        return "executorch"
     if not path.is_file():
         from ..weights.io import missing_file_error  # imports torch: only on this error path
 
@@ -210,7 +242,8 @@ def _first_line(error: BaseException) -> str:
 def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int | None = None,
                 threads: int | None = None,
                 images: Sequence[str | os.PathLike] = ()) -> Callable[[np.ndarray], np.ndarray]:
-    """Build `name` ("auto", "torch", "onnxruntime") for a weights file, training checkpoint or .onnx file.
+    """Build `name` ("auto", "torch", "onnxruntime", "executorch") for a weights file, training checkpoint,
+    .onnx file or .pte program (which only "executorch", or "auto", runs).
 
     The returned engine has `.metadata` (weights-file vocabulary: preprocessing, class_names, ...).
     `images`: a few of the inputs, to verify a new ONNX export on.  When the export cannot be made or
@@ -220,7 +253,20 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
     if name not in ENGINES:
         raise UserError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     weights_path = Path(weights_path)
-    is_onnx = check_weights_file(weights_path) == "onnx"
+    kind = check_weights_file(weights_path)
+    is_onnx = kind == "onnx"
+    if kind == "executorch" and name in ("auto", "executorch"):
+        engine = ExecuTorchEngine(weights_path, threads=threads)
+        size = engine.program.input_shape[-1]
+        if input_size is not None and int(input_size) != size:
+            raise UserError(f"{weights_path} was exported for {size}px inputs, not {input_size}; "
+                            "export it again with --input-size")
+        return engine
+    if kind == "executorch":
+        raise UserError(f"{weights_path} is an ExecuTorch program: use --engine executorch (or auto)")
+    if name == "executorch":
+        raise UserError(f"--engine executorch runs .pte programs; export {weights_path} with "
+                        "`mobilenetv3 export --format executorch` first")
     if name == "auto":
         name = "onnxruntime" if (is_onnx or onnxruntime_available()) else "torch"
     if name == "onnxruntime":

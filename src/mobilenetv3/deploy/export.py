@@ -1,8 +1,9 @@
-"""Export a model to ONNX, TorchScript or a torch.export ExportedProgram, then prove the file is right.
+"""Export a model to ONNX, TorchScript, a torch.export ExportedProgram or an ExecuTorch program, then prove
+the file is right.
 
 Every export is verified before it lands at its path: the artifact is written to a temporary file,
-loaded back with its own runtime (ONNX Runtime, `torch.jit.load`, `torch.export.load`) and run at two
-batch sizes (one when the batch is fixed).  A failed check raises `ExportVerificationError` and leaves
+loaded back with its own runtime (ONNX Runtime, `torch.jit.load`, `torch.export.load`, ExecuTorch's
+`Runtime`) and run at two batch sizes (one when the batch is fixed).  A failed check raises `ExportVerificationError` and leaves
 no file behind.
 
 The reference is the unfused model evaluated in float64, not float32 eager PyTorch: float32 is itself
@@ -32,6 +33,11 @@ ONNX notes: the batch axis is dynamic unless a fixed batch is asked for.  h-swis
 `HardSwish` (defined as x * max(0, min(1, x/6 + 1/2)), the paper's eq. 2) and the SE gate as
 `HardSigmoid` with alpha=1/6, beta=0.5 written out explicitly: ONNX's default alpha for HardSigmoid is
 0.2, which is *not* the paper's hard sigmoid and is what some converters silently produce.
+
+ExecuTorch notes (`.pte`, the optional `[mobile]` extra, see `deploy.executorch`): a float32 program
+with every supported operator delegated to XNNPACK, at a fixed batch size (1 unless one is asked for:
+ExecuTorch plans its buffers for one size, and its dynamic-batch bounds were not reliable here).  The
+metadata is embedded in the program as a constant method, with "quantization": "none".
 """
 
 from __future__ import annotations
@@ -72,17 +78,26 @@ DEFAULT_OPSET = 18
 METADATA_FILE = "mobilenetv3.json"
 #: Output name endings that name a format, for `export --output` without `--format` (longest first).
 FORMAT_SUFFIXES = ((".torchscript.pt", "torchscript"), (".onnx", "onnx"), (".pt2", "exported-program"),
-                   (".ts", "torchscript"))
+                   (".ts", "torchscript"), (".pte", "executorch"))
+#: The batch size of an ExecuTorch export when none is asked for (its programs have a fixed batch size).
+EXECUTORCH_DEFAULT_BATCH = 1
 
 
 class ExportFormat(str, enum.Enum):
     ONNX = "onnx"
     TORCHSCRIPT = "torchscript"
     EXPORTED_PROGRAM = "exported-program"
+    EXECUTORCH = "executorch"
 
     @property
     def suffix(self) -> str:
-        return {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}[self.value]
+        return {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2",
+                "executorch": ".pte"}[self.value]
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether this format can have a dynamic batch axis (ExecuTorch programs have a fixed batch size)."""
+        return self is not ExportFormat.EXECUTORCH
 
     @classmethod
     def parse(cls, value: str) -> "ExportFormat":
@@ -247,6 +262,13 @@ def _write_exported_program(model: nn.Module, path: Path, example: torch.Tensor,
         torch.export.save(program, handle, extra_files={METADATA_FILE: json.dumps(metadata)})
 
 
+def _write_executorch(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict[str, str]) -> None:
+    from .executorch import write_pte
+
+    program = torch.export.export(model, (example,), strict=False)  # the example's batch size is the program's
+    write_pte(program, path, metadata)
+
+
 def _load_exported_program(path: Path, extra_files: dict[str, str] | None = None):
     with open(path, "rb") as handle:
         return torch.export.load(handle, extra_files=extra_files)
@@ -261,6 +283,10 @@ def load_artifact(path: str | os.PathLike, fmt: ExportFormat, *, threads: int | 
         session = onnxruntime_session(path, threads=threads)
         input_name = session.get_inputs()[0].name
         return lambda images: session.run(None, {input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+    if fmt is ExportFormat.EXECUTORCH:
+        from .executorch import load_pte
+
+        return load_pte(path, threads=threads)
     if fmt is ExportFormat.TORCHSCRIPT:
         with _torchscript_asked_for():
             module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -281,6 +307,10 @@ def read_artifact_metadata(path: str | os.PathLike, fmt: ExportFormat) -> dict[s
         from .engines import onnxruntime_session
 
         return dict(onnxruntime_session(path).get_modelmeta().custom_metadata_map)
+    if fmt is ExportFormat.EXECUTORCH:
+        from .executorch import read_pte_metadata
+
+        return read_pte_metadata(path)
     extra = {METADATA_FILE: ""}
     if fmt is ExportFormat.TORCHSCRIPT:
         with _torchscript_asked_for():
@@ -414,7 +444,7 @@ def export_model(
 
     Args:
         input_size: square input resolution (default: the model's `preprocessing.input_size`, else 224).
-        batch: a fixed batch size, or None for a dynamic batch axis.
+        batch: a fixed batch size, or None for a dynamic batch axis (ExecuTorch: `EXECUTORCH_DEFAULT_BATCH`).
         metadata: strings stored in the artifact (default: `artifact_metadata(model, ...)`).
         tolerance: the floor of the allowed difference, in units of max(1, max |output|) (module docstring).
         images: real inputs to verify on (normalised, N x C x R x R); `random_fields` fill the rest.
@@ -422,6 +452,11 @@ def export_model(
     fmt = ExportFormat.parse(fmt) if isinstance(fmt, str) else fmt
     if batch is not None and batch < 1:
         raise UserError(f"--batch must be a positive integer or 'dynamic', got {batch}")
+    if fmt is ExportFormat.EXECUTORCH:
+        from .executorch import require_executorch
+
+        require_executorch("--format executorch")  # before any work
+        batch = batch or EXECUTORCH_DEFAULT_BATCH
     in_chans = int(model.config.get("in_chans", 3))
     preprocessing: Preprocessing = getattr(model, "preprocessing", None) or default_preprocessing(in_chans)
     input_size = int(input_size or preprocessing.input_size)
@@ -432,6 +467,8 @@ def export_model(
     if metadata is None:
         metadata = artifact_metadata(model, preprocessing.replace(input_size=input_size),
                                      getattr(model, "class_names", None))
+    if fmt is ExportFormat.EXECUTORCH:
+        metadata = {"quantization": "none", **metadata}  # what write_pte stores: a float32 program
     # A CPU eval-mode copy: the caller's model keeps its mode and device (the example inputs are CPU tensors).
     reference = copy.deepcopy(model).cpu().eval()
     fused = fuse_batchnorm(reference)
@@ -452,6 +489,8 @@ def export_model(
             _write_onnx(fused, tmp_path, example, batch is None, opset, metadata)
         elif fmt is ExportFormat.TORCHSCRIPT:
             _write_torchscript(fused, tmp_path, metadata)
+        elif fmt is ExportFormat.EXECUTORCH:
+            _write_executorch(fused, tmp_path, example, metadata)
         else:
             _write_exported_program(fused, tmp_path, example, batch is None, metadata)
         try:

@@ -1,4 +1,4 @@
-"""Evaluate a weights file or a training checkpoint on a dataset (the library side of `mobilenetv3 eval`).
+"""Evaluate a weights file, a training checkpoint or an ExecuTorch program on a dataset (`mobilenetv3 eval`).
 
 On a training checkpoint the data settings, preprocessing, batch size, precision (`amp`) and memory layout
 (`channels_last`) are the run's own, so the numbers reproduce what training logged for that checkpoint; on a
@@ -6,6 +6,10 @@ weights file the stored preprocessing is used, in full precision.  `input_size` 
 either.  `tta="flip"` scores each image as the mean of the logits of two views, as is and mirrored left-right
 (test-time augmentation: twice the compute, and not the single-view protocol that training logs or that
 published accuracies use unless they say so).
+
+A `.pte` (ExecuTorch program: `export --format executorch`, or an int8 one from `quantize`) is evaluated
+itself, in ExecuTorch's runtime on the CPU, with the preprocessing embedded in it (its input size is fixed:
+`input_size` may only repeat it); its fixed batch size is padded to.  It needs the `[mobile]` extra.
 
 `logged` is what training logged for a checkpoint (its metrics row); `logged_data` says what that validation
 ran on (dataset, samples, input size, crop) and `logged_differs` which of those this evaluation changed: any
@@ -15,7 +19,6 @@ of them makes the two sets of numbers incomparable, which is not a failed reprod
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -64,28 +67,35 @@ def evaluate_file(
         raise UserError(f"unknown test-time augmentation {tta!r}; choose from {', '.join(TTA_MODES)}")
     if amp is not None and amp not in AMP_DTYPES:
         raise UserError(f"unknown amp mode {amp!r}; choose from {', '.join(AMP_DTYPES)}")
+    path = Path(path)
+    is_pte = path.suffix.lower() == ".pte"
+    if is_pte and device not in ("auto", "cpu"):
+        raise UserError(f"{path} is an ExecuTorch program, which runs on the CPU: drop --device {device}")
     try:  # first: a misspelt device fails before any reading
-        env = DistEnv(device=resolve_device(device, 0))
+        env = DistEnv(device=resolve_device("cpu" if is_pte else device, 0))
     except RuntimeError as error:  # torch.device("gpu"), an index past the last GPU, ...
         raise UserError(f"--device {device}: {str(error).strip().splitlines()[0]}") from None
-    path = Path(path)
-    weights = read_weights(path, ema=ema)
+    program = None
+    if is_pte:
+        program, weights = _read_pte(path, ema=ema, amp=amp, input_size=input_size)
+    else:
+        weights = read_weights(path, ema=ema)
     train_config: dict[str, Any] = {}
-    if path.suffix not in SAFETENSORS_SUFFIXES:
+    if not is_pte and path.suffix not in SAFETENSORS_SUFFIXES:
         payload = load_checkpoint(path)
         train_config = payload.get("config") or {}
-    known = {f.name for f in fields(DataConfig)}
-    data_cfg = DataConfig(**{k: v for k, v in train_config.get("data", {}).items() if k in known})
-    data_cfg.dataset = dataset
-    if data_dir is not None:
-        data_cfg.data_dir = data_dir
-    if workers is not None:
-        data_cfg.workers = workers
-    data_cfg.input_size = input_size if input_size is not None else weights.preprocessing.input_size
-    data_cfg.crop_pct = crop_pct if crop_pct is not None else weights.preprocessing.crop_pct
+    data_cfg = DataConfig.for_run(
+        train_config.get("data"), dataset, data_dir=data_dir, workers=workers,
+        input_size=input_size if input_size is not None else weights.preprocessing.input_size,
+        crop_pct=crop_pct if crop_pct is not None else weights.preprocessing.crop_pct)
     bundle = build_datasets(data_cfg, need_train=False, preprocessing=weights.preprocessing)
 
-    model = build_model(weights)
+    if program is not None:
+        from ..deploy.executorch import pte_module
+
+        model = pte_module(program)
+    else:
+        model = build_model(weights)
     num_classes = int(weights.model_kwargs.get("num_classes", 1000))
     if num_classes != bundle.num_classes:
         raise UserError(f"{path} predicts {num_classes} classes but {dataset!r} has {bundle.num_classes}")
@@ -124,3 +134,25 @@ def evaluate_file(
             differs.insert(0, "dataset")
         result.update(logged_data=trained, logged_differs=differs)
     return result
+
+
+def _read_pte(path: Path, *, ema: bool, amp: str | None, input_size: int | None):
+    """(the loaded ExecuTorch program, a `LoadedWeights` without tensors describing it), or a UserError for
+    options that cannot apply to a fixed program."""
+    from ..deploy.engines import check_weights_file
+    from ..deploy.executorch import load_pte, pte_weights, require_executorch
+
+    check_weights_file(path)  # missing, a directory, or not a program: one line before the extra is asked for
+    require_executorch(f"evaluating {path.name}")
+    if ema:
+        raise UserError(f"{path} is an ExecuTorch program; --ema applies to training checkpoints only")
+    if amp not in (None, "none"):
+        raise UserError(f"{path} is an ExecuTorch program with its own precision; --amp does not apply")
+    program = load_pte(path)
+    weights = pte_weights(program)
+    size = program.input_shape[-1]
+    weights.preprocessing = weights.preprocessing.replace(input_size=size)  # what the program takes
+    if input_size is not None and input_size != size:
+        raise UserError(f"{path} was exported for {size}px inputs, not {input_size}; export it again with "
+                        "--input-size")
+    return program, weights

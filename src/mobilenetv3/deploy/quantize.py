@@ -1,0 +1,382 @@
+"""Post-training int8 quantization to an ExecuTorch program (the library side of `mobilenetv3 quantize`).
+
+The PT2E flow, with the XNNPACK quantizer:
+
+  torch.export (float32, eval mode, dynamic batch)  ->  torchao `prepare_pt2e(XNNPACKQuantizer)`
+  ->  calibration batches on the CPU  ->  `convert_pt2e`  ->  torch.export (fixed batch)
+  ->  `executorch.write_pte` (lowered to the XNNPACK delegate)
+
+The scheme (`QUANTIZATION_SCHEME`) is XNNPACK's symmetric int8: per-channel weights (a scale per output
+channel, [-127, 127]), static per-tensor activations ([-128, 127], ranges from a histogram observer over the
+calibration images).  `prepare_pt2e` folds every BatchNorm into its convolution before observing, so the
+int8 weights are the folded ones.
+
+How MobileNetV3's layers come out: convolutions (with a following ReLU fused), the classifier, residual adds
+and the squeeze-excite product x * gate are int8 patterns of the quantizer.  Hard-swish, the SE's hard-sigmoid
+gate and its spatial mean are not: ExecuTorch's XNNPACK backend takes hard-swish in float32 only and has no
+hard-sigmoid op (it is decomposed into (x + 3), clamp to [0, 6], / 6), so they run in float32 between a
+dequantize and a quantize, *inside* the XNNPACK delegate.  Measured (`ops_outside_delegate`,
+benchmarks/mobile_speed.py): the whole network is one delegate call; what runs outside it are 0-d dtype casts
+(`dim_order_ops::_to_dim_order_copy`) of the hard-sigmoid's two scalar constants, 2 per SE block: 16 kernel
+calls for Large, 18 for Small, a few bytes each.
+
+A fixed batch: the program takes batches of exactly that size (`load_pte` pads the last one); ExecuTorch 1.5.1
+plans a dynamic batch's buffers below the asked bound (see `deploy/executorch.py`).
+
+Before the file is kept, it is loaded back with ExecuTorch's runtime and run beside the eager float32 model
+on the evaluation images (the data's validation split; without them, the calibration images): the float32 and
+int8 top-1 accuracies (when labels fit the classifier) and the fraction of images on which both predict the
+same class ("agreement").  Agreement below `min_agreement` raises `QuantizationVerificationError` and leaves no
+file (see DEFAULT_MIN_AGREEMENT for the threshold).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..preprocessing import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_SCHEME = ("xnnpack int8, per-channel symmetric weights, static per-tensor activations "
+                       "(histogram observer), PT2E post-training")
+DEFAULT_CALIBRATION_IMAGES = 512
+DEFAULT_BATCH = 1
+#: Calibration batches are this large (the prepared program has a dynamic batch).
+CALIBRATION_BATCH_SIZE = 32
+#: Refuse an int8 program whose top-1 agrees with float32's on fewer than this percentage of the images.
+#: The check catches a *broken* program, not an accuracy loss: the command reports the accuracy cost for the
+#: user to judge (MobileNetV3 is known to lose more to PTQ than most networks).  Measured agreement of sound
+#: programs: 99.02% (the demo's Fashion-MNIST Small, 10000 test images) and 90.6-99.0% (the test's 3-class
+#: mobilenetv3_small_050 at 32 px, random convolutions with a fitted classifier: small logit margins, the hard
+#: case; 96 validation images, 10 seeds).  Programs calibrated on the wrong range (un-normalised pixels x255,
+#: or x0.01) agree on 9-10% (Fashion-MNIST: chance, one class predicted) and 3.1-36.5% (the 3-class net).
+#: 50% is below every sound measurement and above every broken one.
+DEFAULT_MIN_AGREEMENT = 50.0
+
+
+class QuantizationVerificationError(RuntimeError):
+    """The int8 program disagrees with the float32 model on too many images (see DEFAULT_MIN_AGREEMENT)."""
+
+
+@dataclass
+class Comparison:
+    """float32 eager vs the int8 program on the evaluation images."""
+
+    images: int = 0
+    agree: int = 0  # images where both predict the same class
+    labelled: int = 0  # images whose labels fit the classifier (top-1 is measured on these)
+    float_correct: int = 0
+    int8_correct: int = 0
+    max_abs_diff: float = 0.0  # max |int8 logits - float32 logits|
+    scale: float = 0.0  # max |float32 logits|
+
+    @property
+    def agreement(self) -> float:
+        return 100.0 * self.agree / self.images if self.images else float("nan")
+
+    @property
+    def float_top1(self) -> float | None:
+        return 100.0 * self.float_correct / self.labelled if self.labelled else None
+
+    @property
+    def int8_top1(self) -> float | None:
+        return 100.0 * self.int8_correct / self.labelled if self.labelled else None
+
+    def add(self, reference: np.ndarray, quantized: np.ndarray, labels: np.ndarray | None) -> None:
+        if quantized.shape != reference.shape:
+            raise QuantizationVerificationError(
+                f"int8 program output shape {quantized.shape} != float32 {reference.shape}")
+        if not np.isfinite(quantized).all():
+            raise QuantizationVerificationError("the int8 program produced NaN or infinite logits")
+        # torch.topk, as `eval`'s top-1 (train.loop.topk_correct): int8 logits tie often (the classifier's output
+        # is quantized too), and argmax breaks ties differently (Fashion-MNIST Small: 14 ties in 10000, 3 flips)
+        ref_top = torch.from_numpy(reference).topk(1, dim=1).indices[:, 0].numpy()
+        q_top = torch.from_numpy(quantized).topk(1, dim=1).indices[:, 0].numpy()
+        self.images += len(reference)
+        self.agree += int((ref_top == q_top).sum())
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(quantized - reference).max(initial=0.0)))
+        self.scale = max(self.scale, float(np.abs(reference).max(initial=0.0)))
+        if labels is not None:
+            self.labelled += len(labels)
+            self.float_correct += int((ref_top == labels).sum())
+            self.int8_correct += int((q_top == labels).sum())
+
+
+@dataclass
+class QuantizeReport:
+    path: Path
+    batch: int
+    input_size: int
+    calibration_images: int
+    pte_bytes: int
+    comparison: Comparison
+    evaluated_on: str  # "validation" or "calibration": which images the comparison ran on
+    min_agreement: float
+    outside_delegate: dict[str, int] | None = None  # kernel calls outside the XNNPACK delegate, by operator
+    delegates: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.comparison
+        drop = None if c.float_top1 is None else c.float_top1 - c.int8_top1
+        return {
+            "path": str(self.path), "quantization": "int8", "scheme": QUANTIZATION_SCHEME, "batch": self.batch,
+            "input_size": self.input_size, "calibration_images": self.calibration_images,
+            "evaluated_on": self.evaluated_on, "eval_images": c.images, "labelled_images": c.labelled,
+            "float_top1": c.float_top1, "int8_top1": c.int8_top1, "top1_drop": drop,
+            "agreement": c.agreement, "min_agreement": self.min_agreement, "max_abs_logit_diff": c.max_abs_diff,
+            "max_abs_logit": c.scale, "pte_bytes": self.pte_bytes, "delegates": self.delegates,
+            "outside_delegate": self.outside_delegate,
+        }
+
+
+def quantization_metadata(metadata: dict[str, str], calibration_images: int) -> dict[str, str]:
+    """`metadata` (the `export.artifact_metadata` vocabulary) plus what says the program is int8, and how."""
+    return {**metadata, "quantization": "int8", "quantization_scheme": QUANTIZATION_SCHEME,
+            "calibration_images": str(int(calibration_images))}
+
+
+def _quantizer(is_qat: bool = False):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat))
+
+
+def quantized_program(model: nn.Module, calibration: list[torch.Tensor], batch: int):
+    """The int8 `torch.export.ExportedProgram` of `model` (float32, CPU), observed on `calibration`, at `batch`."""
+    from .executorch import _quiet_imports
+
+    with _quiet_imports():  # torchao's import logs a torch pytree deprecation
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = calibration[0][:1]
+    # Dynamic for calibration only: observing runs batches of any size; the final program has a fixed one.
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+    with _quiet_imports():
+        graph = torch.export.export(model, (torch.cat([example, example]),), dynamic_shapes=dynamic,
+                                    strict=False).module()
+        prepared = prepare_pt2e(graph, _quantizer())
+        with torch.no_grad():
+            for images in calibration:
+                prepared(images)
+        converted = convert_pt2e(prepared)
+        fixed = torch.zeros((batch, *example.shape[1:]), dtype=torch.float32)
+        return torch.export.export(converted, (fixed,), strict=False)
+
+
+def ops_outside_delegate(path: str | os.PathLike) -> tuple[dict[str, int], int] | None:
+    """({operator: kernel calls} outside the XNNPACK delegates, number of delegate calls) of a `.pte`, read
+    from its serialized execution plan; None when this ExecuTorch cannot deserialize it (a private API)."""
+    try:
+        from executorch.exir._serialize._program import deserialize_pte_binary
+
+        program = deserialize_pte_binary(Path(path).read_bytes())
+        program = getattr(program, "program", program)
+        plan = next(p for p in program.execution_plan if p.name == "forward")
+        calls: collections.Counter[str] = collections.Counter()
+        delegates = 0
+        for chain in plan.chains:
+            for instruction in chain.instructions:
+                args = instruction.instr_args
+                kind = type(args).__name__
+                if kind == "DelegateCall":
+                    delegates += 1
+                elif kind == "KernelCall":
+                    calls[plan.operators[args.op_index].name] += 1
+        return dict(calls), delegates
+    except Exception as error:  # noqa: BLE001 - diagnostics only
+        logger.debug("cannot read the execution plan of %s: %s", path, error)
+        return None
+
+
+def compare_program(model: nn.Module, program: Callable[[np.ndarray], np.ndarray],
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> Comparison:
+    """Run eager float32 `model` and the int8 `program` on each (images, labels or None) batch."""
+    comparison = Comparison()
+    for images, labels in batches:
+        if not len(images):
+            continue
+        images = images.detach().float().cpu().contiguous()
+        with torch.inference_mode():
+            reference = model(images).float().numpy()
+        quantized = program(images.numpy())
+        comparison.add(reference, quantized, None if labels is None else labels.cpu().numpy())
+    return comparison
+
+
+def quantize_to_pte(
+    model: nn.Module,
+    calibration_batches: Iterable[torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str],
+    *,
+    batch: int | None = DEFAULT_BATCH,
+    evaluation: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    threads: int | None = None,
+) -> QuantizeReport:
+    """Quantize `model` to int8 on `calibration_batches` (normalised image batches N x C x R x R) and write an
+    XNNPACK-delegated `.pte` at `path`, verified first (see the module docstring).
+
+    `batch`: the program's fixed batch size (None: DEFAULT_BATCH).  `evaluation`: (images, labels) batches for
+    the float32 / int8 comparison, labels None where they do not fit the classifier; default: the calibration
+    images, unlabelled.  `metadata` is stored in the program with "quantization": "int8" and the scheme added.
+    """
+    from ..weights.io import atomic_write
+    from .executorch import load_pte, require_executorch, write_pte
+
+    require_executorch("int8 quantization")
+    batch = DEFAULT_BATCH if batch is None else int(batch)
+    if batch < 1:
+        raise UserError(f"the batch size must be positive, got {batch}")
+    model = copy.deepcopy(model).cpu().float().eval()
+    calibration = [images.detach().float().cpu().contiguous() for images in calibration_batches if len(images)]
+    if not calibration:
+        raise UserError("no calibration images: quantization needs at least one image")
+    shape = tuple(calibration[0].shape[1:])
+    if any(tuple(images.shape[1:]) != shape for images in calibration):
+        raise UserError(f"calibration batches differ in image shape (first {shape})")
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise UserError(f"calibration images must be C x R x R, got {shape}")
+    count = sum(len(images) for images in calibration)
+    program = quantized_program(model, calibration, batch)
+    stored = quantization_metadata(metadata, count)
+    path = Path(path)
+    result: dict[str, Any] = {}
+
+    def write(temporary: str) -> None:
+        write_pte(program, temporary, stored)
+        runner = load_pte(temporary, threads=threads)
+        batches = evaluation if evaluation is not None else ((images, None) for images in calibration)
+        comparison = compare_program(model, runner, batches)
+        if not comparison.images:
+            raise UserError("no evaluation images to compare the int8 program with float32 on")
+        if not comparison.agreement >= min_agreement:  # NaN fails too
+            raise QuantizationVerificationError(
+                f"the int8 program agrees with float32 on {comparison.agreement:.2f}% of top-1 predictions "
+                f"({comparison.agree} of {comparison.images} images), below the {min_agreement:g}% required; "
+                "no file written (calibrate on more or more typical images, or lower --min-agreement)")
+        result.update(comparison=comparison, bytes=os.path.getsize(temporary), ops=ops_outside_delegate(temporary))
+
+    atomic_write(path, write)
+    ops = result["ops"]
+    return QuantizeReport(
+        path=path, batch=batch, input_size=shape[-1], calibration_images=count, pte_bytes=result["bytes"],
+        comparison=result["comparison"], evaluated_on="validation" if evaluation is not None else "calibration",
+        min_agreement=min_agreement, outside_delegate=None if ops is None else ops[0],
+        delegates=None if ops is None else ops[1], metadata=stored,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: calibration images from a folder, Fashion-MNIST, or a training checkpoint's own run.
+
+
+@dataclass
+class QuantizeData:
+    """Calibration and evaluation images for one set of weights, through the weights' eval preprocessing."""
+
+    dataset: str  # what --data named (or the run's data)
+    calibration: torch.utils.data.Dataset  # the train split (eval transform), else the validation split
+    calibration_split: str  # "train" or "val"
+    val: torch.utils.data.Dataset
+    num_classes: int
+    class_names: list[str]
+    preprocessing: Preprocessing
+    workers: int
+
+
+def quantize_data(
+    data: str | None, preprocessing: Preprocessing, train_config: dict[str, Any] | None = None, *,
+    source: str = "the weights", data_dir: str | None = None, workers: int | None = None,
+) -> QuantizeData:
+    """The datasets `mobilenetv3 quantize` calibrates and evaluates on.
+
+    `data`: a folder in ImageNet layout (calibration from its train/ images when it has them, else val/),
+    "fashion-mnist" (its train split), "synthetic", or None for a training checkpoint's own run (its
+    `train_config["data"]`).  Every image goes through `preprocessing.eval_transform()` (no augmentation).
+    """
+    from ..data import BUILTIN_DATASETS, DataConfig, build_datasets
+
+    run_data = dict((train_config or {}).get("data") or {})
+    if data is None:
+        data = run_data.get("dataset")
+        if not data:
+            raise UserError(f"{source} names no data of its own (a weights file, or a checkpoint whose config has "
+                            "no data.dataset): pass --data (a folder in ImageNet layout, or fashion-mnist) for the "
+                            "calibration images")
+    cfg = DataConfig.for_run(run_data, data, data_dir=data_dir, workers=workers,
+                             input_size=preprocessing.input_size, crop_pct=preprocessing.crop_pct)
+    has_train = data in BUILTIN_DATASETS or (Path(data).expanduser() / "train").is_dir()
+    bundle = build_datasets(cfg, need_train=has_train, preprocessing=preprocessing)
+    calibration = bundle.train if bundle.train is not None else bundle.val
+    if calibration is not bundle.val and hasattr(calibration, "transform"):
+        calibration.transform = bundle.preprocessing.eval_transform()  # eval preprocessing, no augmentation
+    return QuantizeData(data, calibration, "train" if calibration is not bundle.val else "val", bundle.val,
+                        bundle.num_classes, list(bundle.class_names), bundle.preprocessing, cfg.workers)
+
+
+def calibration_batches(dataset: torch.utils.data.Dataset, count: int, *, batch_size: int = CALIBRATION_BATCH_SIZE,
+                        workers: int = 0, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Image batches of `count` images drawn from `dataset` at random (seeded), or all of it when smaller."""
+    from torch.utils.data import DataLoader, Subset
+
+    from ..data import collate_skipping
+
+    if count < 1:
+        raise UserError(f"--calibration-images must be positive, got {count}")
+    total = len(dataset)
+    if total == 0:
+        raise UserError("the calibration data has no images")
+    indices = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    loader = DataLoader(Subset(dataset, sorted(indices)), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate_skipping)
+    for images, _, _ in loader:
+        if len(images):
+            yield images
+
+
+def evaluation_batches(dataset: torch.utils.data.Dataset, *, labelled: bool, batch_size: int = 64,
+                       workers: int = 0, limit_batches: int | None = None,
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images, labels) batches of the validation split in order; labels None when they do not fit the model."""
+    from torch.utils.data import DataLoader
+
+    from ..data import collate_skipping
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_skipping)
+    for index, (images, labels, _) in enumerate(loader):
+        if limit_batches is not None and index >= limit_batches:
+            break
+        if len(images):
+            yield images, (labels if labelled else None)
+
+
+def describe_bytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def top1_line(comparison: Comparison) -> str | None:
+    """'float32 top-1 91.20%  int8 top-1 90.90%  (-0.30 points)' or None without labels."""
+    if comparison.float_top1 is None:
+        return None
+    drop = comparison.int8_top1 - comparison.float_top1
+    sign = "-" if drop < 0 else "+"
+    return (f"float32 top-1 {comparison.float_top1:.2f}%  int8 top-1 {comparison.int8_top1:.2f}%  "
+            f"({sign}{abs(drop):.2f} points)")
+
+
