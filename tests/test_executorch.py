@@ -18,10 +18,10 @@ import torch
 
 pytest.importorskip("executorch.runtime", reason="the [mobile] extra (ExecuTorch) is not installed")
 
-from mobilenetv3 import create_model, save_model  # noqa: E402
+from mobilenetv3 import save_model  # noqa: E402
 from mobilenetv3.cli import main  # noqa: E402
 from mobilenetv3.deploy import executorch as executorch_module  # noqa: E402
-from mobilenetv3.deploy.bench import benchmark, calibrate_batchnorm  # noqa: E402
+from mobilenetv3.deploy.bench import benchmark  # noqa: E402
 from mobilenetv3.deploy.engines import ExecuTorchEngine, check_weights_file, make_engine  # noqa: E402
 from mobilenetv3.deploy.executorch import MOBILE_EXTRA_HINT, load_pte, read_pte_metadata  # noqa: E402
 from mobilenetv3.deploy.export import (  # noqa: E402
@@ -36,6 +36,7 @@ from mobilenetv3.errors import UserError  # noqa: E402
 from mobilenetv3.files import file_sha256  # noqa: E402
 from mobilenetv3.preprocessing import Preprocessing  # noqa: E402
 from test_export import perturbed  # noqa: E402  (tests/ is on sys.path)
+from test_predict import tiny_model  # noqa: E402
 from test_train_run import make_image_folder  # noqa: E402
 
 SIZE = 32
@@ -48,14 +49,9 @@ NATIVE_LOG_LINE = re.compile(r"^\[[\w.]+\.(?:cpp|cc|c|h):\d+\] ")
 
 @pytest.fixture(scope="module")
 def model():
-    """Small x0.35 with calibrated BN statistics and a larger classifier: logits O(1), not ~1e-7."""
-    torch.manual_seed(0)
-    net = create_model("mobilenetv3_small_035", num_classes=len(CLASSES))
-    calibrate_batchnorm(net, torch.randn(64, 3, SIZE, SIZE))
-    with torch.no_grad():
-        net.classifier.weight.normal_(0, 0.5)
+    net = tiny_model(len(CLASSES), SIZE)
     net.preprocessing = PREPROCESSING
-    return net.eval()
+    return net
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,19 @@ PREPROCESSING = Preprocessing(input_size=SIZE, crop_pct=0.8)  # resize 40, crop 
 CLASSES = [f"kind {i}" for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_model(num_classes: int, size: int = SIZE) -> torch.nn.Module:
+    """Small x0.35 with calibrated BN statistics and a larger classifier: logits O(1), not ~1e-7."""
     torch.manual_seed(0)
-    net = create_model("mobilenetv3_small_035", num_classes=len(CLASSES))
-    calibrate_batchnorm(net, torch.randn(64, 3, SIZE, SIZE))
+    net = create_model("mobilenetv3_small_035", num_classes=num_classes)
+    calibrate_batchnorm(net, torch.randn(64, 3, size, size))
     with torch.no_grad():
         net.classifier.weight.normal_(0, 0.5)
     return net.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(len(CLASSES))
 
 
 @pytest.fixture(scope="module")
