@@ -14,3 +14,10 @@ class UnknownModelError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages often go on for pages), or its type name
+    when it has none: what a one-line error quotes as the reason."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

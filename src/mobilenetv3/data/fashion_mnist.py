@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,9 @@ def locate(data_dir: str | os.PathLike | None = None, *, download: bool = True) 
         for train in (True, False):
             FashionMNIST(str(target), train=train, download=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision raises RuntimeError at the end
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"Fashion-MNIST not found (searched {searched}) and the download into {target} failed ({reason}); "
+            f"Fashion-MNIST not found (searched {searched}) and the download into {target} failed "
+            f"({first_line(error)}); "
             f"install Debian's dataset-fashion-mnist or put the four *-ubyte.gz files in --data-dir or ${ENV_VAR}"
         ) from None
     found = files_in(target)

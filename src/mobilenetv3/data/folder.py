@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..preprocessing import ConvertMode
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ def _describe(path: str, error: BaseException) -> str:
     """A short reason for a decode failure (PIL's own messages repeat the file object)."""
     if isinstance(error, UnidentifiedImageError):
         return "empty file" if os.path.getsize(path) == 0 else "not an image, or a format PIL can't read"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(error)
 
 
 def check_same_classes(train: TolerantImageFolder, val: TolerantImageFolder) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files import cache_dir, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None, 
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # ORT raises its own exception types (InvalidGraph, Fail, NoSuchFile)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"ONNX Runtime cannot load {path}: {first}") from None
+        raise UserError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
 
 
 class OnnxRuntimeEngine:
@@ -226,17 +225,12 @@ def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None =
         samples = load_samples(images, preprocessing, sum(verification_batch_sizes(None)))
         export_model(model, target, ExportFormat.ONNX, input_size=size, metadata=metadata, images=samples)
     except Exception as error:  # ExportVerificationError, an exporter failure, a full disk, ...
-        raise ExportUnavailable(f"the ONNX export of {weights_path} failed: {_first_line(error)}") from error
+        raise ExportUnavailable(f"the ONNX export of {weights_path} failed: {first_line(error)}") from error
     return target
 
 
 class ExportUnavailable(RuntimeError):
     """`cached_onnx_export` could not make or verify the export (the weights themselves loaded fine)."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int | None = None,

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .engines import run_in_fixed_batches
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ def _load_program(path: str | os.PathLike):
         with _native_logs_to_debug():
             return runtime.load_program(data)
     except Exception as error:  # the bindings raise RuntimeError with the runtime's error code
-        text = str(error).strip()
-        raise UserError(f"ExecuTorch cannot load {path}: {text.splitlines()[0] if text else type(error).__name__}") from None
+        raise UserError(f"ExecuTorch cannot load {path}: {first_line(error)}") from None
 
 
 def _program_metadata(program, path: Path) -> dict[str, str]:
@@ -261,9 +260,7 @@ class PteProgram:
             with _native_logs_to_debug():
                 self.method = self.program.load_method("forward")
         except RuntimeError as error:  # a delegate or kernel this runtime lacks, a corrupt segment
-            text = str(error).strip()
-            raise UserError(f"ExecuTorch cannot load the forward method of {self.path}: "
-                            f"{text.splitlines()[0] if text else type(error).__name__}") from None
+            raise UserError(f"ExecuTorch cannot load the forward method of {self.path}: {first_line(error)}") from None
         meta = self.method.metadata
         if meta.num_inputs() != 1:
             raise UserError(f"{self.path} takes {meta.num_inputs()} inputs, not one image batch")

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..preprocessing import Preprocessing
 
 FORMAT = "mobilenetv3"
@@ -197,8 +197,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise UserError(f"{path} is not a readable PyTorch checkpoint ({lines[-1] if lines else 'bad data'})") from None
         raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({refused})") from None
     except Exception as error:  # garbage bytes make the unpickler fail in many ways (IndexError, EOFError, ...)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(error)})") from None
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "") -> None:
