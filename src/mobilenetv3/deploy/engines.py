@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import UserError, first_line
-from ..files import cache_dir, file_sha256
+from ..files import cache_dir, file_sha256, missing_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +174,6 @@ def check_weights_file(path: str | os.PathLike) -> str:
         check_pte_file(path)  # there, a file, its header; ExecuTorch's loading checks the rest
         return "executorch"
     if not path.is_file():
-        from ..weights.io import missing_file_error  # imports torch: only on this error path
-
         raise missing_file_error(path, "ONNX file" if is_onnx else "weights file")
     if is_onnx:
         return "onnx"  # ONNX Runtime's own loading says best what is wrong with one

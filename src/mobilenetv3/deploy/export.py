@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import missing_folders, remove_empty_folders
 from ..preprocessing import Preprocessing
 from ..weights.io import atomic_write, model_description
 from .engines import EXPORT_VERSION
@@ -478,8 +479,7 @@ def export_model(
     batches = verification_inputs(preprocessing, input_size, batch_sizes, images)
     real_images = min(len(images) if images is not None else 0, sum(batch_sizes))
     output = Path(output)
-    # Folders this call creates are removed again if the export fails: a failed command leaves nothing.
-    created = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
+    created = missing_folders(output.parent)  # removed again if the export fails: a failed command leaves nothing
     output.parent.mkdir(parents=True, exist_ok=True)
     result: list[Comparison] = []
 
@@ -502,9 +502,7 @@ def export_model(
     try:
         atomic_write(output, write_and_verify)
     except BaseException:
-        for folder in created:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty_folders(created)
         raise
     comparison = result[0]
     report = ExportReport(output, fmt, input_size, batch, batch_sizes, comparison.artifact_diff, tolerance,

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..allocator import keep_freed_memory
 from ..errors import UserError
+from ..files import missing_folders, remove_empty_folders
 from . import checkpoint as ckpt
 from . import distributed
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
@@ -181,7 +182,7 @@ def run(config: TrainConfig, *, progress: bool | None = None, allow_config_chang
         logger.info("torchrun restart %s: resuming from %s/checkpoints/last.pt",
                     os.environ.get("TORCHELASTIC_RESTART_COUNT"), config.output)
         config = replace_config(config, resume=resume)
-    created = _missing_folders(Path(config.output)) if env.is_main else []
+    created = missing_folders(config.output) if env.is_main else []
     trainer = None
     try:
         trainer = Trainer(config, env, progress=progress, allow_config_change=allow_config_change)
@@ -195,16 +196,6 @@ def run(config: TrainConfig, *, progress: bool | None = None, allow_config_chang
         distributed.shutdown()
 
 
-def _missing_folders(output: Path) -> list[Path]:
-    """`output` and those of its parents that do not exist yet (the run would create them), innermost first."""
-    missing = []
-    for folder in (output, *output.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing
-
-
 def _remove_unsaved_run(output: Path, created: list[Path]) -> bool:
     """After a failure: remove the folders this run created if no checkpoint made it in (a failed command
     writes nothing: no empty runs/NAME to trip over); True when it removed `output`."""
@@ -214,11 +205,7 @@ def _remove_unsaved_run(output: Path, created: list[Path]) -> bool:
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         return False
     shutil.rmtree(output, ignore_errors=True)
-    for parent in created[1:]:
-        try:
-            parent.rmdir()  # only while empty
-        except OSError:
-            break
+    remove_empty_folders(created[1:])
     return not output.exists()
 
 

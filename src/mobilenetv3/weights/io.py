@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, first_line
+from ..files import missing_file_error
 from ..preprocessing import Preprocessing
 
 FORMAT = "mobilenetv3"
@@ -146,21 +147,6 @@ def _disk_full(error: BaseException, directory: Path) -> bool:
         return shutil.disk_usage(directory).free < DISK_FULL_MARGIN_BYTES
     except OSError:
         return False
-
-
-#: Files in a run folder that a command taking a weights file most likely wanted, most likely first.
-RUN_FOLDER_WEIGHTS = ("checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/swa.safetensors", "best.pt", "last.pt")
-
-
-def missing_file_error(path: str | os.PathLike, what: str = "weights file") -> UserError:
-    """`{what} not found: PATH`; for a directory (a run folder, say), that it is one and which weights
-    file inside it was probably meant, rather than a "not found" that contradicts what the user sees."""
-    path = Path(path)
-    if not path.is_dir():
-        return UserError(f"{what} not found: {path}")
-    candidates = [path / name for name in RUN_FOLDER_WEIGHTS] + sorted(path.glob("*.safetensors"))
-    hint = next((candidate for candidate in candidates if candidate.is_file()), None)
-    return UserError(f"{path} is a directory; expected a {what}" + (f" (did you mean {hint}?)" if hint else ""))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
