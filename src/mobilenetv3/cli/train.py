@@ -73,7 +73,7 @@ DEFAULT_MEANS = {
     "data-dir": "$MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, then the cache",
     "input-size": "the data's: 224 for folders, 28 for fashion-mnist", "num-classes": "the data's",
     "pretrained": "none, random initialisation", "limit-train-batches": "all", "limit-val-batches": "all",
-    "lr": "{default} for {optim[lr_base_batch]} images, scaled linearly with the global batch",
+    "lr": "{default} for {lr_base_batch} images, scaled linearly with the global batch",
     "checkpoint-every-steps": "0, at epoch ends only",
 }
 
@@ -97,8 +97,8 @@ def _field_type(dotted: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, data_sources="--recipe, --config or --resume")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="FILE",
-                        help="continue a run: from OUTPUT/checkpoints/last.pt (and OUTPUT/config.yaml), or from FILE; "
-                             "settings that break an exact resume are refused, --epochs may grow")
+                        help="continue a run: from OUTPUT/checkpoints/last.pt, or from FILE, with the config stored "
+                             "in it; settings that break an exact resume are refused, --epochs may grow")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: continue although the config differs from the checkpoint's (input "
                              "size, lr, batch size, batch limits, ...); the resume is then not exact")
@@ -110,15 +110,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
                          data_sources: str = "--recipe or --config") -> None:
     """--recipe, --config, the flag shortcuts of FLAGS (but `skip`), --set and --progress (train and lr-find);
     `data_sources`: what else can name the data, for --data's help."""
-    from ..train.config import list_recipes
+    from ..train.config import TrainConfig, flatten, list_recipes, to_dict
 
     parser.add_argument("--recipe", default=None, help=f"shipped recipe: {', '.join(list_recipes())}")
     parser.add_argument("--config", default=None, metavar="FILE", help="a YAML config (e.g. a run's config.yaml)")
-    from ..train.config import TrainConfig, to_dict
-
     group = parser.add_argument_group("config shortcuts (each sets the key in brackets; the defaults are the "
                                       "built-in config's, which a recipe may change)")
-    defaults = to_dict(TrainConfig())
+    defaults = flatten(to_dict(TrainConfig()))
     for flag, key in FLAGS.items():
         if flag in skip:
             continue
@@ -128,10 +126,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         if flag in FLAG_HELP:
             text = f"[{key}] {FLAG_HELP[flag].format(sources=data_sources)}"
         else:
-            default = defaults
-            for part in key.split("."):
-                default = default[part]
-            shown = DEFAULT_MEANS.get(flag, "").format(default=default, **defaults) or (
+            default = defaults[key]
+            shown = DEFAULT_MEANS.get(flag, "").format(default=default, lr_base_batch=defaults["optim.lr_base_batch"]) or (
                 ("on" if default else "off") if isinstance(default, bool) else default)
             text = f"[{key}] (default: {shown})".replace("%", "%%")
         if base is bool:
@@ -199,16 +195,13 @@ def require_data_source(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.config import all_keys, dump_yaml, to_dict
+    from ..train.config import all_keys, dump_yaml, flatten, to_dict
 
     config = resolve_config(args)
     if args.list_keys:
-        flat = to_dict(config)
+        flat = flatten(to_dict(config))
         for key in all_keys():
-            value = flat
-            for part in key.split("."):
-                value = value[part]
-            print(f"{key} = {json.dumps(value)}")
+            print(f"{key} = {json.dumps(flat[key])}")
         return 0
     if args.print_config:
         print(dump_yaml(config), end="")

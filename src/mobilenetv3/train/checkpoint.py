@@ -30,6 +30,7 @@ from torch import nn
 from ..data import same_dataset
 from ..errors import UserError
 from ..weights.io import atomic_write, load_checkpoint
+from .config import flatten
 
 logger = logging.getLogger(__name__)
 
@@ -110,20 +111,10 @@ RESUME_SAFE_KEYS = frozenset({
 })
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint value, new value) of every key outside RESUME_SAFE_KEYS that differs between a
     checkpoint's config and the config it is resumed with (keys only one side knows are skipped)."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     plain = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
 
     def same(key: str) -> bool:

@@ -338,6 +338,17 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
     return plain(asdict(config))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (`to_dict`, or a checkpoint's stored config) as {"optim.lr": 0.002, ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def set_key(config: TrainConfig, dotted: str, value: Any) -> None:
     """Set one dotted key (e.g. "optim.lr") from a YAML-ish string or a value."""
     parts = dotted.split(".")

@@ -257,10 +257,11 @@ class Trainer:
         # any data is read (changes that alter the network are left to `check_compatible`, which names them).
         resume_path = ckpt.resolve_resume_path(config.resume, self.output) if config.resume else None
         self.resume_payload = ckpt.load(resume_path) if resume_path is not None else None
-        if self.resume_payload is not None:
-            changes = ckpt.config_changes(self.resume_payload.get("config") or {}, to_dict(config))
-            if not any(key.startswith("model.") or key in MODEL_SHAPING_DATA_KEYS for key, _, _ in changes):
-                self._refuse_config_changes(resume_path, changes)
+        #: (key, checkpoint value, new value) of the settings this resume changes; refused unless allowed
+        self.resume_changes = [] if self.resume_payload is None else ckpt.config_changes(
+            self.resume_payload.get("config") or {}, to_dict(config))
+        if not any(key.startswith("model.") or key in MODEL_SHAPING_DATA_KEYS for key, _, _ in self.resume_changes):
+            self._refuse_config_changes(resume_path, self.resume_changes)
         setup_runtime(config, env)
         # The run folder is made once everything that can fail on the user's input has passed (data, model,
         # resume): a misspelt --data or a --resume without a run leaves no empty folder behind.
@@ -352,7 +353,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         payload, self.resume_payload = self.resume_payload, None  # read once, in __init__
         ckpt.check_compatible(payload, self.model_name, self.model_kwargs, path)
-        changes = ckpt.config_changes(payload.get("config") or {}, to_dict(self.config))
+        changes = self.resume_changes  # the network's own changes were left to check_compatible, just above
         self._refuse_config_changes(path, changes)
         if changes and self.env.is_main:
             logger.warning("resuming %s with a changed config (not an exact resume): %s", path,
