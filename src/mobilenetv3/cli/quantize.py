@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                                    describe_bytes, evaluation_batches, quantize_data, quantize_to_pte, top1_line)
     from ..errors import UserError
     from ..files import file_sha256
-    from ..weights.io import SAFETENSORS_SUFFIXES, build_model, load_checkpoint, read_weights
+    from ..weights.io import build_model, read_weights
 
     logger = logging.getLogger("mobilenetv3.quantize")
     _check_arguments(args)
@@ -94,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint} is already an export ({kind}); "
                         "quantize a weights file or training checkpoint")
     weights = read_weights(args.checkpoint, ema=args.ema)
-    train_config = {}
-    if kind == "checkpoint" and not str(args.checkpoint).lower().endswith(SAFETENSORS_SUFFIXES):
-        train_config = (load_checkpoint(args.checkpoint) or {}).get("config") or {}
+    train_config = weights.extra.get("config") or {}  # a training checkpoint's run config
     data = quantize_data(args.data, weights.preprocessing, train_config, source=str(args.checkpoint),
                          data_dir=args.data_dir, workers=0 if args.workers is None else args.workers)
     model = build_model(weights).eval()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..data import DataConfig, build_datasets, collate_skipping, same_dataset
 from ..errors import UserError
-from ..weights.io import SAFETENSORS_SUFFIXES, build_model, load_checkpoint, read_weights
+from ..weights.io import build_model, read_weights
 from .distributed import DistEnv, resolve_device
 from .loop import AMP_DTYPES, StepSettings, evaluate
 
@@ -80,10 +80,7 @@ def evaluate_file(
         program, weights = _read_pte(path, ema=ema, amp=amp, input_size=input_size)
     else:
         weights = read_weights(path, ema=ema)
-    train_config: dict[str, Any] = {}
-    if not is_pte and path.suffix not in SAFETENSORS_SUFFIXES:
-        payload = load_checkpoint(path)
-        train_config = payload.get("config") or {}
+    train_config: dict[str, Any] = weights.extra.get("config") or {}  # a training checkpoint's run config
     data_cfg = DataConfig.for_run(
         train_config.get("data"), dataset, data_dir=data_dir, workers=workers,
         input_size=input_size if input_size is not None else weights.preprocessing.input_size,

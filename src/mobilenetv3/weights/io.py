@@ -287,7 +287,8 @@ def read_weights(path: str | os.PathLike, *, ema: bool = False) -> LoadedWeights
         dict(state_dict),
         Preprocessing.from_dict(prep) if prep else Preprocessing(in_chans=int(kwargs.get("in_chans", 3))),
         checkpoint.get("class_names"),
-        {k: v for k, v in checkpoint.items() if k in ("epoch", "step", "metrics")},
+        # the run's config too: eval and quantize rebuild its data from it without reading the file again
+        {k: v for k, v in checkpoint.items() if k in ("epoch", "step", "metrics", "config")},
     )
 
 
