@@ -165,7 +165,7 @@ def test_wrong_range_calibration_is_refused(setup, tmp_path):
     data = setup["data"]
     broken = [images * 255 for images in calibration_batches(data.calibration, 32)]
     output = tmp_path / "broken.pte"
-    with pytest.raises(QuantizationVerificationError, match="agrees with float32 on"):
+    with pytest.raises(QuantizationVerificationError, match="agrees with the float32 model on"):
         quantize_to_pte(setup["model"], broken, output, {"model_name": MODEL}, batch=8,
                         evaluation=evaluation_batches(data.val, labelled=True), min_agreement=MIN_TEST_AGREEMENT)
     assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,10 @@ activations calibrated on --calibration-images images from DATA, passed through 
 preprocessing.  DATA is a folder in ImageNet layout (calibration from its train/ images, or val/ when it has
 none), fashion-mnist (its train split), or, for a training checkpoint, the run's own data by default.
 
+A checkpoint of quantization-aware training (`mobilenetv3 train --qat`) is converted as it is: its
+activation ranges were learnt in training, so there is no calibration, and the int8 program is compared
+with the fake-quantized model.
+
 The program is loaded back with ExecuTorch's runtime and run beside the float32 model on DATA's validation
 split (--limit-eval-batches K: its first K batches): the command prints the float32 and int8 top-1 and how
 often the two agree on the top-1 class.  When the labels do not fit the classifier (ImageNet weights on a
@@ -17,6 +21,7 @@ Needs the optional ExecuTorch extra: pip install 'mobilenetv3[mobile]'.
 examples:
   mobilenetv3 quantize --checkpoint runs/fm/checkpoints/best.pt --output fm_int8.pte
   mobilenetv3 quantize --checkpoint large.safetensors --data /data/imagenet --output large_int8.pte --batch 8
+  mobilenetv3 quantize --checkpoint runs/fm-qat/checkpoints/best.pt --output fm_qat_int8.pte   # a --qat run
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.executorch import require_quantization
     from ..deploy.export import artifact_metadata
     from ..deploy.quantize import (DEFAULT_MIN_AGREEMENT, QuantizationVerificationError, calibration_batches,
-                                   describe_bytes, evaluation_batches, quantize_data, quantize_to_pte, top1_line)
+                                   describe_bytes, evaluation_batches, qat_model_from_checkpoint, qat_to_pte,
+                                   quantize_data, quantize_to_pte, top1_line)
     from ..errors import UserError
     from ..files import file_sha256
     from ..weights.io import build_model, read_weights
@@ -97,23 +103,32 @@ def run(args: argparse.Namespace) -> int:
     train_config = weights.extra.get("config") or {}  # a training checkpoint's run config
     data = quantize_data(args.data, weights.preprocessing, train_config, source=str(args.checkpoint),
                          data_dir=args.data_dir, workers=0 if args.workers is None else args.workers)
-    model = build_model(weights).eval()
+    qat = bool(weights.extra.get("qat"))  # a quantization-aware training checkpoint: convert, no calibration
+    if qat:
+        model, graph = qat_model_from_checkpoint(weights)
+    else:
+        model = build_model(weights).eval()
     num_classes = int(weights.model_kwargs.get("num_classes", 1000))
     labelled = num_classes == data.num_classes
     if not labelled:
         logger.warning("%s predicts %d classes but %s has %d: top-1 accuracy is not measured, only the "
                        "agreement of int8 with float32", args.checkpoint, num_classes, data.dataset, data.num_classes)
     metadata = artifact_metadata(model, weights.preprocessing, weights.class_names, file_sha256(args.checkpoint))
-    logger.info("calibrating on up to %d %s images of %s (%d px), then lowering to XNNPACK int8",
-                args.calibration_images, data.calibration_split, data.dataset, data.preprocessing.input_size)
     min_agreement = DEFAULT_MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
+    evaluation = evaluation_batches(data.val, labelled=labelled, batch_size=args.eval_batch_size,
+                                    workers=data.workers, limit_batches=args.limit_eval_batches)
     try:
-        report = quantize_to_pte(
-            model, calibration_batches(data.calibration, args.calibration_images, workers=data.workers),
-            args.output, metadata, batch=args.batch, min_agreement=min_agreement,
-            evaluation=evaluation_batches(data.val, labelled=labelled, batch_size=args.eval_batch_size,
-                                          workers=data.workers, limit_batches=args.limit_eval_batches),
-        )
+        if qat:
+            logger.info("converting the QAT graph of %s (its ranges were learnt in training: no calibration) to "
+                        "XNNPACK int8", args.checkpoint)
+            report = qat_to_pte(graph, args.output, metadata, evaluation, batch=args.batch,
+                                min_agreement=min_agreement)
+        else:
+            logger.info("calibrating on up to %d %s images of %s (%d px), then lowering to XNNPACK int8",
+                        args.calibration_images, data.calibration_split, data.dataset, data.preprocessing.input_size)
+            report = quantize_to_pte(
+                model, calibration_batches(data.calibration, args.calibration_images, workers=data.workers),
+                args.output, metadata, batch=args.batch, min_agreement=min_agreement, evaluation=evaluation)
     except QuantizationVerificationError as error:
         print(f"mobilenetv3 quantize: verification failed: {error}", file=sys.stderr)
         return 1
@@ -121,14 +136,15 @@ def run(args: argparse.Namespace) -> int:
     outside = report.outside_delegate
     delegated = ("" if outside is None else
                  f"; {sum(outside.values())} kernel call(s) outside {report.delegates} XNNPACK delegate(s)")
+    source = ("from quantization-aware training" if qat else
+              f"calibrated on {report.calibration_images} {data.calibration_split} images")
     print(f"wrote {report.path} (int8 ExecuTorch/XNNPACK, input {report.input_size}, batch {report.batch}, "
-          f"{describe_bytes(report.pte_bytes)}; calibrated on {report.calibration_images} {data.calibration_split} "
-          f"images{delegated})")
-    line = top1_line(comparison)
+          f"{describe_bytes(report.pte_bytes)}; {source}{delegated})")
+    line = top1_line(comparison, report.reference)
     where = f"{comparison.images} val images of {data.dataset}"
     if line:
         print(f"{line}  on {where}")
-    print(f"int8 agrees with float32 on {comparison.agreement:.2f}% of top-1 predictions "
+    print(f"int8 agrees with {report.reference} on {comparison.agreement:.2f}% of top-1 predictions "
           f"({comparison.agree}/{comparison.images}; required >= {min_agreement:g}%)")
     if args.json:
         print(json.dumps(report.to_dict() | {"data": data.dataset, "calibration_split": data.calibration_split}))

@@ -54,18 +54,21 @@ FLAGS: dict[str, str] = {
     "ema": "ema.enabled",
     "ema-decay": "ema.decay",
     "checkpoint-every-steps": "checkpoint.every_steps",
+    "qat": "qat.enabled",
     "device": "device",
 }
 
 #: `train` flags that `lr-find` does not take: it runs its own number of steps at its own learning rates,
 #: with no schedule, validation, averaging or checkpoints.
 TRAIN_ONLY_FLAGS = ("epochs", "lr", "sched", "compile", "sync-bn", "limit-train-batches", "limit-val-batches", "ema",
-                    "ema-decay", "checkpoint-every-steps")
+                    "ema-decay", "checkpoint-every-steps", "qat")
 
 #: Help beyond the "[key]" of a flag.
 FLAG_HELP = {
     "data": "what to train on: a folder in ImageNet layout (DIR/train/<class>/*, DIR/val/<class>/*), "
             "'fashion-mnist', or 'synthetic' (random tensors: speed tests only); required unless {sources} sets it",
+    "qat": "quantization-aware training (default: off): fine-tune a fake-quantized int8 graph, start from "
+           "--pretrained W with a small --lr; ends with checkpoints/int8.pte (needs 'mobilenetv3[mobile]')",
 }
 
 #: What a flag's default means, for its help, where the bare value would not say it.

@@ -28,6 +28,13 @@ on the evaluation images (the data's validation split; without them, the calibra
 int8 top-1 accuracies (when labels fit the classifier) and the fraction of images on which both predict the
 same class ("agreement").  Agreement below `min_agreement` raises `QuantizationVerificationError` and leaves no
 file (see DEFAULT_MIN_AGREEMENT for the threshold).
+
+Quantization-aware training (QAT) uses the same scheme with fake quantization (`prepare_qat`: torch.export of
+the network in train mode, then torchao's `prepare_qat_pt2e`).  The prepared graph is an `nn.Module` the trainer
+fine-tunes like any other (`mobilenetv3 train --qat`); `qat_to_pte` converts it to the same int8 program and
+verifies it against the fake-quantized model it came from.  A QAT training checkpoint holds that graph's state
+dict; `qat_model_from_checkpoint` rebuilds the graph (deterministically, from the network's name and kwargs)
+and loads it, which is how `train --resume` and `mobilenetv3 quantize` read it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import collections
 import copy
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -51,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 QUANTIZATION_SCHEME = ("xnnpack int8, per-channel symmetric weights, static per-tensor activations "
                        "(histogram observer), PT2E post-training")
+QAT_SCHEME = ("xnnpack int8, per-channel symmetric weights, static per-tensor activations "
+              "(moving-average min/max fake quantization), PT2E quantization-aware training")
 DEFAULT_CALIBRATION_IMAGES = 512
 DEFAULT_BATCH = 1
 #: Calibration batches are this large (the prepared program has a dynamic batch).
@@ -127,12 +137,15 @@ class QuantizeReport:
     outside_delegate: dict[str, int] | None = None  # kernel calls outside the XNNPACK delegate, by operator
     delegates: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: what the int8 program was compared with: "float32" (PTQ) or "fake-quantized" (QAT's trained graph)
+    reference: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         c = self.comparison
         drop = None if c.float_top1 is None else c.float_top1 - c.int8_top1
         return {
-            "path": str(self.path), "quantization": "int8", "scheme": QUANTIZATION_SCHEME, "batch": self.batch,
+            "path": str(self.path), "quantization": "int8", "scheme": self.metadata.get("quantization_scheme"),
+            "reference": self.reference, "batch": self.batch,
             "input_size": self.input_size, "calibration_images": self.calibration_images,
             "evaluated_on": self.evaluated_on, "eval_images": c.images, "labelled_images": c.labelled,
             "float_top1": c.float_top1, "int8_top1": c.int8_top1, "top1_drop": drop,
@@ -142,10 +155,14 @@ class QuantizeReport:
         }
 
 
-def quantization_metadata(metadata: dict[str, str], calibration_images: int) -> dict[str, str]:
-    """`metadata` (the `export.artifact_metadata` vocabulary) plus what says the program is int8, and how."""
-    return {**metadata, "quantization": "int8", "quantization_scheme": QUANTIZATION_SCHEME,
-            "calibration_images": str(int(calibration_images))}
+def quantization_metadata(metadata: dict[str, str], calibration_images: int | None,
+                          scheme: str = QUANTIZATION_SCHEME) -> dict[str, str]:
+    """`metadata` (the `export.artifact_metadata` vocabulary) plus what says the program is int8, and how
+    (`calibration_images`: None for QAT, whose ranges were learnt in training)."""
+    stored = {**metadata, "quantization": "int8", "quantization_scheme": scheme}
+    if calibration_images is not None:
+        stored["calibration_images"] = str(int(calibration_images))
+    return stored
 
 
 def _quantizer(is_qat: bool = False):
@@ -160,7 +177,7 @@ def quantized_program(model: nn.Module, calibration: list[torch.Tensor], batch: 
     from .executorch import _quiet_imports
 
     with _quiet_imports():  # torchao's import logs a torch pytree deprecation
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     example = calibration[0][:1]
     # Dynamic for calibration only: observing runs batches of any size; the final program has a fixed one.
@@ -172,9 +189,108 @@ def quantized_program(model: nn.Module, calibration: list[torch.Tensor], batch: 
         with torch.no_grad():
             for images in calibration:
                 prepared(images)
+        return _int8_program(prepared, example.shape[1:], batch)
+
+
+def _int8_program(prepared: nn.Module, image_shape: tuple[int, ...], batch: int):
+    """convert_pt2e (in place: observers / fake quantizers -> quantize and dequantize ops) and export at `batch`."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from .executorch import _quiet_imports
+
+    with _quiet_imports():
         converted = convert_pt2e(prepared)
-        fixed = torch.zeros((batch, *example.shape[1:]), dtype=torch.float32)
+        fixed = torch.zeros((batch, *image_shape), dtype=torch.float32)
         return torch.export.export(converted, (fixed,), strict=False)
+
+
+def prepare_qat(model: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The fake-quantized training graph of `model` (QAT): torch.export in train mode, with a dynamic batch, then
+    `prepare_qat_pt2e` with XNNPACK's int8 QAT scheme.  It trains like a module, and `.train()` / `.eval()`
+    switch its BatchNorm and dropout ops (`_switch_modes`).
+
+    Its parameters keep the network's names; the fake quantizers add `activation_post_process_N` entries to the
+    state dict.  Building it twice from equal networks gives equal graphs, so a saved state dict loads back.
+    """
+    from .executorch import _quiet_imports
+
+    with _quiet_imports():
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    was_training = model.training
+    parameter = next(model.parameters())
+    example = torch.zeros((2, *image_shape), dtype=parameter.dtype, device=parameter.device)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+    with _quiet_imports():
+        graph = torch.export.export(model.train(), (example,), dynamic_shapes=dynamic, strict=False).module()
+        prepared = prepare_qat_pt2e(graph, _quantizer(is_qat=True))
+    model.train(was_training)
+    _restore_batchnorm_settings(prepared, model)
+    return _switch_modes(prepared)
+
+
+def _restore_batchnorm_settings(graph: nn.Module, network: nn.Module) -> None:
+    """Give the graph's BatchNorm ops their network's eps and momentum back.
+
+    torchao 0.18's conv-BN QAT rewrite (`qat_utils`, "TODO: allow setting eps") builds every fused pattern with
+    eps 1e-5 and momentum 0.1, in the batch_norm op and in the weight scale sqrt(running_var + eps).  Our
+    networks use the paper's eps 1e-3 (and the config's momentum): left alone, QAT would start from another
+    network than the float one and fold its BatchNorm with another eps.  Each op is found by the running-variance
+    buffer it reads, which names its BatchNorm module.
+    """
+    norms = {f"{name}.running_var": module for name, module in network.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+    aten = torch.ops.aten
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.batch_norm.default and getattr(node.args[4], "op", None) == "get_attr":
+            norm = norms[node.args[4].target]
+            momentum = 0.1 if norm.momentum is None else norm.momentum
+            node.args = (*node.args[:6], momentum, norm.eps, *node.args[8:])
+        elif (node.target is aten.add.Tensor and getattr(node.args[0], "op", None) == "get_attr"
+              and node.args[0].target in norms and isinstance(node.args[1], float)):
+            node.args = (node.args[0], norms[node.args[0].target].eps)
+    graph.recompile()
+
+
+def _switch_modes(graph: nn.Module) -> nn.Module:
+    """`.train(mode)` / `.eval()` for an exported graph, whose BatchNorm and dropout are ops with a `training`
+    argument, not modules with a flag: set that argument on each op.  (torchao's `allow_exported_model_train_eval`
+    rewrites subgraph patterns instead; on torch 2.14's export IR, `aten.batch_norm.default`, it matches none, so
+    "eval" went on normalising with batch statistics, updating the running ones, and dropping out.)"""
+    aten = torch.ops.aten
+    flags = {aten.batch_norm.default: 5, aten.dropout.default: 2}
+
+    def train(self, mode: bool = True):
+        nn.Module.train(self, mode)
+        for node in self.graph.nodes:
+            if node.op == "call_function" and node.target in flags:
+                index = flags[node.target]
+                node.args = (*node.args[:index], bool(mode), *node.args[index + 1:])
+        self.recompile()
+        return self
+
+    graph.train = types.MethodType(train, graph)
+    graph.eval = types.MethodType(lambda self: self.train(False), graph)
+    return graph.train(graph.training)
+
+
+def qat_model_from_checkpoint(weights) -> tuple[nn.Module, nn.Module]:
+    """(float network, fake-quantized graph with the checkpoint's state) of a QAT training checkpoint read by
+    `weights.io.read_weights` (its `extra["qat"]` holds the image shape the graph was traced with)."""
+    from ..models.registry import create_model
+    from ..weights.io import load_state_with_own_versions
+
+    shape = tuple(int(size) for size in weights.extra["qat"]["image_shape"])
+    network = create_model(weights.model_name, **weights.model_kwargs)
+    prepared = prepare_qat(network, shape)
+    try:
+        load_state_with_own_versions(prepared, weights.state_dict)
+    except RuntimeError as error:
+        raise UserError(f"{weights.path}: its QAT state does not fit the graph rebuilt from its model "
+                        f"({str(error).splitlines()[0]})") from None
+    return network, prepared.eval()
 
 
 def ops_outside_delegate(path: str | os.PathLike) -> tuple[dict[str, int], int] | None:
@@ -235,8 +351,7 @@ def quantize_to_pte(
     the float32 / int8 comparison, labels None where they do not fit the classifier; default: the calibration
     images, unlabelled.  `metadata` is stored in the program with "quantization": "int8" and the scheme added.
     """
-    from ..weights.io import atomic_write
-    from .executorch import load_pte, require_executorch, write_pte
+    from .executorch import require_executorch
 
     require_executorch("int8 quantization")
     batch = DEFAULT_BATCH if batch is None else int(batch)
@@ -253,31 +368,87 @@ def quantize_to_pte(
         raise UserError(f"calibration images must be C x R x R, got {shape}")
     count = sum(len(images) for images in calibration)
     program = quantized_program(model, calibration, batch)
-    stored = quantization_metadata(metadata, count)
+    return _write_verified(
+        program, model, path, quantization_metadata(metadata, count), batch=batch, input_size=shape[-1],
+        calibration_images=count, evaluation=evaluation, fallback=calibration, min_agreement=min_agreement,
+        threads=threads, reference_label="float32")
+
+
+def qat_to_pte(
+    prepared: nn.Module,
+    path: str | os.PathLike,
+    metadata: dict[str, str],
+    evaluation: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    *,
+    batch: int | None = DEFAULT_BATCH,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    threads: int | None = None,
+) -> QuantizeReport:
+    """Convert a QAT graph (`prepare_qat`, trained) to an int8 `.pte` at `path`, verified against the
+    fake-quantized graph itself on the `evaluation` (images, labels or None) batches; `prepared` is untouched."""
+    from .executorch import require_executorch
+
+    require_executorch("int8 quantization")
+    batch = DEFAULT_BATCH if batch is None else int(batch)
+    if batch < 1:
+        raise UserError(f"the batch size must be positive, got {batch}")
+    reference = copy.deepcopy(prepared).cpu()
+    reference.eval()  # the graph's own eval (running BatchNorm statistics, no dropout)
+    evaluation = iter(evaluation)
+    first = next(evaluation, None)
+    if first is None:
+        raise UserError("no evaluation images to compare the int8 program with the QAT model on")
+    shape = tuple(first[0].shape[1:])
+    converted = copy.deepcopy(reference)
+    program = _int8_program(converted, shape, batch)
+    return _write_verified(
+        program, reference, path, quantization_metadata(metadata, None, QAT_SCHEME), batch=batch,
+        input_size=shape[-1], calibration_images=0, evaluation=_chain_first(first, evaluation), fallback=None,
+        min_agreement=min_agreement, threads=threads, reference_label="fake-quantized")
+
+
+def _chain_first(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _write_verified(program, reference: nn.Module, path: str | os.PathLike, stored: dict[str, str], *, batch: int,
+                    input_size: int, calibration_images: int,
+                    evaluation: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None,
+                    fallback: list[torch.Tensor] | None, min_agreement: float, threads: int | None,
+                    reference_label: str) -> QuantizeReport:
+    """Write the int8 `program` to `path` atomically, after its own runtime agreed with `reference` (the float32
+    model, or the QAT graph) on the evaluation batches (or the `fallback` images, unlabelled)."""
+    from ..weights.io import atomic_write
+    from .executorch import load_pte, write_pte
+
     path = Path(path)
     result: dict[str, Any] = {}
 
     def write(temporary: str) -> None:
         write_pte(program, temporary, stored)
         runner = load_pte(temporary, threads=threads)
-        batches = evaluation if evaluation is not None else ((images, None) for images in calibration)
-        comparison = compare_program(model, runner, batches)
+        batches = evaluation if evaluation is not None else ((images, None) for images in fallback or [])
+        comparison = compare_program(reference, runner, batches)
         if not comparison.images:
-            raise UserError("no evaluation images to compare the int8 program with float32 on")
+            raise UserError(f"no evaluation images to compare the int8 program with the {reference_label} model on")
         if not comparison.agreement >= min_agreement:  # NaN fails too
+            hint = ("calibrate on more or more typical images, or lower --min-agreement" if fallback is not None
+                    else "lower --min-agreement to keep it anyway")
             raise QuantizationVerificationError(
-                f"the int8 program agrees with float32 on {comparison.agreement:.2f}% of top-1 predictions "
-                f"({comparison.agree} of {comparison.images} images), below the {min_agreement:g}% required; "
-                "no file written (calibrate on more or more typical images, or lower --min-agreement)")
+                f"the int8 program agrees with the {reference_label} model on {comparison.agreement:.2f}% of "
+                f"top-1 predictions ({comparison.agree} of {comparison.images} images), below the "
+                f"{min_agreement:g}% required; no file written ({hint})")
         result.update(comparison=comparison, bytes=os.path.getsize(temporary), ops=ops_outside_delegate(temporary))
 
     atomic_write(path, write)
     ops = result["ops"]
     return QuantizeReport(
-        path=path, batch=batch, input_size=shape[-1], calibration_images=count, pte_bytes=result["bytes"],
-        comparison=result["comparison"], evaluated_on="validation" if evaluation is not None else "calibration",
+        path=path, batch=batch, input_size=input_size, calibration_images=calibration_images,
+        pte_bytes=result["bytes"], comparison=result["comparison"],
+        evaluated_on="validation" if evaluation is not None else "calibration",
         min_agreement=min_agreement, outside_delegate=None if ops is None else ops[0],
-        delegates=None if ops is None else ops[1], metadata=stored,
+        delegates=None if ops is None else ops[1], metadata=stored, reference=reference_label,
     )
 
 
@@ -370,13 +541,14 @@ def describe_bytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
-def top1_line(comparison: Comparison) -> str | None:
-    """'float32 top-1 91.20%  int8 top-1 90.90%  (-0.30 points)' or None without labels."""
+def top1_line(comparison: Comparison, reference: str = "float32") -> str | None:
+    """'float32 top-1 91.20%  int8 top-1 90.90%  (-0.30 points)' or None without labels (`reference`: what
+    the first number is of, e.g. "fake-quantized" for a QAT model)."""
     if comparison.float_top1 is None:
         return None
     drop = comparison.int8_top1 - comparison.float_top1
     sign = "-" if drop < 0 else "+"
-    return (f"float32 top-1 {comparison.float_top1:.2f}%  int8 top-1 {comparison.int8_top1:.2f}%  "
+    return (f"{reference} top-1 {comparison.float_top1:.2f}%  int8 top-1 {comparison.int8_top1:.2f}%  "
             f"({sign}{abs(drop):.2f} points)")
 
 

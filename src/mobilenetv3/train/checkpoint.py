@@ -12,6 +12,8 @@ A checkpoint is a dict of tensors and plain Python values (it loads with `torch.
     config                        the resolved TrainConfig as a dict
     preprocessing, class_names    what eval / predict need
     metrics, best                 the epoch's logged row (epoch-end checkpoints only), the best so far
+    qat                           None, or for quantization-aware training the scheme and traced image shape
+                                  (then `model` is the fake-quantized graph's state; see train/qat.py)
     versions                      torch / torchvision / mobilenetv3
 """
 
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..data import same_dataset
 from ..errors import UserError
-from ..weights.io import atomic_write, load_checkpoint
+from ..weights.io import atomic_write, load_checkpoint, load_state_with_own_versions
 from .config import flatten
 
 logger = logging.getLogger(__name__)
@@ -173,7 +175,7 @@ def restore_modules(
 ) -> None:
     """Load the checkpoint's states into the run's objects (an optimizer or scaler given as None keeps its
     fresh state: a resume that changed the optimizer or the precision, allowed by the user)."""
-    model.load_state_dict(payload["model"])
+    load_state_with_own_versions(model, payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
@@ -198,7 +200,7 @@ def restore_modules(
 def weights_only_checkpoint(payload: dict[str, Any]) -> dict[str, Any]:
     """The part of a training checkpoint that `load_model` and `average` need (for epoch_NNNN.pt files)."""
     keys = ("format", "format_version", "model_name", "model_kwargs", "model", "ema", "epoch", "step",
-            "preprocessing", "class_names", "metrics", "config", "versions")
+            "preprocessing", "class_names", "metrics", "config", "versions", "qat")
     return {key: payload[key] for key in keys if key in payload}
 
 

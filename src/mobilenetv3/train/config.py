@@ -174,6 +174,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training: fine-tune a fake-quantized graph of the network (PT2E `prepare_qat_pt2e`
+    with XNNPACK's int8 scheme, `deploy.quantize.prepare_qat`), for when post-training quantization
+    (`mobilenetv3 quantize`) loses too much.  Start it from trained weights (model.pretrained) with a small lr.
+    The run's checkpoints hold the graph's state (`mobilenetv3 quantize --checkpoint` converts any of them);
+    at the end checkpoints/int8.pte is written, verified against the graph.  Not combined with EMA, SWA,
+    DropBlock, AMP, SyncBN or torch.compile (they act on the network's modules, which the graph replaces).
+    """
+
+    enabled: bool = False
+    #: stop updating the activation ranges after this many epochs (0: never); the weights keep training
+    #: against frozen ranges, as torchvision's QAT recipe does after 4 of its epochs.
+    freeze_observers_epoch: int = 0
+    #: the fixed batch size of checkpoints/int8.pte (>= 1; larger inputs are run in chunks).
+    pte_batch: int = 1
+
+
+@dataclass
 class TrainConfig:
     description: str = "built-in default: AdamW, cosine with 1 warmup epoch, label smoothing 0.1"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +202,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     swa: SWAConfig = field(default_factory=SWAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     epochs: int = 10
     #: per process (per GPU); the global batch is batch_size * world_size * accumulation_steps.
     batch_size: int = 64
@@ -210,7 +229,7 @@ class TrainConfig:
     keep_freed_memory: bool = True
 
 
-SECTIONS = ("model", "data", "optim", "schedule", "regularization", "ema", "swa", "checkpoint")
+SECTIONS = ("model", "data", "optim", "schedule", "regularization", "ema", "swa", "checkpoint", "qat")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,6 +517,20 @@ def validate(config: TrainConfig) -> None:
             raise UserError(f"checkpoint.{key} must be >= 0, got {getattr(config.checkpoint, key)}")
     if config.threads < 0:
         raise UserError(f"threads must be >= 0, got {config.threads}")
+    positive("qat.pte_batch", config.qat.pte_batch)
+    if config.qat.freeze_observers_epoch < 0:
+        raise UserError(f"qat.freeze_observers_epoch must be >= 0, got {config.qat.freeze_observers_epoch}")
+    if config.qat.enabled:
+        # Each acts on the network's modules (copies, hooks, module swaps, autocast regions), which the
+        # fake-quantized graph replaces.
+        refused = {"ema.enabled": config.ema.enabled, "swa.enabled": config.swa.enabled,
+                   "regularization.dropblock_prob": config.regularization.dropblock_prob > 0,
+                   "amp": config.amp != "none", "sync_bn": config.sync_bn, "compile": config.compile}
+        for key, on in refused.items():
+            if on:
+                raise UserError(f"qat.enabled (--qat) does not work with {key}={flatten(to_dict(config))[key]}: "
+                                "quantization-aware training runs a fake-quantized graph, not the network's "
+                                "modules; turn it off")
     from ..models.registry import get_entry
 
     get_entry(config.model.name)  # an unknown model is an error now, not after the data is loaded

@@ -26,7 +26,7 @@ from ..allocator import keep_freed_memory
 from ..errors import UserError
 from ..files import missing_folders, remove_empty_folders
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, qat
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
 from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
 from .loop import AMP_DTYPES, StepSettings, TrainState, EpochTotals, evaluate, progress_enabled, train_one_epoch
@@ -262,6 +262,8 @@ class Trainer:
             self.resume_payload.get("config") or {}, to_dict(config))
         if not any(key.startswith("model.") or key in MODEL_SHAPING_DATA_KEYS for key, _, _ in self.resume_changes):
             self._refuse_config_changes(resume_path, self.resume_changes)
+        if config.qat.enabled:
+            qat.require_extra()
         setup_runtime(config, env)
         # The run folder is made once everything that can fail on the user's input has passed (data, model,
         # resume): a misspelt --data or a --resume without a run leaves no empty folder behind.
@@ -292,7 +294,15 @@ class Trainer:
         model = create_run_model(config.model, model_kwargs)
         self.model_name, self.model_kwargs = model_description(model)
         model.to(env.device)
-        if config.channels_last:
+        #: the float network; under QAT the run trains its fake-quantized graph instead (train/qat.py)
+        self.network = model
+        if config.qat.enabled:
+            # Its parameters stay contiguous even with channels_last inputs: the gradients that come back
+            # through the weights' fake quantization are contiguous, and DDP's buckets must match them.
+            model = qat.prepare(model, self.input_shape)
+            self.log("quantization-aware training: the fake-quantized int8 graph of %s (PT2E, XNNPACK scheme)",
+                     self.model_name)
+        elif config.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.ema = ModelEma(model, config.ema) if config.ema.enabled else None
@@ -433,6 +443,7 @@ class Trainer:
             "preprocessing": self.bundle.preprocessing.to_dict(), "class_names": list(self.bundle.class_names),
             "metrics": metrics,
             "versions": {"torch": str(torch.__version__)},
+            "qat": qat.checkpoint_entry(self.input_shape) if self.config.qat.enabled else None,
         }
 
     def _save_mid_epoch(self, state: TrainState) -> None:
@@ -453,6 +464,21 @@ class Trainer:
         larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
         return value > self.state.best_value if larger_is_better else value < self.state.best_value
 
+    def _write_int8_program(self) -> str:
+        """QAT: the final graph as checkpoints/int8.pte (rank 0), verified against the graph (train/qat.py)."""
+        from ..deploy.quantize import describe_bytes, top1_line
+
+        folder = self.output / "checkpoints"
+        report = qat.write_program(
+            self.model, self.network, folder, preprocessing=self.bundle.preprocessing,
+            class_names=list(self.bundle.class_names), source=folder / "last.pt", batch=self.config.qat.pte_batch,
+            val_batches=qat.labelled_batches(self.val_loader, self.config.limit_val_batches))
+        comparison = report.comparison
+        self.log("wrote %s (int8 ExecuTorch/XNNPACK, batch %d, %s): %s on %d val images; agreement %.2f%%",
+                 report.path, report.batch, describe_bytes(report.pte_bytes),
+                 top1_line(comparison, "fake-quantized"), comparison.images, comparison.agreement)
+        return str(report.path)
+
     def _validate_average(self, module: nn.Module, prefix: str) -> dict[str, float]:
         """{prefix}_val_loss / _top1 / _top5 of an averaged copy (EMA or SWA) on the validation set."""
         result = evaluate(module, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
@@ -471,6 +497,8 @@ class Trainer:
             # Mixup / cutmix can be switched off for the last epochs (clean images to finish on).
             mix_on = self.mix is not None and epoch < config.epochs - config.regularization.mix_off_last_epochs
             self.train_sampler.set_position(epoch, state.batch_in_epoch * config.batch_size)
+            if config.qat.enabled and 0 < config.qat.freeze_observers_epoch <= epoch:
+                qat.freeze_observers(self.model)
             bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch // config.optim.accumulation_steps,
                        desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not self.progress,
                        dynamic_ncols=True, leave=False)
@@ -557,12 +585,15 @@ class Trainer:
             save_model(self.swa.module, self.output / "checkpoints" / "swa.safetensors",
                        preprocessing=self.bundle.preprocessing, class_names=list(self.bundle.class_names),
                        extra={"swa_averaged_epochs": int(self.swa.n_averaged)})
+        int8_program = self._write_int8_program() if config.qat.enabled and env.is_main and row else None
         summary = {
             "output": str(self.output), "model": self.model_name, "dataset": config.data.dataset,
             "epochs": state.epoch, "steps": state.step, "world_size": env.world_size,
             "best_metric": config.checkpoint.best_metric, "best_value": state.best_value, "best_epoch": state.best_epoch,
             "final": row, "wall_time_s": time.perf_counter() - started,
         }
+        if int8_program is not None:
+            summary["int8_pte"] = int8_program
         if row:
             self.log("done: %s %.2f%% (best %s %.4g at epoch %s), %d steps in %.0fs -> %s",
                      "val_top1", row["val_top1"], summary["best_metric"], state.best_value, state.best_epoch,

@@ -207,6 +207,21 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     model.load_state_dict(state_dict, strict=True)
 
 
+def load_state_with_own_versions(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state_dict)` (strict), with `module`'s own per-submodule version metadata attached.
+
+    `nn.Module.state_dict()` carries each submodule's `_version`; the plain dicts checkpoints store do not, and
+    a missing version means version 1 to `_load_from_state_dict`.  torchao's observers then reset their `eps`
+    buffer to float32's (it became a buffer in version 2), so a QAT graph's learnt ranges would round
+    differently after a resume.  The state comes from this code's own modules, so their versions are right.
+    """
+    import collections
+
+    state = collections.OrderedDict(state_dict)
+    state._metadata = getattr(module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    module.load_state_dict(state, strict=True)
+
+
 #: Keys a training checkpoint carries so that `load_model` can rebuild its network.
 CHECKPOINT_MODEL_KEYS = ("model_name", "model_kwargs", "model")
 
@@ -288,7 +303,8 @@ def read_weights(path: str | os.PathLike, *, ema: bool = False) -> LoadedWeights
         Preprocessing.from_dict(prep) if prep else Preprocessing(in_chans=int(kwargs.get("in_chans", 3))),
         checkpoint.get("class_names"),
         # the run's config too: eval and quantize rebuild its data from it without reading the file again
-        {k: v for k, v in checkpoint.items() if k in ("epoch", "step", "metrics", "config")},
+        # "qat": a quantization-aware training run's checkpoint (its "model" is the fake-quantized graph's state)
+        {k: v for k, v in checkpoint.items() if k in ("epoch", "step", "metrics", "config") or (k == "qat" and v)},
     )
 
 
@@ -296,6 +312,11 @@ def build_model(weights: LoadedWeights, **overrides: Any) -> nn.Module:
     """Build the network a `LoadedWeights` describes and load its tensors (strict, with clear errors)."""
     from ..models.registry import create_model
 
+    if weights.extra.get("qat"):
+        raise UserError(
+            f"{weights.path} is a quantization-aware training checkpoint (a fake-quantized graph, not float weights): "
+            f"make its int8 program with `mobilenetv3 quantize --checkpoint {weights.path} --output model_int8.pte` "
+            "(the run writes checkpoints/int8.pte when it ends), then eval, predict or bench the .pte")
     kwargs = {**weights.model_kwargs, **overrides}
     try:
         model = create_model(weights.model_name, **kwargs)

@@ -1,0 +1,80 @@
+"""Quantization-aware training in the trainer (`mobilenetv3 train --qat`, `qat.enabled`).
+
+The run trains the network's fake-quantized graph (`deploy.quantize.prepare_qat`: torch.export in train mode,
+then PT2E `prepare_qat_pt2e` with XNNPACK's int8 scheme) instead of the network itself; everything else is the
+float run's code: data order and per-sample augmentation, optimizer and schedule, DDP, checkpoints and
+bit-exact resume.  What differs, and why:
+
+- the checkpoints' "model" is the graph's state dict (the network's parameter names, plus the fake quantizers'
+  `activation_post_process_N` ranges) and the checkpoint says so ("qat": the scheme and the traced image shape);
+  `train --resume` rebuilds the same graph from the network and loads it, and `mobilenetv3 quantize` converts
+  any of these checkpoints to an int8 program.  eval / predict / export refuse them with that advice;
+- EMA, SWA, DropBlock, AMP, SyncBN and torch.compile are refused (`config.validate`): they act on the network's
+  modules, which the graph replaces;
+- BatchNorm statistics are per process under DDP (the graph's batch norm ops are not SyncBN modules), as in a
+  float run without sync_bn;
+- at the end, rank 0 converts the final graph and writes checkpoints/int8.pte, verified against the graph on
+  the validation images it holds (its shard under DDP).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PROGRAM_NAME = "int8.pte"
+
+
+def prepare(network: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The fake-quantized training graph of `network` (on the network's device)."""
+    from ..deploy.quantize import prepare_qat
+
+    return prepare_qat(network, image_shape)
+
+
+def require_extra() -> None:
+    from ..deploy.executorch import require_quantization
+
+    require_quantization("quantization-aware training (--qat)")
+
+
+def checkpoint_entry(image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """What a QAT checkpoint carries beside the graph's state (`deploy.quantize.qat_model_from_checkpoint`)."""
+    from ..deploy.quantize import QAT_SCHEME
+
+    return {"scheme": QAT_SCHEME, "image_shape": [int(size) for size in image_shape]}
+
+
+def freeze_observers(graph: nn.Module) -> None:
+    """Stop updating the activation ranges (the fake quantization goes on); a flag in the state dict, so a
+    resumed run keeps it."""
+    from torchao.quantization.pt2e.fake_quantize import disable_observer
+
+    graph.apply(disable_observer)
+
+
+def write_program(graph: nn.Module, network: nn.Module, folder: Path, *, preprocessing, class_names: list[str],
+                  source: Path, val_batches: Iterator, batch: int):
+    """Convert the trained graph to checkpoints/int8.pte (metadata: the network's, the preprocessing, the
+    classes and the sha256 of `source`, the checkpoint it came from); returns the `QuantizeReport`."""
+    from ..deploy.export import artifact_metadata
+    from ..deploy.quantize import qat_to_pte
+    from ..files import file_sha256
+
+    metadata = artifact_metadata(network, preprocessing, class_names, file_sha256(source))
+    return qat_to_pte(graph, folder / PROGRAM_NAME, metadata, val_batches, batch=batch)
+
+
+def labelled_batches(loader, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of a validation loader, the first `limit` batches (all when None)."""
+    for index, (images, labels, _) in enumerate(loader):
+        if limit is not None and index >= limit:
+            break
+        if len(images):
+            yield images, labels
