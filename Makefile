@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project is tested with; pyproject.toml keeps ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv data demo test clean
+.PHONY: venv data demo test results clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: data
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# README tables from the latest benchmarks/results/*.jsonl records (benchmark scripts append them).
+results:
+	$(PY) benchmarks/results.py render
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,8 @@ writes them.  The int8 program is `quantize.quantize_to_pte` (PT2E, XNNPACKQuant
 calibrated on 64 other random fields.  Calls run round-robin (onnx, et-fp32, et-int8, onnx, ...) after a
 warm-up, and the median per-call latency is reported; "vs ORT" is ONNX Runtime's median over the engine's
 (> 1: faster).  The target: int8 >= 2.0x ONNX Runtime fp32 for Large at batch 1 and 32.  Also printed: the
-file sizes and the kernel calls the int8 program makes outside its XNNPACK delegate.
+file sizes and the kernel calls the int8 program makes outside its XNNPACK delegate.  Every run is appended to
+benchmarks/results/mobile_speed.jsonl (`results.record`), from which `make results` renders the README's table.
 
     .venv/bin/python benchmarks/mobile_speed.py [--models mobilenetv3_large_100 mobilenetv3_small_100]
         [--batch-size 1 32] [--repeats 20] [--min-time 5] [--threads N] [--clock wall|cpu] [--json]
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import results  # benchmarks/results.py: this script's folder is on sys.path
 from mobilenetv3.deploy.bench import calibrate_batchnorm, time_interleaved
 from mobilenetv3.deploy.executorch import load_pte, require_executorch
 from mobilenetv3.deploy.export import (ExportFormat, artifact_metadata, export_model, load_artifact,
@@ -103,8 +105,13 @@ def main() -> int:
         print(f"{name}: onnx {sizes[(name, 'onnxruntime-fp32')] / 1e6:.1f} MB, fp32 .pte {fp32 / 1e6:.1f} MB, "
               f"int8 .pte {int8 / 1e6:.1f} MB ({100 * int8 / fp32:.0f}% of fp32); int8 kernel calls outside the "
               f"delegate: {outside[name][0]} ({outside[name][1]} delegate call(s))")
+    measured = {"rows": rows, "bytes": {f"{m}/{e}": b for (m, e), b in sizes.items()}}
     if args.json:
-        print(json.dumps({"rows": rows, "bytes": {f"{m}/{e}": b for (m, e), b in sizes.items()}}))
+        print(json.dumps(measured))
+    settings = {"input_size": size, "threads": args.threads, "clock": args.clock, "repeats": args.repeats,
+                "min_time": args.min_time}
+    path = results.record("mobile_speed", {**measured, **settings}, argv=sys.argv)
+    print(f"recorded in {path}; `make results` puts it in the README", file=sys.stderr)
     return 0
 
 
