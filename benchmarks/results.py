@@ -152,6 +152,15 @@ def _quantization(metrics: dict) -> str:
          for r in metrics["rows"]])
 
 
+def renderer_for(name: str) -> Callable[[dict | None], str] | None:
+    """NAME's renderer; a name "BASE-VARIANT" (one benchmark recorded per variant, e.g. quantization-demo for
+    one checkpoint) uses BASE's."""
+    if name in RENDERERS:
+        return RENDERERS[name]
+    base = next((known for known in RENDERERS if name.startswith(known + "-")), None)
+    return None if base is None else RENDERERS[base]
+
+
 # --- the README ------------------------------------------------------------------------------------------------
 
 BLOCK = re.compile(r"^(<!-- results:(\S+) -->\n)(.*?)^(<!-- /results:\2 -->)$", flags=re.M | re.S)
@@ -167,13 +176,13 @@ def render_readme(readme_path: str | Path, check: bool = False) -> list[str]:
     closed = [m.group(2) for m in BLOCK.finditer(text)]
     if opened != closed:  # else an unclosed block would go unchecked
         raise ValueError(f"{path}: results blocks {', '.join(opened)} do not each end with <!-- /results:NAME -->")
-    unknown = [n for n in closed if n not in RENDERERS]
+    unknown = [n for n in closed if renderer_for(n) is None]
     if unknown:
         raise ValueError(f"{path}: unknown results blocks: {', '.join(unknown)} (known: {', '.join(RENDERERS)})")
     stale = []
 
     def replace(m: re.Match) -> str:
-        content = "\n" + RENDERERS[m.group(2)](latest(m.group(2))).strip("\n") + "\n\n"
+        content = "\n" + renderer_for(m.group(2))(latest(m.group(2))).strip("\n") + "\n\n"
         if content != m.group(3):
             stale.append(m.group(2))
         return m.group(1) + content + m.group(4)

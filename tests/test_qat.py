@@ -152,13 +152,25 @@ def test_a_qat_run_killed_mid_epoch_resumes_bit_identical(qat_run):
     assert metadata[0].pop("weights_sha256") != metadata[1].pop("weights_sha256") and metadata[0] == metadata[1]
 
 
-@pytest.mark.parametrize("setting", ["--ema", "--amp=bf16", "--compile", "--set=swa.enabled=true"])
+@pytest.mark.parametrize("setting", ["--ema", "--amp=bf16", "--compile", "--set=swa.enabled=true",
+                                     "--set=model.drop_path_rate=0.1"])
 def test_qat_refuses_what_acts_on_the_network_modules(tmp_path, setting, capsys):
     status = main(["train", "--data", "synthetic", "--qat", setting, "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
     assert "qat.enabled (--qat) does not work with" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_qat_checkpoint_neither_resumes_as_float_nor_starts_a_run(qat_run, capsys):
+    last = qat_run["checkpoints"] / "last.pt"
+    before = last.read_bytes()
+    assert main(["train", "--output", str(qat_run["output"]), "--resume", "--no-qat", "--allow-config-change"]) == 2
+    assert "is a quantization-aware training checkpoint: resume it with qat.enabled" in capsys.readouterr().err
+    assert main(["train", "--data", str(qat_run["folder"]), "--model", "mobilenetv3_small_035", "--batch-size", "4",
+                 "--pretrained", str(last), "--output", str(qat_run["root"] / "new")]) == 2
+    assert f"continue its run with --resume {last}" in capsys.readouterr().err
+    assert last.read_bytes() == before and not (qat_run["root"] / "new").exists()
 
 
 def test_qat_without_the_mobile_extra_says_what_to_install(tmp_path, monkeypatch, capsys):
@@ -202,3 +214,28 @@ def test_the_qat_graph_is_the_network_with_fake_quantization_off():
     flags = lambda: {n.args[5] for n in graph.graph.nodes if n.target is torch.ops.aten.batch_norm.default}  # noqa: E731
     assert graph.eval() is graph and flags() == {False} and not graph.training
     assert graph.train() is graph and flags() == {True} and graph.training
+
+
+def test_validation_does_not_move_the_ranges_and_checkpoints_keep_observing():
+    """In eval the fake quantizers are paused (ranges from training batches only); the state a checkpoint
+    stores (`qat_state_dict`) still says they observe, and train() resumes observing."""
+    from mobilenetv3 import create_model
+    from mobilenetv3.deploy.quantize import prepare_qat, qat_state_dict
+
+    torch.manual_seed(0)
+    graph = prepare_qat(create_model("mobilenetv3_small_035", num_classes=5), (3, SIZE, SIZE))
+    images = torch.randn(4, 3, SIZE, SIZE)
+    ranges = lambda: {k: v.clone() for k, v in graph.state_dict().items() if k.endswith((".min_val", ".max_val"))}  # noqa: E731
+    flags = lambda state: {int(v) for k, v in state.items() if k.endswith(".observer_enabled")}  # noqa: E731
+    graph.train()
+    graph(images)
+    observed = ranges()
+    graph.eval()
+    with torch.no_grad():
+        graph(images * 5)
+    assert all(torch.equal(value, ranges()[key]) for key, value in observed.items())
+    assert flags(graph.state_dict()) == {0} and flags(qat_state_dict(graph)) == {1}
+    graph.train()
+    assert flags(graph.state_dict()) == {1}
+    graph(images * 5)
+    assert any(not torch.equal(value, ranges()[key]) for key, value in observed.items())

@@ -6,8 +6,8 @@ preprocessing.  DATA is a folder in ImageNet layout (calibration from its train/
 none), fashion-mnist (its train split), or, for a training checkpoint, the run's own data by default.
 
 A checkpoint of quantization-aware training (`mobilenetv3 train --qat`) is converted as it is: its
-activation ranges were learnt in training, so there is no calibration, and the int8 program is compared
-with the fake-quantized model.
+ranges were learnt in training, so there is no calibration (--calibration-images does not apply), and the
+int8 program is compared with the fake-quantized model.
 
 The program is loaded back with ExecuTorch's runtime and run beside the float32 model on DATA's validation
 split (--limit-eval-batches K: its first K batches): the command prints the float32 and int8 top-1 and how
@@ -147,5 +147,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"int8 agrees with {report.reference} on {comparison.agreement:.2f}% of top-1 predictions "
           f"({comparison.agree}/{comparison.images}; required >= {min_agreement:g}%)")
     if args.json:
-        print(json.dumps(report.to_dict() | {"data": data.dataset, "calibration_split": data.calibration_split}))
+        calibration = {"calibration_images": None, "calibration_split": None} if qat else {
+            "calibration_split": data.calibration_split}
+        print(json.dumps(report.to_dict() | {"data": data.dataset} | calibration))
     return 0

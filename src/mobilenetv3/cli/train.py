@@ -14,6 +14,7 @@ examples:
   mobilenetv3 train --output runs/fm --resume            # continue from runs/fm/checkpoints/last.pt
   mobilenetv3 train --output runs/fm --resume --epochs 20   # extend a finished run
   mobilenetv3 train --data synthetic --limit-train-batches 5 --epochs 1 --output /tmp/speed   # random tensors
+  mobilenetv3 train --config runs/fm/config.yaml --pretrained runs/fm/checkpoints/best.pt --qat --epochs 2 --lr 1e-4 --output runs/fm-qat   # QAT: ends with checkpoints/int8.pte
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Post-training int8 quantization to an ExecuTorch program (the library side of `mobilenetv3 quantize`).
+"""int8 quantization to an ExecuTorch program: post-training (`mobilenetv3 quantize`) and the QAT graph.
 
 The PT2E flow, with the XNNPACK quantizer:
 
@@ -33,14 +33,15 @@ Quantization-aware training (QAT) uses the same scheme with fake quantization (`
 the network in train mode, then torchao's `prepare_qat_pt2e`).  The prepared graph is an `nn.Module` the trainer
 fine-tunes like any other (`mobilenetv3 train --qat`); `qat_to_pte` converts it to the same int8 program and
 verifies it against the fake-quantized model it came from.  A QAT training checkpoint holds that graph's state
-dict; `qat_model_from_checkpoint` rebuilds the graph (deterministically, from the network's name and kwargs)
-and loads it, which is how `train --resume` and `mobilenetv3 quantize` read it.
+dict (`qat_state_dict`); the graph rebuilt from the network's name and kwargs is the same, so it loads back
+(`train --resume`, and `qat_model_from_checkpoint` for `mobilenetv3 quantize`).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import logging
 import os
 import types
@@ -194,11 +195,11 @@ def quantized_program(model: nn.Module, calibration: list[torch.Tensor], batch: 
 
 def _int8_program(prepared: nn.Module, image_shape: tuple[int, ...], batch: int):
     """convert_pt2e (in place: observers / fake quantizers -> quantize and dequantize ops) and export at `batch`."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
     from .executorch import _quiet_imports
 
     with _quiet_imports():
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
         converted = convert_pt2e(prepared)
         fixed = torch.zeros((batch, *image_shape), dtype=torch.float32)
         return torch.export.export(converted, (fixed,), strict=False)
@@ -254,11 +255,24 @@ def _restore_batchnorm_settings(graph: nn.Module, network: nn.Module) -> None:
     graph.recompile()
 
 
+def _fake_quantizers(graph: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    # every name: a quantizer shared by two inputs appears twice in the state dict
+    return ((name, module) for name, module in graph.named_modules(remove_duplicate=False)
+            if hasattr(module, "observer_enabled"))
+
+
 def _switch_modes(graph: nn.Module) -> nn.Module:
-    """`.train(mode)` / `.eval()` for an exported graph, whose BatchNorm and dropout are ops with a `training`
-    argument, not modules with a flag: set that argument on each op.  (torchao's `allow_exported_model_train_eval`
-    rewrites subgraph patterns instead; on torch 2.14's export IR, `aten.batch_norm.default`, it matches none, so
-    "eval" went on normalising with batch statistics, updating the running ones, and dropping out.)"""
+    """`.train(mode)` / `.eval()` for an exported QAT graph, returning it.
+
+    - BatchNorm and dropout are ops with a `training` argument, not modules with a flag: set that argument on
+      each op.  (torchao's `allow_exported_model_train_eval` rewrites subgraph patterns instead; on torch
+      2.14's export IR, `aten.batch_norm.default`, it matches none, so "eval" went on normalising with batch
+      statistics, updating the running ones, and dropping out.)
+    - torchao's fake quantizers observe whatever they see, in any mode: in eval they are paused, so the
+      ranges come from training batches only (not from validation images, nor from the images the int8
+      program is compared on); train() gives each back its own setting.  `qat_state_dict` reports that
+      setting while paused, so a checkpoint written after validation resumes observing.
+    """
     aten = torch.ops.aten
     flags = {aten.batch_norm.default: 5, aten.dropout.default: 2}
 
@@ -269,11 +283,36 @@ def _switch_modes(graph: nn.Module) -> nn.Module:
                 index = flags[node.target]
                 node.args = (*node.args[:index], bool(mode), *node.args[index + 1:])
         self.recompile()
+        for _, quantizer in _fake_quantizers(self):
+            if not mode and not hasattr(quantizer, "observing_in_training"):
+                quantizer.observing_in_training = int(quantizer.observer_enabled[0])
+                quantizer.observer_enabled.fill_(0)
+            elif mode and hasattr(quantizer, "observing_in_training"):
+                quantizer.observer_enabled.fill_(quantizer.__dict__.pop("observing_in_training"))
         return self
 
     graph.train = types.MethodType(train, graph)
     graph.eval = types.MethodType(lambda self: self.train(False), graph)
     return graph.train(graph.training)
+
+
+def qat_state_dict(graph: nn.Module) -> dict[str, torch.Tensor]:
+    """The QAT graph's state dict as training left it (observers paused by eval() count as their own setting)."""
+    state = dict(graph.state_dict())
+    for name, quantizer in _fake_quantizers(graph):
+        if hasattr(quantizer, "observing_in_training"):
+            key = f"{name}.observer_enabled"
+            state[key] = torch.full_like(state[key], quantizer.observing_in_training)
+    return state
+
+
+def freeze_observers(graph: nn.Module) -> None:
+    """Stop updating every fake quantizer's range (activations, and the weights' per-channel ones); the fake
+    quantization goes on.  A flag in the state dict, so a resumed run keeps it."""
+    for _, quantizer in _fake_quantizers(graph):
+        quantizer.observer_enabled.fill_(0)
+        if hasattr(quantizer, "observing_in_training"):
+            quantizer.observing_in_training = 0
 
 
 def qat_model_from_checkpoint(weights) -> tuple[nn.Module, nn.Module]:
@@ -392,24 +431,18 @@ def qat_to_pte(
     batch = DEFAULT_BATCH if batch is None else int(batch)
     if batch < 1:
         raise UserError(f"the batch size must be positive, got {batch}")
-    reference = copy.deepcopy(prepared).cpu()
-    reference.eval()  # the graph's own eval (running BatchNorm statistics, no dropout)
+    # deepcopy keeps the graph but not its patched train() / eval(): switch the copy's own ops
+    reference = _switch_modes(copy.deepcopy(prepared).cpu()).eval()  # the graph's own eval (running BatchNorm statistics, no dropout)
     evaluation = iter(evaluation)
     first = next(evaluation, None)
     if first is None:
         raise UserError("no evaluation images to compare the int8 program with the QAT model on")
     shape = tuple(first[0].shape[1:])
-    converted = copy.deepcopy(reference)
-    program = _int8_program(converted, shape, batch)
+    program = _int8_program(copy.deepcopy(reference), shape, batch)
     return _write_verified(
         program, reference, path, quantization_metadata(metadata, None, QAT_SCHEME), batch=batch,
-        input_size=shape[-1], calibration_images=0, evaluation=_chain_first(first, evaluation), fallback=None,
+        input_size=shape[-1], calibration_images=0, evaluation=itertools.chain([first], evaluation), fallback=None,
         min_agreement=min_agreement, threads=threads, reference_label="fake-quantized")
-
-
-def _chain_first(first, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
 
 
 def _write_verified(program, reference: nn.Module, path: str | os.PathLike, stored: dict[str, str], *, batch: int,

@@ -63,6 +63,10 @@ def select_from_run(run_dir: str | Path, *, last: int | None = None, best: int |
 def average_files(paths: list[str | Path], output: str | Path, *, ema: bool = False) -> dict[str, Any]:
     """Average the model (or EMA) weights of `paths` into `output` (.safetensors, or a .pt checkpoint)."""
     loaded = [read_weights(path, ema=ema) for path in paths]
+    for weights in loaded:
+        if weights.extra.get("qat"):  # fake quantizers' scales and zero points do not average
+            raise UserError(f"{weights.path} is a quantization-aware training checkpoint: its states cannot be "
+                            "averaged (convert one with `mobilenetv3 quantize`)")
     first = loaded[0]
     for weights in loaded[1:]:
         if weights.model_name != first.model_name or weights.model_kwargs != first.model_kwargs:

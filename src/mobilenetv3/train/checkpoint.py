@@ -109,7 +109,7 @@ RESUME_SAFE_KEYS = frozenset({
     "epochs", "output", "resume", "device", "threads", "keep_freed_memory", "compile",
     "data.workers", "data.data_dir", "data.strict_data", "model.pretrained",
     "checkpoint.every_steps", "checkpoint.keep_last_epochs", "checkpoint.keep_best_epochs",
-    "description", "reference_top1", "reference_label",
+    "description", "reference_top1", "reference_label", "qat.pte_batch",
 })
 
 

@@ -180,12 +180,13 @@ class QATConfig:
     (`mobilenetv3 quantize`) loses too much.  Start it from trained weights (model.pretrained) with a small lr.
     The run's checkpoints hold the graph's state (`mobilenetv3 quantize --checkpoint` converts any of them);
     at the end checkpoints/int8.pte is written, verified against the graph.  Not combined with EMA, SWA,
-    DropBlock, AMP, SyncBN or torch.compile (they act on the network's modules, which the graph replaces).
+    DropBlock, stochastic depth, AMP, SyncBN or torch.compile (they act on the network's modules, which the
+    graph replaces).
     """
 
     enabled: bool = False
-    #: stop updating the activation ranges after this many epochs (0: never); the weights keep training
-    #: against frozen ranges, as torchvision's QAT recipe does after 4 of its epochs.
+    #: stop updating the quantization ranges (activations', and the weights' per-channel ones) after this many
+    #: epochs (0: never); the weights keep training against them, as torchvision's QAT recipe does after 4 epochs.
     freeze_observers_epoch: int = 0
     #: the fixed batch size of checkpoints/int8.pte (>= 1; larger inputs are run in chunks).
     pte_batch: int = 1
@@ -525,12 +526,15 @@ def validate(config: TrainConfig) -> None:
         # fake-quantized graph replaces.
         refused = {"ema.enabled": config.ema.enabled, "swa.enabled": config.swa.enabled,
                    "regularization.dropblock_prob": config.regularization.dropblock_prob > 0,
+                   # stochastic depth branches in Python on the training flag: export would freeze one draw
+                   "model.drop_path_rate": config.model.drop_path_rate > 0,
                    "amp": config.amp != "none", "sync_bn": config.sync_bn, "compile": config.compile}
-        for key, on in refused.items():
-            if on:
-                raise UserError(f"qat.enabled (--qat) does not work with {key}={flatten(to_dict(config))[key]}: "
-                                "quantization-aware training runs a fake-quantized graph, not the network's "
-                                "modules; turn it off")
+        values = flatten(to_dict(config))
+        clashes = [f"{key}={values[key]}" for key, on in refused.items() if on]
+        if clashes:
+            raise UserError(f"qat.enabled (--qat) does not work with {', '.join(clashes)}: quantization-aware "
+                            "training runs a fake-quantized graph, not the network's modules; turn "
+                            f"{'it' if len(clashes) == 1 else 'them'} off")
     from ..models.registry import get_entry
 
     get_entry(config.model.name)  # an unknown model is an error now, not after the data is loaded

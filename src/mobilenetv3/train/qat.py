@@ -19,54 +19,55 @@ bit-exact resume.  What differs, and why:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+# (deploy.quantize and deploy.executorch import torchao and ExecuTorch only inside their functions)
+from ..deploy.executorch import require_quantization
+from ..deploy.export import artifact_metadata
+from ..deploy.quantize import QAT_SCHEME, freeze_observers, qat_state_dict, qat_to_pte
+from ..deploy.quantize import prepare_qat as prepare
+from ..errors import UserError
+from ..files import file_sha256
+
+__all__ = ["prepare", "freeze_observers", "require_extra", "checkpoint_entry", "state_dict", "refuse_mixed_resume",
+           "write_program", "labelled_batches"]
 
 PROGRAM_NAME = "int8.pte"
 
 
-def prepare(network: nn.Module, image_shape: tuple[int, int, int]) -> nn.Module:
-    """The fake-quantized training graph of `network` (on the network's device)."""
-    from ..deploy.quantize import prepare_qat
-
-    return prepare_qat(network, image_shape)
-
-
 def require_extra() -> None:
-    from ..deploy.executorch import require_quantization
-
     require_quantization("quantization-aware training (--qat)")
 
 
 def checkpoint_entry(image_shape: tuple[int, int, int]) -> dict[str, Any]:
     """What a QAT checkpoint carries beside the graph's state (`deploy.quantize.qat_model_from_checkpoint`)."""
-    from ..deploy.quantize import QAT_SCHEME
-
     return {"scheme": QAT_SCHEME, "image_shape": [int(size) for size in image_shape]}
 
 
-def freeze_observers(graph: nn.Module) -> None:
-    """Stop updating the activation ranges (the fake quantization goes on); a flag in the state dict, so a
-    resumed run keeps it."""
-    from torchao.quantization.pt2e.fake_quantize import disable_observer
+def state_dict(graph: nn.Module) -> dict[str, torch.Tensor]:
+    """The graph's state for a checkpoint, on the CPU (observers paused by validation count as training left them)."""
+    return {key: value.detach().cpu().clone() for key, value in qat_state_dict(graph).items()}
 
-    graph.apply(disable_observer)
+
+def refuse_mixed_resume(payload: dict[str, Any], qat_enabled: bool, path: Path) -> None:
+    """A float checkpoint cannot continue as QAT, nor a QAT one as float: their "model" states differ in kind."""
+    if bool(payload.get("qat")) == qat_enabled:
+        return
+    if qat_enabled:
+        raise UserError(f"{path} is a float run's checkpoint: start quantization-aware training from it as a new run "
+                        f"(--pretrained {path} --qat --output NEW_FOLDER), not with --resume")
+    raise UserError(f"{path} is a quantization-aware training checkpoint: resume it with qat.enabled (its own "
+                    "config: drop --no-qat / qat.enabled=false)")
 
 
 def write_program(graph: nn.Module, network: nn.Module, folder: Path, *, preprocessing, class_names: list[str],
                   source: Path, val_batches: Iterator, batch: int):
     """Convert the trained graph to checkpoints/int8.pte (metadata: the network's, the preprocessing, the
     classes and the sha256 of `source`, the checkpoint it came from); returns the `QuantizeReport`."""
-    from ..deploy.export import artifact_metadata
-    from ..deploy.quantize import qat_to_pte
-    from ..files import file_sha256
-
     metadata = artifact_metadata(network, preprocessing, class_names, file_sha256(source))
     return qat_to_pte(graph, folder / PROGRAM_NAME, metadata, val_batches, batch=batch)
 

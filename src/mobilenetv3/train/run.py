@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..allocator import keep_freed_memory
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..files import missing_folders, remove_empty_folders
 from . import checkpoint as ckpt
 from . import distributed, qat
@@ -136,6 +136,9 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
     if "://" not in location:  # an absolute path is always read as a file, whatever its suffix
         location = os.path.abspath(os.path.expanduser(location))
     weights = read_weights(fetch(location))
+    if weights.extra.get("qat"):
+        raise UserError(f"{model_config.pretrained} is a quantization-aware training checkpoint, not float weights: "
+                        f"continue its run with --resume {model_config.pretrained}, or start from float weights")
     build_model(weights)  # the file must first be what it says it is: its tensors all fit its own network
     found, wanted = weights.model_name, model_config.name
     arches = get_entry(found).arch, get_entry(wanted).arch
@@ -258,6 +261,8 @@ class Trainer:
         resume_path = ckpt.resolve_resume_path(config.resume, self.output) if config.resume else None
         self.resume_payload = ckpt.load(resume_path) if resume_path is not None else None
         #: (key, checkpoint value, new value) of the settings this resume changes; refused unless allowed
+        if self.resume_payload is not None:
+            qat.refuse_mixed_resume(self.resume_payload, config.qat.enabled, resume_path)
         self.resume_changes = [] if self.resume_payload is None else ckpt.config_changes(
             self.resume_payload.get("config") or {}, to_dict(config))
         if not any(key.startswith("model.") or key in MODEL_SHAPING_DATA_KEYS for key, _, _ in self.resume_changes):
@@ -423,7 +428,7 @@ class Trainer:
         return {
             "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
             "model_name": self.model_name, "model_kwargs": self.model_kwargs,
-            "model": ckpt.cpu_state_dict(self.model),
+            "model": qat.state_dict(self.model) if self.config.qat.enabled else ckpt.cpu_state_dict(self.model),
             "ema": ckpt.cpu_state_dict(self.ema.module) if self.ema is not None else None,
             "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
             "swa": ckpt.cpu_state_dict(self.swa.module) if self.swa is not None and self.swa.n_averaged else None,
@@ -464,15 +469,23 @@ class Trainer:
         larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
         return value > self.state.best_value if larger_is_better else value < self.state.best_value
 
-    def _write_int8_program(self) -> str:
-        """QAT: the final graph as checkpoints/int8.pte (rank 0), verified against the graph (train/qat.py)."""
+    def _write_int8_program(self) -> str | None:
+        """QAT: the final graph as checkpoints/int8.pte (rank 0), verified against the graph (train/qat.py).  The
+        training is saved by then: a program that fails is a warning naming the command that retries it."""
         from ..deploy.quantize import describe_bytes, top1_line
 
         folder = self.output / "checkpoints"
-        report = qat.write_program(
-            self.model, self.network, folder, preprocessing=self.bundle.preprocessing,
-            class_names=list(self.bundle.class_names), source=folder / "last.pt", batch=self.config.qat.pte_batch,
-            val_batches=qat.labelled_batches(self.val_loader, self.config.limit_val_batches))
+        try:
+            report = qat.write_program(
+                self.model, self.network, folder, preprocessing=self.bundle.preprocessing,
+                class_names=list(self.bundle.class_names), source=folder / "last.pt",
+                batch=self.config.qat.pte_batch,
+                val_batches=qat.labelled_batches(self.val_loader, self.config.limit_val_batches))
+        except Exception as error:  # noqa: BLE001 - reported in one line; the checkpoints hold the run
+            logger.warning("no %s: %s; the checkpoints are saved, retry with: mobilenetv3 quantize --checkpoint %s "
+                           "--output %s", qat.PROGRAM_NAME, first_line(error), folder / "last.pt",
+                           folder / qat.PROGRAM_NAME)
+            return None
         comparison = report.comparison
         self.log("wrote %s (int8 ExecuTorch/XNNPACK, batch %d, %s): %s on %d val images; agreement %.2f%%",
                  report.path, report.batch, describe_bytes(report.pte_bytes),
@@ -585,7 +598,11 @@ class Trainer:
             save_model(self.swa.module, self.output / "checkpoints" / "swa.safetensors",
                        preprocessing=self.bundle.preprocessing, class_names=list(self.bundle.class_names),
                        extra={"swa_averaged_epochs": int(self.swa.n_averaged)})
-        int8_program = self._write_int8_program() if config.qat.enabled and env.is_main and row else None
+        # QAT: the int8 program of the final graph (also when a resume found the run finished but no program)
+        folder = self.output / "checkpoints"
+        int8_program = None
+        if config.qat.enabled and env.is_main and state.epoch and (row or not (folder / qat.PROGRAM_NAME).exists()):
+            int8_program = self._write_int8_program()
         summary = {
             "output": str(self.output), "model": self.model_name, "dataset": config.data.dataset,
             "epochs": state.epoch, "steps": state.step, "world_size": env.world_size,
