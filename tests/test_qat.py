@@ -8,11 +8,8 @@ runs it again, kills it in its second epoch, resumes it and must end bit-identic
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,8 @@ from mobilenetv3.files import file_sha256  # noqa: E402
 from mobilenetv3.preprocessing import Preprocessing  # noqa: E402
 
 from test_predict import tiny_model  # noqa: E402  (tests/ is on sys.path)
-from test_train_run import ENV, assert_same_tensors, make_image_folder, run_ok, train_command  # noqa: E402
+from test_train_run import (ENV, assert_same_tensors, kill_when, make_image_folder, run_ok,  # noqa: E402
+                            train_command)
 
 SIZE = 32
 
@@ -116,26 +114,13 @@ def test_float_commands_refuse_a_qat_checkpoint_in_one_line(qat_run):
 
 def test_a_qat_run_killed_mid_epoch_resumes_bit_identical(qat_run):
     output = qat_run["root"] / "killed"
-    process = subprocess.Popen(qat_command(qat_run["folder"], qat_run["pretrained"], output, "--epochs", "2",
-                                           "--checkpoint-every-steps", "1"),
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # in epoch 2, with the ranges frozen
+    payload = kill_when(qat_command(qat_run["folder"], qat_run["pretrained"], output, "--epochs", "2",
+                                    "--checkpoint-every-steps", "1"),
+                        lambda saved: saved["epoch"] == 1 and saved["batch_in_epoch"] > 0)
     last = output / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be killed mid-epoch"
-            if last.is_file():
-                with contextlib.suppress(Exception):  # a checkpoint being replaced
-                    payload = torch.load(last, weights_only=True)
-                    if payload["epoch"] == 1 and payload["batch_in_epoch"] > 0:  # in epoch 2: ranges frozen
-                        break
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    payload = torch.load(last, weights_only=True)
-    assert payload["batch_in_epoch"] > 0 and not (output / "checkpoints" / "int8.pte").exists()
+    # killed in epoch 2 (mid-epoch, unless a loaded machine noticed too late: then while the program was written)
+    assert payload["step"] > 6 and not (output / "checkpoints" / "int8.pte").exists()
 
     run_ok([sys.executable, "-m", "mobilenetv3", "train", "--output", str(output), "--resume"])
     resumed = torch.load(last, weights_only=True)

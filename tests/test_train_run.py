@@ -49,6 +49,29 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def kill_when(command: list[str], condition, timeout: float = 240) -> dict:
+    """Run a training command and SIGKILL it as soon as its OUTPUT/checkpoints/last.pt satisfies `condition`;
+    returns that checkpoint as the kill left it."""
+    last = Path(command[command.index("--output") + 1]) / "checkpoints" / "last.pt"
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be killed mid-epoch"
+            if last.is_file():
+                try:
+                    if condition(torch.load(last, weights_only=True)):
+                        break
+                except (RuntimeError, EOFError, OSError):  # read while being replaced
+                    pass
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    return torch.load(last, weights_only=True)
+
+
 def make_image_folder(root: Path, train_per_class: int = 12, val_per_class: int = 3, size: int = 40) -> Path:
     """Two classes of size x size images (bright vs dark, so the task is learnable), PNG and JPEG mixed."""
     rng = np.random.default_rng(0)
@@ -302,24 +325,10 @@ def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path):
     run_ok(train_command(*common, "--output", str(reference)))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(*common, "--output", str(killed)), env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # mid-epoch, with a running SWA average (it starts after epoch 2) to carry over
+    payload = kill_when(train_command(*common, "--output", str(killed)),
+                        lambda saved: saved["batch_in_epoch"] > 0 and saved["swa_n_averaged"] >= 1)
     last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be killed mid-epoch"
-            if last.is_file():
-                payload = torch.load(last, weights_only=True)
-                # mid-epoch, with a running SWA average (it starts after epoch 2) to carry over
-                if payload["batch_in_epoch"] > 0 and payload["swa_n_averaged"] >= 1:
-                    break
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    payload = torch.load(last, weights_only=True)
     assert payload["batch_in_epoch"] > 0, "the kill must interrupt an epoch"
 
     # Resume from the run folder alone; with a DataLoader worker this time: per-sample seeds make the
