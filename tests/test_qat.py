@@ -224,3 +224,10 @@ def test_validation_does_not_move_the_ranges_and_checkpoints_keep_observing():
     assert flags(graph.state_dict()) == {1}
     graph(images * 5)
     assert any(not torch.equal(value, ranges()[key]) for key, value in observed.items())
+
+
+def test_lr_find_refuses_a_qat_config_instead_of_measuring_the_float_network(tmp_path, capsys):
+    status = main(["lr-find", "--data", "synthetic", "--set", "qat.enabled=true", "--output", str(tmp_path / "lr")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "lr-find measures the float network" in err, err
+    assert not (tmp_path / "lr").exists()

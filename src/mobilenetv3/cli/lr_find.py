@@ -44,11 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError
     from ..train.lr_find import lr_range_test
     from .train import require_data_source, resolve_config
 
     config = resolve_config(args)
     require_data_source(args)
+    if config.qat.enabled:  # e.g. a QAT run's config.yaml: say so rather than measure another network
+        raise UserError("lr-find measures the float network, not a quantization-aware training graph: run it "
+                        "with --set qat.enabled=false (the float network's range is a fair start for QAT's lr)")
     result = lr_range_test(config, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps, output=config.output,
                            progress=args.progress)
     print(f"lr-find: steepest descent at lr {result['steepest_lr']:.3g}, lowest loss at {result['min_loss_lr']:.3g}; "
