@@ -181,16 +181,19 @@ def quantized_program(model: nn.Module, calibration: list[torch.Tensor], batch: 
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     example = calibration[0][:1]
-    # Dynamic for calibration only: observing runs batches of any size; the final program has a fixed one.
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
     with _quiet_imports():
-        graph = torch.export.export(model, (torch.cat([example, example]),), dynamic_shapes=dynamic,
-                                    strict=False).module()
-        prepared = prepare_pt2e(graph, _quantizer())
+        prepared = prepare_pt2e(_export_dynamic_batch(model, torch.cat([example, example])), _quantizer())
         with torch.no_grad():
             for images in calibration:
                 prepared(images)
         return _int8_program(prepared, example.shape[1:], batch)
+
+
+def _export_dynamic_batch(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """torch.export's graph of `model` for any batch size: observing and QAT run batches of any size (the final
+    program has a fixed one)."""
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+    return torch.export.export(model, (example,), dynamic_shapes=dynamic, strict=False).module()
 
 
 def _int8_program(prepared: nn.Module, image_shape: tuple[int, ...], batch: int):
@@ -221,10 +224,8 @@ def prepare_qat(model: nn.Module, image_shape: tuple[int, int, int]) -> nn.Modul
     was_training = model.training
     parameter = next(model.parameters())
     example = torch.zeros((2, *image_shape), dtype=parameter.dtype, device=parameter.device)
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
     with _quiet_imports():
-        graph = torch.export.export(model.train(), (example,), dynamic_shapes=dynamic, strict=False).module()
-        prepared = prepare_qat_pt2e(graph, _quantizer(is_qat=True))
+        prepared = prepare_qat_pt2e(_export_dynamic_batch(model.train(), example), _quantizer(is_qat=True))
     model.train(was_training)
     _restore_batchnorm_settings(prepared, model)
     return _switch_modes(prepared)
@@ -372,6 +373,17 @@ def compare_program(model: nn.Module, program: Callable[[np.ndarray], np.ndarray
     return comparison
 
 
+def _program_batch(batch: int | None) -> int:
+    """The int8 program's fixed batch size (None: DEFAULT_BATCH), once ExecuTorch is known to be installed."""
+    from .executorch import require_executorch
+
+    require_executorch("int8 quantization")
+    batch = DEFAULT_BATCH if batch is None else int(batch)
+    if batch < 1:
+        raise UserError(f"the batch size must be positive, got {batch}")
+    return batch
+
+
 def quantize_to_pte(
     model: nn.Module,
     calibration_batches: Iterable[torch.Tensor],
@@ -390,12 +402,7 @@ def quantize_to_pte(
     the float32 / int8 comparison, labels None where they do not fit the classifier; default: the calibration
     images, unlabelled.  `metadata` is stored in the program with "quantization": "int8" and the scheme added.
     """
-    from .executorch import require_executorch
-
-    require_executorch("int8 quantization")
-    batch = DEFAULT_BATCH if batch is None else int(batch)
-    if batch < 1:
-        raise UserError(f"the batch size must be positive, got {batch}")
+    batch = _program_batch(batch)
     model = copy.deepcopy(model).cpu().float().eval()
     calibration = [images.detach().float().cpu().contiguous() for images in calibration_batches if len(images)]
     if not calibration:
@@ -425,12 +432,7 @@ def qat_to_pte(
 ) -> QuantizeReport:
     """Convert a QAT graph (`prepare_qat`, trained) to an int8 `.pte` at `path`, verified against the
     fake-quantized graph itself on the `evaluation` (images, labels or None) batches; `prepared` is untouched."""
-    from .executorch import require_executorch
-
-    require_executorch("int8 quantization")
-    batch = DEFAULT_BATCH if batch is None else int(batch)
-    if batch < 1:
-        raise UserError(f"the batch size must be positive, got {batch}")
+    batch = _program_batch(batch)
     # deepcopy keeps the graph but not its patched train() / eval(): switch the copy's own ops
     reference = _switch_modes(copy.deepcopy(prepared).cpu()).eval()  # the graph's own eval (running BatchNorm statistics, no dropout)
     evaluation = iter(evaluation)
@@ -563,6 +565,12 @@ def evaluation_batches(dataset: torch.utils.data.Dataset, *, labelled: bool, bat
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_skipping)
+    return loader_batches(loader, labelled=labelled, limit_batches=limit_batches)
+
+
+def loader_batches(loader: Iterable, *, labelled: bool = True, limit_batches: int | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(images, labels or None) of a loader of (images, labels, skipped) batches, the first `limit_batches`."""
     for index, (images, labels, _) in enumerate(loader):
         if limit_batches is not None and index >= limit_batches:
             break

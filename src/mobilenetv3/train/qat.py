@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..files import file_sha256
 
 __all__ = ["prepare", "freeze_observers", "require_extra", "checkpoint_entry", "state_dict", "refuse_mixed_resume",
-           "write_program", "labelled_batches"]
+           "write_program"]
 
 PROGRAM_NAME = "int8.pte"
 
@@ -70,12 +70,3 @@ def write_program(graph: nn.Module, network: nn.Module, folder: Path, *, preproc
     classes and the sha256 of `source`, the checkpoint it came from); returns the `QuantizeReport`."""
     metadata = artifact_metadata(network, preprocessing, class_names, file_sha256(source))
     return qat_to_pte(graph, folder / PROGRAM_NAME, metadata, val_batches, batch=batch)
-
-
-def labelled_batches(loader, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) of a validation loader, the first `limit` batches (all when None)."""
-    for index, (images, labels, _) in enumerate(loader):
-        if limit is not None and index >= limit:
-            break
-        if len(images):
-            yield images, labels

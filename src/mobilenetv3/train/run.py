@@ -472,7 +472,7 @@ class Trainer:
     def _write_int8_program(self) -> str | None:
         """QAT: the final graph as checkpoints/int8.pte (rank 0), verified against the graph (train/qat.py).  The
         training is saved by then: a program that fails is a warning naming the command that retries it."""
-        from ..deploy.quantize import describe_bytes, top1_line
+        from ..deploy.quantize import describe_bytes, loader_batches, top1_line
 
         folder = self.output / "checkpoints"
         try:
@@ -480,7 +480,7 @@ class Trainer:
                 self.model, self.network, folder, preprocessing=self.bundle.preprocessing,
                 class_names=list(self.bundle.class_names), source=folder / "last.pt",
                 batch=self.config.qat.pte_batch,
-                val_batches=qat.labelled_batches(self.val_loader, self.config.limit_val_batches))
+                val_batches=loader_batches(self.val_loader, limit_batches=self.config.limit_val_batches))
         except Exception as error:  # noqa: BLE001 - reported in one line; the checkpoints hold the run
             logger.warning("no %s: %s; the checkpoints are saved, retry with: mobilenetv3 quantize --checkpoint %s "
                            "--output %s", qat.PROGRAM_NAME, first_line(error), folder / "last.pt",
