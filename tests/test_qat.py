@@ -119,7 +119,7 @@ def test_a_qat_run_killed_mid_epoch_resumes_bit_identical(qat_run):
                                     "--checkpoint-every-steps", "1"),
                         lambda saved: saved["epoch"] == 1 and saved["batch_in_epoch"] > 0)
     last = output / "checkpoints" / "last.pt"
-    # killed in epoch 2 (mid-epoch, unless a loaded machine noticed too late: then while the program was written)
+    # killed mid-epoch 2, before the program was written
     assert payload["step"] > 6 and not (output / "checkpoints" / "int8.pte").exists()
 
     run_ok([sys.executable, "-m", "mobilenetv3", "train", "--output", str(output), "--resume"])

@@ -51,20 +51,32 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 def kill_when(command: list[str], condition, timeout: float = 240) -> dict:
     """Run a training command and SIGKILL it as soon as its OUTPUT/checkpoints/last.pt satisfies `condition`;
-    returns that checkpoint as the kill left it."""
+    returns that checkpoint as the kill left it.
+
+    Each new last.pt (an atomic replace: a new inode) stops the run with SIGSTOP before the checkpoint is read,
+    so a fast run cannot move past the wanted state while it is being checked; it continues (SIGCONT) when the
+    condition does not hold yet."""
     last = Path(command[command.index("--output") + 1]) / "checkpoints" / "last.pt"
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
+    seen = None
     try:
         while time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before it could be killed mid-epoch"
-            if last.is_file():
+            try:
+                stat = last.stat()
+            except FileNotFoundError:
+                stat = None
+            if stat is not None and (stat.st_ino, stat.st_mtime_ns) != seen:
+                process.send_signal(signal.SIGSTOP)
+                seen = (stat.st_ino, stat.st_mtime_ns)
                 try:
                     if condition(torch.load(last, weights_only=True)):
                         break
-                except (RuntimeError, EOFError, OSError):  # read while being replaced
-                    pass
-            time.sleep(0.01)
+                except (RuntimeError, EOFError, OSError):  # replaced between stat and SIGSTOP: read it again
+                    seen = None
+                process.send_signal(signal.SIGCONT)
+            time.sleep(0.001)
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
