@@ -27,7 +27,7 @@ demo: data
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# README tables from the latest benchmarks/results/*.jsonl records (benchmark scripts append them).
+# docs/results.md (and any README results blocks) from benchmarks/results/*.jsonl, which the benchmark scripts append to.
 results:
 	$(PY) benchmarks/results.py render
 

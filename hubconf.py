@@ -17,7 +17,7 @@ _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src")
 if os.path.isdir(_SRC) and _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from mobilenetv3.models.registry import create_model as _create_model  # noqa: E402
+from mobilenetv3.factory import create_model as _create_model  # noqa: E402
 from mobilenetv3.models.registry import get_entry as _get_entry  # noqa: E402
 from mobilenetv3.models.registry import list_models as _list_models  # noqa: E402
 

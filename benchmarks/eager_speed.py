@@ -6,7 +6,8 @@ speed gap is implementation overhead.  Each gets BatchNorm statistics calibrated
 Calls run round-robin (ours, torchvision, timm, ours, ...) after a warm-up, under `torch.inference_mode`.
 
 The target: ours at least as fast as the faster peer at batch 1 and at batch 32.  "ratio" is
-the faster peer's median latency divided by ours (>= 1.00 meets the target).
+the faster peer's median latency divided by ours (>= 1.00 meets the target).  Every run is appended to
+benchmarks/results/eager_speed.jsonl; `make results` renders it into docs/results.md.
 
     .venv/bin/python benchmarks/eager_speed.py [--model mobilenetv3_large_100] [--min-time 10] [--threads N]
 """
@@ -20,6 +21,7 @@ import sys
 
 import torch
 
+import results  # benchmarks/results.py: this script's folder is on sys.path
 from mobilenetv3.deploy.bench import benchmark, format_table
 
 
@@ -61,8 +63,13 @@ def main() -> int:
         verdicts.append({"batch_size": row.batch_size, "faster_peer": faster_peer, "ratio": ratio, "meets": ratio >= 1.0})
         print(f"batch {row.batch_size:3d}: ours vs the faster peer ({faster_peer}), plain eager: {ratio:.2f}x "
               f"({'meets' if ratio >= 1.0 else 'MISSES'} the target)")
+    measured = {"rows": [r.to_dict() for r in rows], "verdicts": verdicts}
     if args.json:
-        print(json.dumps({"rows": [r.to_dict() for r in rows], "verdicts": verdicts}))
+        print(json.dumps(measured))
+    results.record("eager_speed", {**measured, "model": args.model, "batch_sizes": args.batch_size,
+                                   "threads": torch.get_num_threads(), "clock": args.clock,
+                                   "keep_freed_memory": args.keep_freed_memory, "min_time": args.min_time,
+                                   "repeats": args.repeats}, argv=sys.argv)
     return 0
 
 

@@ -3,7 +3,8 @@
 The model is the one that made `predict` end in `ExportVerificationError`: torchvision's mobilenet_v3_large
 with random weights (`--seed`) and BatchNorm statistics measured on smooth photo-like images (what a model
 trained on real images has), converted with the IMAGENET1K_V1 preprocessing.  Its ONNX export (BN folded)
-is run by ONNX Runtime on three kinds of input, and each row prints:
+is run by ONNX Runtime on three kinds of input, and each row prints (the run is appended to
+benchmarks/results/export_verification.jsonl):
 
   max |out|       the float64 model's largest logit;
   eager32 err     max |float32 eager - float64|: float32's own rounding on those inputs;
@@ -17,6 +18,7 @@ is run by ONNX Runtime on three kinds of input, and each row prints:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +27,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from mobilenetv3.deploy.bench import calibrate_batchnorm
+import results  # benchmarks/results.py: this script's folder is on sys.path
+
+from mobilenetv3.timing import calibrate_batchnorm
 from mobilenetv3.deploy.export import (DEFAULT_TOLERANCE, ExportFormat, _example_input, compare_outputs,
                                        export_model, load_artifact, verification_inputs)
 from mobilenetv3.deploy.predict import find_images, load_samples
@@ -74,6 +78,7 @@ def main() -> None:
               "its ONNX export (BN folded) in ONNX Runtime")
         print(f"{'inputs':36s} {'max |out|':>9s} {'eager32 err':>11s} {'onnx err':>9s} {'onnx-eager32':>12s} "
               f"{'old rule':>17s} {'new rule':>17s}")
+        rows = []
         for name, batches in inputs.items():
             comparison = compare_outputs(model, onnx, batches)
             with torch.inference_mode():
@@ -84,6 +89,11 @@ def main() -> None:
             new = f"{'pass' if comparison.passes(DEFAULT_TOLERANCE) else 'FAIL'} (<= {new_allowed:.3g})"
             print(f"{name:36s} {comparison.scale:9.3g} {comparison.eager_diff:11.3g} {comparison.artifact_diff:9.3g} "
                   f"{old_diff:12.3g} {old:>17s} {new:>17s}")
+            rows.append({"inputs": name, "scale": comparison.scale, "eager_diff": comparison.eager_diff,
+                         "artifact_diff": comparison.artifact_diff, "old_diff": old_diff, "old_allowed": old_allowed,
+                         "old_pass": old_diff <= old_allowed, "new_allowed": new_allowed,
+                         "new_pass": comparison.passes(DEFAULT_TOLERANCE)})
+    results.record("export_verification", {"seed": args.seed, "images": args.images, "rows": rows}, argv=sys.argv)
 
 
 if __name__ == "__main__":

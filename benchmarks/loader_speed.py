@@ -5,7 +5,8 @@ in-memory Fashion-MNIST images (no auto-augment) the whole batch then goes throu
 `SmallImageTrainTransform.seeded`: per-image draws from NumPy generators, then a few batched tensor ops. The
 other path, which every other dataset takes, reseeds torch's RNG and transforms image by image. This times one
 batch of each, round-robin (the same sampler keys for both), in this process with one intra-op thread, as a
-`workers: 0` training rank does; it reports the median milliseconds per batch and their ratio.
+`workers: 0` training rank does; it reports the median milliseconds per batch and their ratio, and appends them to
+benchmarks/results/loader_speed.jsonl.
 
     python benchmarks/loader_speed.py                       # fashion-mnist-large's augmentation, batch 128
     python benchmarks/loader_speed.py --batch-size 256 --set data.random_erasing=0
@@ -20,6 +21,8 @@ import statistics
 import sys
 
 import torch
+
+import results  # benchmarks/results.py: this script's folder is on sys.path
 
 
 class PerImage(torch.utils.data.Dataset):
@@ -37,9 +40,9 @@ class PerImage(torch.utils.data.Dataset):
 
 def main() -> int:
     from mobilenetv3.data import build_datasets, collate_skipping
-    from mobilenetv3.deploy.bench import time_interleaved
+    from mobilenetv3.timing import time_interleaved
     from mobilenetv3.train.config import load_config, parse_assignment
-    from mobilenetv3.train.distributed import DistEnv, ResumableSampler, SeededSamples
+    from mobilenetv3.data.samplers import ResumableSampler, SeededSamples
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fashion-mnist-large")
@@ -50,7 +53,7 @@ def main() -> int:
     torch.set_num_threads(1)
     config = load_config(args.recipe, overrides=[parse_assignment(item) for item in args.assignments])
     train = build_datasets(config.data).train
-    sampler = ResumableSampler(train, DistEnv(), seed=config.seed)  # one process: a seeded shuffle
+    sampler = ResumableSampler(train, seed=config.seed)  # one process: a seeded shuffle
     sampler.set_position(epoch=0)
     keys = list(sampler)
     batches = [keys[start:start + args.batch_size] for start in range(0, len(keys), args.batch_size)]
@@ -64,10 +67,12 @@ def main() -> int:
     calls = {name: batch_after_batch(dataset) for name, dataset in paths.items()}
     times = time_interleaved(calls, device=torch.device("cpu"), warmup=2, min_repeats=10, min_seconds=args.min_time)
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
-    print(json.dumps({"recipe": args.recipe, "batch_size": args.batch_size,
-                      "ms_per_batch": {name: round(value, 2) for name, value in medians.items()},
-                      "batches_timed": {name: len(values) for name, values in times.items()},
-                      "speedup": round(medians["per_image"] / medians["batched"], 1)}))
+    measured = {"recipe": args.recipe, "batch_size": args.batch_size,
+                "ms_per_batch": {name: round(value, 2) for name, value in medians.items()},
+                "batches_timed": {name: len(values) for name, values in times.items()},
+                "speedup": round(medians["per_image"] / medians["batched"], 1), "overrides": args.assignments}
+    print(json.dumps(measured))
+    results.record("loader_speed", measured, argv=sys.argv)
     return 0
 
 

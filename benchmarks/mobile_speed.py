@@ -9,7 +9,7 @@ calibrated on 64 other random fields.  Calls run round-robin (onnx, et-fp32, et-
 warm-up, and the median per-call latency is reported; "vs ORT" is ONNX Runtime's median over the engine's
 (> 1: faster).  The target: int8 >= 2.0x ONNX Runtime fp32 for Large at batch 1 and 32.  Also printed: the
 file sizes and the kernel calls the int8 program makes outside its XNNPACK delegate.  Every run is appended to
-benchmarks/results/mobile_speed.jsonl (`results.record`), from which `make results` renders the README's table.
+benchmarks/results/mobile_speed.jsonl (`results.record`), from which `make results` renders docs/results.md.
 
     .venv/bin/python benchmarks/mobile_speed.py [--models mobilenetv3_large_100 mobilenetv3_small_100]
         [--batch-size 1 32] [--repeats 20] [--min-time 5] [--threads N] [--clock wall|cpu] [--json]
@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 import results  # benchmarks/results.py: this script's folder is on sys.path
-from mobilenetv3.deploy.bench import calibrate_batchnorm, time_interleaved
+from mobilenetv3.timing import calibrate_batchnorm, time_interleaved
 from mobilenetv3.deploy.executorch import load_pte, require_executorch
 from mobilenetv3.deploy.export import (ExportFormat, artifact_metadata, export_model, load_artifact,
                                        verification_inputs)
 from mobilenetv3.deploy.quantize import quantize_to_pte
-from mobilenetv3.models.registry import create_model
+from mobilenetv3 import create_model
 from mobilenetv3.preprocessing import Preprocessing
 
 
@@ -110,8 +110,7 @@ def main() -> int:
         print(json.dumps(measured))
     settings = {"input_size": size, "threads": args.threads, "clock": args.clock, "repeats": args.repeats,
                 "min_time": args.min_time}
-    path = results.record("mobile_speed", {**measured, **settings}, argv=sys.argv)
-    print(f"recorded in {path}; `make results` puts it in the README", file=sys.stderr)
+    results.record("mobile_speed", {**measured, **settings}, argv=sys.argv)
     return 0
 
 

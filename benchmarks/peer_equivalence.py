@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/peer_equivalence.py [--size 224] [--variants NAME ...]
 
 For every torchvision / timm variant: random weights with BN statistics measured at the input size, then
-perturbed (the test suite's `randomize`), eval mode, a random 2x3xSxS batch; prints max |peer - ours| in float32 and
+perturbed (the test suite's `randomize`), eval mode, a random 2x3xSxS batch; prints (and appends to benchmarks/results/peer_equivalence.jsonl) max |peer - ours| in float32 and
 float64, whether the conversion back reproduces every peer tensor bit for bit, and the output scale.
 "float32" is ours as users run it (no_grad: CPU inference goes channels_last inside, so convolutions sum in
 another order); "f32 NCHW" runs both with autograd on, which keeps ours in the peers' NCHW layout.
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+import results  # benchmarks/results.py: this script's folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_convert import build_double, peer_model, randomize  # noqa: E402  (the tests' reference setup)
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--variants", nargs="*", help="peer model names (default: all)")
     args = parser.parse_args()
+    rows = []
     print(f"{'peer':12s} {'model':34s} {'float32':>9s} {'f32 NCHW':>9s} {'float64':>9s} {'|out| max':>9s}  back exact")
     for variant in peer_variants():
         if args.variants and variant.name not in args.variants:
@@ -55,6 +58,8 @@ def main() -> None:
         row = measure(variant.peer, variant.name, args.size)
         print(f"{variant.peer:12s} {variant.name:34s} {row['float32']:9.2e} {row['float32_nchw']:9.2e} {row['float64']:9.2e} "
               f"{row['scale']:9.3g}  {row['round_trip_exact']}")
+        rows.append({"peer": variant.peer, "model": variant.name, **row})
+    results.record("peer_equivalence", {"size": args.size, "rows": rows}, argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ What it does, in one run:
      `mobilenet_v3_large`) and `mobilenetv3 predict --topk 1 --json` as subprocesses, alternating,
      `--repeats` times each; the first `predict` run (which exports to ONNX and fills the cache) is
      reported separately;
-  4. reports median wall times, the speed-up and the top-1 agreement.
+  4. reports median wall times, the speed-up and the top-1 agreement, and appends them to
+     benchmarks/results/predict_speed.jsonl.
 
     .venv/bin/python benchmarks/predict_speed.py [--images 512] [--repeats 3] [--engines onnxruntime,torch]
 """
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+
+import results  # benchmarks/results.py: this script's folder is on sys.path
 
 USER_SCRIPT = '''\
 import sys
@@ -73,7 +76,7 @@ def write_images(folder: Path, count: int, seed: int = 0) -> None:
 
 def calibrated_torchvision_large(folder: Path, calibration_images: int = 64) -> torch.nn.Module:
     """torchvision's Large, random weights, BN running statistics measured on `folder`'s images."""
-    from mobilenetv3.deploy.bench import calibrate_batchnorm
+    from mobilenetv3.timing import calibrate_batchnorm
     from torchvision import transforms
 
     torch.manual_seed(0)
@@ -174,6 +177,7 @@ def main() -> int:
     summary.update(distinct_top1=distinct, cold_predict_s=cold_time)
     if args.json:
         print(json.dumps(summary))
+    results.record("predict_speed", summary, argv=sys.argv)
     return 0
 
 

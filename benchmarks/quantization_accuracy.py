@@ -11,7 +11,7 @@ then runs the float32 model and both int8 programs (ExecuTorch's runtime) on the
 in this process: top-1 of each, the drop from float32 in points, and the fraction of images on which the int8
 program's top-1 class is float32's ("agreement").  QAT runs the run's own config (schedule, augmentation) for
 E epochs at LR_SCALE x its learning rate; with E > 1 the quantization ranges freeze after the first epoch.  The rows are printed, and recorded in benchmarks/results/quantization-LABEL.jsonl (`make results`
-renders them into the README's block of that name).
+renders them into docs/results.md).
 
     .venv/bin/python benchmarks/quantization_accuracy.py --checkpoint runs/demo/checkpoints/best.pt
         [--qat-epochs 2] [--lr-scale 0.05] [--nproc-per-node 1] [--label NAME] [--work DIR]

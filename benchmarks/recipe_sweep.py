@@ -2,15 +2,13 @@
 
 Each variant is a name plus `--set` overrides of the recipe.  All run at once (one `mobilenetv3 train` process
 per variant, each in its own run folder) until they finish or `--deadline` seconds pass; then one JSON line per
-variant (last and best val_top1, epochs done, wall time) and a table sorted by the last epoch's top-1.
+variant (last and best val_top1, epochs done, wall time) and a table sorted by the last epoch's top-1; the
+sweep is appended to benchmarks/results/recipe_sweep.jsonl.
 A variant stopped by the deadline reports the epochs it finished, marked "stopped".
 
 Made for choosing a CPU recipe with a GPU's help (benchmarks/gpu_recipe_sweep.sh runs it on a lent GPU).
-Fashion-MNIST's per-sample augmentation, not the GPU, sets the pace: give each variant DataLoader workers.
-Measured on one H200 with 16 host cores and nine `fashion-mnist-large` variants at once (batch 256,
-`deterministic=true` so no cuDNN autotuning, 2-4 workers each): 18-24 s per epoch each while all nine ran (the
-first epoch 24-27 s), 8-11 s once the seven short ones had finished; the whole sweep (seven 14-epoch runs, one of 20 and one of 30) took 505 s, where
-the nine runs would take about nine hours on two CPU cores.
+Fashion-MNIST's per-sample augmentation, not the GPU, sets the pace: give each variant DataLoader workers
+(the H200 sweep's timings are in docs/history.md).
 
     python benchmarks/recipe_sweep.py --recipe fashion-mnist-large --set batch_size=256 --set threads=0 \
         --variant "sgd" --variant "adamw optim.name=adamw optim.lr=0.004 optim.weight_decay=0.01" \
@@ -25,6 +23,8 @@ import os
 import subprocess
 import sys
 import time
+
+import results as recorded  # benchmarks/results.py: this script's folder is on sys.path
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         last = f"{r['last_top1']:.2f}" if r["last_top1"] is not None else "-"
         best = f"{r['best_top1']:.2f}" if r["best_top1"] is not None else "-"
         print(f"{r['variant']:16s} {r['status']:10s} {r['epochs']:6d} {last:>9s} {best:>9s}  {' '.join(r['overrides'])}")
+    recorded.record("recipe_sweep", {"recipe": args.recipe, "overrides": args.assignments, "variants": results},
+                    argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     return 0 if all(r["status"] == "done" for r in results) else 1
 
 

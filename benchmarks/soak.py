@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import results  # benchmarks/results.py: this script's folder is on sys.path
+
 EVENTS_ENV = "SOAK_EVENTS"
 STALL_ENV = "SOAK_STALL_AT_SAVE"
 #: metrics columns that measure time, not training: they differ between runs.
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="soak: %(message)s", stream=sys.stderr)
     summary = soak(args)
     print(json.dumps(summary))
+    results.record("soak", summary, argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     return 0 if summary["equal"] and summary["last_pt_readable_after_every_kill"] else 1
 
 

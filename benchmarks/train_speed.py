@@ -4,7 +4,7 @@ Each trial is a real `mobilenetv3 train` run of one epoch cut to --batches steps
 batch), under `torchrun --standalone` when --nproc-per-node > 1; trials alternate between the two settings
 (on, off, on, off, ...) so that a change in machine load hits both alike.  Reported: each trial's training
 images/s (`train_images_per_s` of its metrics.jsonl: the whole cut epoch, first step included) and the ratio
-of the medians (on / off).
+of the medians (on / off), appended to benchmarks/results/train_speed.jsonl.
 
     python benchmarks/train_speed.py                                   # fashion-mnist-large, 2 processes
     python benchmarks/train_speed.py --recipe fashion-mnist --nproc-per-node 1 --batches 100
@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import results  # benchmarks/results.py: this script's folder is on sys.path
 
 
 def trial(args: argparse.Namespace, keep: bool, output: str) -> float:
@@ -50,9 +52,11 @@ def main() -> int:
                 speeds[setting].append(round(images_per_s, 1))
                 print(f"trial {index + 1} keep_freed_memory={setting}: {images_per_s:.1f} img/s", file=sys.stderr)
     on, off = statistics.median(speeds["on"]), statistics.median(speeds["off"])
-    print(json.dumps({"recipe": args.recipe, "processes": args.nproc_per_node, "steps_per_trial": args.batches,
-                      "images_per_s_on": speeds["on"], "images_per_s_off": speeds["off"],
-                      "median_ratio_on_over_off": round(on / off, 3), "cpus": os.cpu_count()}))
+    measured = {"recipe": args.recipe, "processes": args.nproc_per_node, "steps_per_trial": args.batches,
+                "images_per_s_on": speeds["on"], "images_per_s_off": speeds["off"],
+                "median_ratio_on_over_off": round(on / off, 3), "cpus": os.cpu_count(), "overrides": args.assignments}
+    print(json.dumps(measured))
+    results.record("train_speed", measured, argv=sys.argv)
     return 0
 
 

@@ -2,13 +2,14 @@
 
 On small inputs (Fashion-MNIST's 28x28 with stem stride 1) the last stages run 5x5 depthwise kernels on 4x4 and
 2x2 maps, and every squeeze-excite and the head run 1x1 convs on 1x1 maps.  On CPUs without AVX-512, oneDNN
-is slow on both, so during CPU training the library (`mobilenetv3.models.layers.call_conv`) pads overhanging
-depthwise kernels explicitly, computes those with at most 4 output pixels tap by tap (`_DepthwiseByTaps`), and
-runs 1x1 convs on maps of at most 16 pixels as one GEMM (`_pointwise_conv_as_matmul`).  This script times full
+is slow on both, so during CPU training the library (`mobilenetv3.cpu_routes`, docs/performance.md) pads
+overhanging depthwise kernels explicitly (`padded_depthwise`), computes those with at most 4 output pixels tap by
+tap (`depthwise_taps`), and runs 1x1 convs on maps of at most 16 pixels as one GEMM (`pointwise_gemm`).  This script times full
 training steps (forward, backward, SGD step; `mobilenetv3 bench --train`'s step) of one network three ways,
 alternating step by step so that a change in machine load hits all alike, and reports the median ms/step of
 each and the ratios: `fast` (the library as shipped), `padded_only` (explicit padding only, the library before
-the tap-by-tap and GEMM routes) and `plain` (every conv called as a module).
+the tap-by-tap and GEMM routes) and `plain` (every conv called as a module).  Every run is appended to
+benchmarks/results/train_step_speed.jsonl; `make results` renders it into docs/results.md.
 
     .venv/bin/python benchmarks/train_step_speed.py            # the fashion-mnist-large network, batch 128, 1 thread
     .venv/bin/python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --batch-size 256
@@ -25,15 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
-from unittest import mock
 
 import torch
 
+import results  # benchmarks/results.py: this script's folder is on sys.path
 from mobilenetv3 import create_model
 from mobilenetv3.allocator import keep_freed_memory
-from mobilenetv3.deploy.bench import _train_fn, time_interleaved
-from mobilenetv3.models import layers
+from mobilenetv3.timing import sgd_step, time_interleaved
+from mobilenetv3 import cpu_routes
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def make_network(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def make_images(args: argparse.Namespace) -> torch.Tensor:
-    return layers.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
+    return cpu_routes.to_channels_last(torch.randn(args.batch_size, args.in_chans, args.input_size, args.input_size))
 
 
 def main() -> int:
@@ -67,28 +69,26 @@ def main() -> int:
                         help="use the routes on a CPU with AVX-512 kernels too, where the library leaves them off")
     args = parser.parse_args()
     if args.on_avx512:
-        layers._avx512_kernels = lambda: False
+        cpu_routes.set_routes(on_avx512=True)
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as `mobilenetv3 train` does on the CPU
 
     images = make_images(args)
-    step = _train_fn(make_network(args), images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
+    step = sgd_step(make_network(args), images, torch.device("cpu"))  # one SGD step, as `mobilenetv3 bench --train` times it
 
     def padded_only_step() -> None:
-        with mock.patch.object(layers, "TAPS_DEPTHWISE_MAX_OUTPUT_PIXELS", 0), \
-                mock.patch.object(layers, "_pointwise_conv_as_matmul", lambda conv, x: None):
+        with cpu_routes.routes(depthwise_taps=False, pointwise_gemm=False):
             step()
 
     def plain_step() -> None:
-        with mock.patch.object(layers, "_padded_depthwise_conv", lambda conv, x: None), \
-                mock.patch.object(layers, "_pointwise_conv_as_matmul", lambda conv, x: None):  # every conv as a module
+        with cpu_routes.routes(enabled=False):  # every conv by nn.Conv2d's forward
             step()
 
     contestants = {"fast": step, "padded_only": padded_only_step, "plain": plain_step}
     compile_seconds = None
     if args.compile:
-        compiled_step = _train_fn(torch.compile(make_network(args)), images, torch.device("cpu"))
+        compiled_step = sgd_step(torch.compile(make_network(args)), images, torch.device("cpu"))
         started = time.perf_counter()
         compiled_step()  # the first call compiles the forward and the backward graph
         compile_seconds = time.perf_counter() - started
@@ -101,15 +101,17 @@ def main() -> int:
     compiled = {} if compile_seconds is None else {
         "median_ms_compiled": round(1000 * medians["compiled"], 1), "compile_s": round(compile_seconds, 1),
         "median_ratio_compiled_over_fast": round(medians["compiled"] / medians["fast"], 3)}
-    print(json.dumps({
+    measured = {
         "model": args.model, "input": [args.in_chans, args.input_size, args.input_size],
         "stem_stride": args.stem_stride, "batch_size": args.batch_size, "threads": args.threads,
         "steps": args.steps,
         **{f"median_ms_{name}": round(1000 * medians[name], 1) for name in ("fast", "padded_only", "plain")},
         "median_ratio_padded_only_over_fast": round(medians["padded_only"] / medians["fast"], 3),
         "median_ratio_plain_over_fast": round(medians["plain"] / medians["fast"], 3), **compiled,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "routes_used": not layers._avx512_kernels(),
-    }))
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "routes_used": cpu_routes.training_routes_on_this_cpu(),
+    }
+    print(json.dumps(measured))
+    results.record("train_step_speed", measured, argv=sys.argv)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: 6-13 minutes on 2 CPU cores, depending on the CPU (README).
+# `make demo`: 6-13 minutes on 2 CPU cores, depending on the CPU (docs/history.md).
 #   1. profile: params and MACs of every variant beside the paper's numbers
 #   2. train the fashion-mnist recipe for DEMO_EPOCHS epochs (default 4: >= 90% test accuracy)
 #   3. evaluate the best checkpoint (it reproduces the logged validation numbers)

@@ -10,15 +10,8 @@ import torch
 from mobilenetv3 import create_model
 from mobilenetv3.cli import main
 from mobilenetv3.profile import count_macs
-from mobilenetv3.deploy.bench import (
-    BenchRow,
-    _add_speedups,
-    benchmark,
-    calibrate_batchnorm,
-    format_table,
-    peer_model,
-    time_interleaved,
-)
+from mobilenetv3.deploy.bench import BenchRow, _add_speedups, benchmark, format_table, peer_model
+from mobilenetv3.timing import calibrate_batchnorm, percentile, time_interleaved
 
 
 def test_calibrated_batchnorm_holds_the_batch_statistics():
@@ -105,3 +98,9 @@ def test_user_errors_are_one_line(argv, message, capsys):
     assert main(["bench", "--model", "mobilenetv3_small_035", "--resolution", "32", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_percentile_is_the_nearest_rank_value():
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.9) == 4.0  # one of the values, never an interpolation
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
+    assert percentile([5.0], 0.9) == 5.0

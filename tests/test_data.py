@@ -361,7 +361,7 @@ def test_seeded_batches_depend_only_on_each_images_seed_and_crop_like_v2():
     """The training loader's batched path: image k's crop and flip come from seeds[k] alone, whatever the batch."""
     from torchvision.transforms.v2 import functional as F
 
-    from mobilenetv3.train.distributed import SeededSamples
+    from mobilenetv3.data.samplers import SeededSamples
 
     transform, prep = _small_image_transform()
     images = torch.from_numpy(RNG.integers(0, 256, (256, 1, 12, 12), dtype=np.uint8))

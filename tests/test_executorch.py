@@ -236,7 +236,7 @@ def test_eval_options_that_cannot_apply_to_a_program_are_one_line(exported, fold
 def test_bench_times_float32_and_int8_executorch_programs(exported, monkeypatch):
     """A real float32 program; for int8 the wiring (what `quantize_to_pte` is given, and that its program is
     what is timed): a real int8 program is timed by the next test, through the command."""
-    import mobilenetv3.deploy.quantize as quantize_module
+    import mobilenetv3.deploy.bench as bench_module
 
     exports, quantized = [], []
     original = executorch_module.write_pte
@@ -246,7 +246,7 @@ def test_bench_times_float32_and_int8_executorch_programs(exported, monkeypatch)
         quantized.append((model, [b.shape for b in calibration_batches], options))
         Path(path).write_bytes(exported[0].read_bytes())  # a batch-3 program: the bench's batch of 2 is padded
 
-    monkeypatch.setattr(quantize_module, "quantize_to_pte", fake_quantize_to_pte)
+    monkeypatch.setattr(bench_module, "quantize_to_pte", fake_quantize_to_pte)
     rows = benchmark("mobilenetv3_small_035", batch_sizes=(2,), engines=("eager", "executorch", "executorch-int8"),
                      resolution=32, warmup=1, min_repeats=2, min_seconds=0.0)
     assert [(r.network, r.engine, r.batch_size) for r in rows] == [

@@ -15,7 +15,7 @@ from torch import nn
 
 from mobilenetv3 import create_model, save_model
 from mobilenetv3.cli import main
-from mobilenetv3.deploy.bench import calibrate_batchnorm
+from mobilenetv3.timing import calibrate_batchnorm
 from mobilenetv3.deploy import export as export_module
 from mobilenetv3.deploy.export import (
     EAGER_ERROR_MULTIPLE,

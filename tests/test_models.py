@@ -224,8 +224,8 @@ def test_pretrained_file_of_another_width_is_refused(tmp_path):
 
 
 def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
-    """Eval + no_grad on CPU: BN runs by ATen's kernel directly, in place on large maps, with nn.BatchNorm2d's numbers."""
-    from mobilenetv3.models import layers
+    """Eval + no_grad on CPU: BN writes into the conv output on large maps, with nn.BatchNorm2d's numbers."""
+    from mobilenetv3 import cpu_routes
 
     torch.manual_seed(0)
     model = create_model("mobilenetv3_small_050", num_classes=7)
@@ -233,31 +233,29 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
         model(torch.randn(4, 3, 64, 64))
     model.eval()
     x = torch.randn(8, 3, 160, 160)  # the stem's 8 x 8 x 80 x 80 output is above the threshold
-    calls = []  # (returned a result, wrote into its input)
-    original = layers._inference_batchnorm
+    calls = []  # wrote into its input
+    original = cpu_routes.batch_norm
 
     def spy(norm, t, conv, conv_input):
         result = original(norm, t, conv, conv_input)
-        calls.append((result is not None, result is t))
+        calls.append(result is t)
         return result
 
-    monkeypatch.setattr(layers, "_inference_batchnorm", spy)
+    monkeypatch.setattr(cpu_routes, "batch_norm", spy)
     with torch.inference_mode():
         fast = model(x)
-    assert all(direct for direct, _ in calls)
-    in_place = [inplace for _, inplace in calls]
-    assert any(in_place) and not all(in_place)  # the big early maps in place, the small late ones not
-    monkeypatch.setattr(layers, "_inference_batchnorm", lambda *args: None)  # every BN called as a module
-    with torch.inference_mode():
+    assert any(calls) and not all(calls)  # the big early maps in place, the small late ones not
+    calls.clear()
+    with cpu_routes.routes(inplace_batchnorm=False), torch.inference_mode():  # every BN called as a module
         reference = model(x)
+    assert calls and not any(calls)
     assert torch.equal(fast, reference)
     # With autograd on, nothing is overwritten in place, and gradients flow.
     calls.clear()
-    monkeypatch.setattr(layers, "_inference_batchnorm", spy)
-    monkeypatch.setattr(layers, "INPLACE_BATCHNORM_MIN_ELEMENTS", 1)
     x.requires_grad_(True)
-    model(x).sum().backward()
-    assert calls and not any(direct for direct, _ in calls) and x.grad is not None
+    with cpu_routes.routes(inplace_batchnorm_min_elements=1):
+        model(x).sum().backward()
+    assert calls and not any(calls) and x.grad is not None
     monkeypatch.undo()
     seen = []  # a hooked BN is called as a module, so its hooks run
     handle = model.stem.bn.register_forward_hook(lambda module, args, output: seen.append(output.shape))
@@ -267,28 +265,38 @@ def test_inference_batchnorm_runs_in_place_and_bit_identical(monkeypatch):
     x = x.detach()
     with torch.enable_grad():  # the plain eager path: NCHW, out of place
         plain = model(x)
-    with torch.inference_mode():  # TorchScript compiles the plain path (the in-place one is jit.unused)
+    with torch.inference_mode():  # TorchScript compiles the plain path (the routes are jit.unused)
         assert torch.equal(torch.jit.script(model)(x), plain)
 
 
-def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly(monkeypatch):
-    """Depthwise kernels larger than their map (28x28 input, stem stride 1: 5x5 kernels on 4x4 and 2x2 maps) train
-    on a channels_last CPU batch as explicit padding + unpadded conv, with the plain conv's outputs and gradients."""
-    from mobilenetv3.models import layers
+def _record_conv_routes(model):
+    """Forward pre-hooks on every routable conv that record (route, depthwise, kernel larger than the map, input
+    pixels, has bias) per call; hooks do not change which route a conv takes."""
+    from mobilenetv3 import cpu_routes
 
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)  # the path is for CPUs without AVX-512
+    calls = []
+
+    def record(conv, args):
+        t = args[0]
+        overhangs = t.shape[-2] < conv.kernel_size[0] or t.shape[-1] < conv.kernel_size[1]
+        calls.append((cpu_routes.conv_route(conv, t), conv.groups > 1, overhangs, t.shape[-2] * t.shape[-1],
+                      conv.bias is not None))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, cpu_routes.RoutedConv2d)]
+    return calls, handles
+
+
+def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly():
+    """Depthwise kernels larger than their map (28x28 input, stem stride 1: 5x5 kernels on 4x4 and 2x2 maps) train
+    on a channels_last CPU batch as explicit padding + unpadded conv (tap by tap on the tiniest), 1x1 convs on
+    small maps as a GEMM, with the plain convs' outputs and gradients."""
+    from mobilenetv3 import cpu_routes
+
     torch.manual_seed(0)
     model = create_model("mobilenetv3_small_050", num_classes=5, in_chans=1, stem_stride=1)
     model.to(memory_format=torch.channels_last)
-    x = layers.to_channels_last(torch.randn(4, 1, 28, 28))
-    calls = []  # (took the padded path, depthwise, kernel larger than the map)
-    original = layers._padded_depthwise_conv
-
-    def spy(conv, t):
-        result = original(conv, t)
-        overhangs = t.shape[-2] < conv.kernel_size[0] or t.shape[-1] < conv.kernel_size[1]
-        calls.append((result is not None, conv.groups > 1, overhangs))
-        return result
+    x = cpu_routes.to_channels_last(torch.randn(4, 1, 28, 28))
+    calls, _ = _record_conv_routes(model)
 
     def train_step():
         model.zero_grad()
@@ -297,140 +305,199 @@ def test_cpu_training_pads_overhanging_depthwise_kernels_explicitly(monkeypatch)
         out.square().sum().backward()
         return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    matmuls = []  # the 1x1 convs that ran as a GEMM: (input pixels, bias)
-    original_matmul = layers._pointwise_conv_as_matmul
-
-    def matmul_spy(conv, t):
-        result = original_matmul(conv, t)
-        if result is not None:
-            matmuls.append((t.shape[-2] * t.shape[-1], conv.bias is not None))
-        return result
-
-    monkeypatch.setattr(layers, "_padded_depthwise_conv", spy)
-    monkeypatch.setattr(layers, "_pointwise_conv_as_matmul", matmul_spy)
-    fast, fast_grads = train_step()
-    assert any(padded for padded, _, _ in calls)
+    with cpu_routes.routes(on_avx512=True):  # the routes are for CPUs without AVX-512: use them on any CPU here
+        fast, fast_grads = train_step()
+    routes = [route for route, *_ in calls]
+    assert "padded_depthwise" in routes and "depthwise_taps" in routes
+    matmuls = [(pixels, bias) for route, _, _, pixels, bias in calls if route == "pointwise_gemm"]
     assert (1, True) in matmuls and any(pixels > 1 for pixels, _ in matmuls)  # squeeze-excite, small maps
-    assert all(padded == (depthwise and overhangs) for padded, depthwise, overhangs in calls)
-    monkeypatch.setattr(layers, "_padded_depthwise_conv", lambda conv, t: None)  # every conv called as a module
-    monkeypatch.setattr(layers, "_pointwise_conv_as_matmul", lambda conv, t: None)
-    plain, plain_grads = train_step()
+    assert all((route in ("padded_depthwise", "depthwise_taps")) == (depthwise and overhangs)
+               for route, depthwise, overhangs, _, _ in calls)
+    calls.clear()
+    with cpu_routes.routes(enabled=False):  # every conv by nn.Conv2d's forward
+        plain, plain_grads = train_step()
+    assert calls and not any(route for route, *_ in calls)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
     # Relative to the largest gradient: some (the BN biases before a block's next BN) are rounding noise, ~1e-9.
     scale = max(grad.abs().max().item() for grad in plain_grads.values())
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
-    # Only with autograd on, on a channels_last batch, and never for a hooked conv (its hooks must run).
-    monkeypatch.setattr(layers, "_padded_depthwise_conv", spy)
-    for memory_format, grad in ((torch.contiguous_format, True), (torch.channels_last, False)):
-        model.to(memory_format=memory_format)
+    # Depthwise routes only with autograd on and on a channels_last batch (a 1x1 map is NHWC in either layout).
+    with cpu_routes.routes(on_avx512=True):
+        for memory_format, grad in ((torch.contiguous_format, True), (torch.channels_last, False)):
+            model.to(memory_format=memory_format)
+            calls.clear()
+            with torch.set_grad_enabled(grad):
+                model(x.clone(memory_format=memory_format))  # clone: x.contiguous() keeps one-channel NHWC strides
+            assert calls and not any(route for route, depthwise, *_ in calls if depthwise)
+        # A hooked conv still takes its route, and its hooks, forward and backward, run.
+        model.to(memory_format=torch.channels_last)
+        last = model.blocks[-1].depthwise.conv
+        seen = []
+        last.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+        last.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append("backward"))
         calls.clear()
-        with torch.set_grad_enabled(grad):
-            model(x.clone(memory_format=memory_format))  # clone: x.contiguous() keeps one-channel NHWC strides
-        assert calls and not any(padded for padded, _, _ in calls)
-    last = model.blocks[-1].depthwise.conv
-    seen = []
-    last.register_forward_hook(lambda module, args, output: seen.append(output.shape))
-    calls.clear()
-    model(x)
-    assert len(seen) == 1 and sum(padded for padded, _, _ in calls) == sum(
-        depthwise and overhangs for _, depthwise, overhangs in calls) - 1
+        model(x).sum().backward()
+    assert seen == [seen[0], "backward"] and sum(route is not None and depthwise for route, depthwise, *_ in calls) \
+        == sum(depthwise and overhangs for _, depthwise, overhangs, _, _ in calls)
 
 
-def test_padded_depthwise_conv_equals_the_conv_and_stays_off_where_unmeasured(monkeypatch):
-    """Non-square kernel, stride, bias: output and all gradients equal the padded conv's; off for anything else."""
-    from mobilenetv3.models import layers
+def test_padded_depthwise_conv_equals_the_conv_and_stays_off_where_unmeasured():
+    """Non-square kernel, stride, bias: output and all gradients equal the plain conv's, tap by tap and padded;
+    off for anything else."""
+    from mobilenetv3 import cpu_routes
 
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(6, 6, (5, 3), stride=(2, 1), padding=(2, 1), groups=6, bias=True)
+    conv = cpu_routes.RoutedConv2d(6, 6, (5, 3), stride=(2, 1), padding=(2, 1), groups=6, bias=True)
     x = torch.randn(2, 6, 4, 2).contiguous(memory_format=torch.channels_last).requires_grad_()
     grad_out = torch.randn(2, 6, 2, 2)
 
-    def run(fn):
+    def run():
         x.grad = conv.weight.grad = conv.bias.grad = None
-        out = fn()
+        out = conv(x)
         out.backward(grad_out)
         return out.detach(), x.grad, conv.weight.grad, conv.bias.grad
 
-    padded = run(lambda: layers._padded_depthwise_conv(conv, x))
-    plain = run(lambda: conv(x))
-    for mine, reference in zip(padded, plain):
-        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
-    assert layers._padded_depthwise_conv(conv, x.detach().double()) is None  # float32 only
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layers._padded_depthwise_conv(conv, x) is None
-    grouped = torch.nn.Conv2d(6, 6, 5, padding=2, groups=3)  # grouped but not depthwise
-    assert layers._padded_depthwise_conv(grouped, x) is None
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: True)  # not measured there: the plain conv
-    assert layers._padded_depthwise_conv(conv, x) is None
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
-    handle = conv.register_full_backward_hook(lambda module, grad_input, grad_output: None)
-    assert layers._padded_depthwise_conv(conv, x) is None  # its backward hook must run
-    handle.remove()
-    assert layers._padded_depthwise_conv(conv, x) is not None
+    with cpu_routes.routes(enabled=False):
+        plain = run()
+    for taps, route in ((True, "depthwise_taps"), (False, "padded_depthwise")):
+        with cpu_routes.routes(on_avx512=True, depthwise_taps=taps):
+            assert cpu_routes.conv_route(conv, x) == route
+            for mine, reference in zip(run(), plain):
+                torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    with cpu_routes.routes(on_avx512=True):
+        assert cpu_routes.conv_route(conv, x.detach().double()) is None  # float32 only
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cpu_routes.conv_route(conv, x) is None
+        grouped = cpu_routes.RoutedConv2d(6, 6, 5, padding=2, groups=3)  # grouped but not depthwise
+        assert cpu_routes.conv_route(grouped, x) is None
+        with cpu_routes.routes(padded_depthwise=False, depthwise_taps=False):
+            assert cpu_routes.conv_route(conv, x) is None
+        handle = conv.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+        assert cpu_routes.conv_route(conv, x) == "depthwise_taps"  # its backward hook runs all the same
+        handle.remove()
+    # not measured on AVX-512 CPUs: the plain conv there unless asked
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert (cpu_routes.conv_route(conv, x) is None) == avx512
+    assert not any(isinstance(m, cpu_routes.RoutedConv2d) and m.dilation != (1, 1)
+                   for m in create_model("mobilenetv3_small_050", output_stride=8).modules())
 
 
 def test_depthwise_by_taps_is_the_conv_with_its_gradients_and_second_gradients():
     """The tap-by-tap depthwise conv of tiny maps (5x5 on 2x2, and strided with a non-square kernel) against
     F.conv2d in float64, then autograd's numerical check of its gradients and of their gradients."""
-    from mobilenetv3.models.layers import _DepthwiseByTaps
+    from mobilenetv3.cpu_routes import depthwise_by_taps
 
     torch.manual_seed(0)
     for size, kernel, stride, padding in (((2, 2), (5, 5), (1, 1), (2, 2)), ((4, 3), (5, 3), (2, 1), (2, 1))):
         x = torch.randn(3, 4, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         weight = torch.randn(4, 1, *kernel, dtype=torch.float64)
         torch.testing.assert_close(
-            _DepthwiseByTaps.apply(x, weight, stride, padding),
+            depthwise_by_taps(x, weight, stride, padding),
             torch.nn.functional.conv2d(x, weight, None, stride, padding, 1, 4),
         )
         x.requires_grad_()
         weight.requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, b: _DepthwiseByTaps.apply(a, b, stride, padding), (x, weight))
-        assert torch.autograd.gradgradcheck(lambda a, b: _DepthwiseByTaps.apply(a, b, stride, padding), (x, weight))
+        assert torch.autograd.gradcheck(lambda a, b: depthwise_by_taps(a, b, stride, padding), (x, weight))
+        assert torch.autograd.gradgradcheck(lambda a, b: depthwise_by_taps(a, b, stride, padding), (x, weight))
 
 
-def test_pointwise_conv_as_matmul_equals_the_conv_and_stays_off_where_unmeasured(monkeypatch):
+def test_pointwise_conv_as_matmul_equals_the_conv_and_stays_off_where_unmeasured():
     """A 1x1 conv with bias on small NHWC maps (1x1 as in squeeze-excite and the head, and 4x4) as a GEMM: the
     conv's output, layout and gradients; the plain conv for anything else."""
-    from mobilenetv3.models import layers
+    from mobilenetv3 import cpu_routes
 
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 5, 1, bias=True)
+    conv = cpu_routes.RoutedConv2d(8, 5, 1, bias=True)
     for size in (1, 4):
         x = torch.randn(3, 8, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
         grad_out = torch.randn(3, 5, size, size)
         results = []
-        for fn in (lambda: layers._pointwise_conv_as_matmul(conv, x), lambda: conv(x)):
-            x.grad = conv.weight.grad = conv.bias.grad = None
-            out = fn()
-            out.backward(grad_out)
+        for settings in (dict(on_avx512=True), dict(enabled=False)):
+            with cpu_routes.routes(**settings):
+                assert (cpu_routes.conv_route(conv, x) == "pointwise_gemm") == ("on_avx512" in settings)
+                x.grad = conv.weight.grad = conv.bias.grad = None
+                out = conv(x)
+                out.backward(grad_out)
             results.append((out.detach(), x.grad, conv.weight.grad, conv.bias.grad))
         for mine, reference in zip(*results):
             torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
         assert results[0][0].is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert layers._pointwise_conv_as_matmul(conv, x) is not None
-    with torch.no_grad():
-        assert layers._pointwise_conv_as_matmul(conv, x) is None  # training only: inference was not measured
-    conv.eval()
-    assert layers._pointwise_conv_as_matmul(conv, x) is None  # nor an eval-mode model under autograd
-    conv.train()
-    assert layers._pointwise_conv_as_matmul(conv, x.contiguous()) is None  # NCHW: the view would not exist
-    assert layers._pointwise_conv_as_matmul(conv, x.double()) is None
-    big = torch.randn(1, 8, 5, 4).contiguous(memory_format=torch.channels_last)  # 20 pixels: oneDNN is as fast
-    assert layers._pointwise_conv_as_matmul(conv, big) is None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layers._pointwise_conv_as_matmul(conv, x) is None
-    for other in (torch.nn.Conv2d(8, 5, 1, stride=2), torch.nn.Conv2d(8, 4, 1, groups=2), torch.nn.Conv2d(8, 5, 3)):
-        assert layers._pointwise_conv_as_matmul(other, x) is None
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: True)
-    assert layers._pointwise_conv_as_matmul(conv, x) is None
-    monkeypatch.setattr(layers, "_avx512_kernels", lambda: False)
-    handle = conv.register_forward_hook(lambda module, args, output: None)
-    assert layers._pointwise_conv_as_matmul(conv, x) is None  # its hook must run
-    handle.remove()
+    with cpu_routes.routes(on_avx512=True):
+        assert cpu_routes.conv_route(conv, x) == "pointwise_gemm"
+        with torch.no_grad():
+            assert cpu_routes.conv_route(conv, x) is None  # training only: inference was not measured
+        conv.eval()
+        assert cpu_routes.conv_route(conv, x) is None  # nor an eval-mode model under autograd
+        conv.train()
+        assert cpu_routes.conv_route(conv, x.contiguous()) is None  # NCHW: the view would not exist
+        assert cpu_routes.conv_route(conv, x.double()) is None
+        big = torch.randn(1, 8, 5, 4).contiguous(memory_format=torch.channels_last)  # 20 pixels: oneDNN is as fast
+        assert cpu_routes.conv_route(conv, big) is None
+        with cpu_routes.routes(pointwise_gemm_max_pixels=20):
+            assert cpu_routes.conv_route(conv, big) == "pointwise_gemm"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cpu_routes.conv_route(conv, x) is None
+        for other in (cpu_routes.RoutedConv2d(8, 5, 1, stride=2), cpu_routes.RoutedConv2d(8, 4, 1, groups=2),
+                      cpu_routes.RoutedConv2d(8, 5, 3)):
+            assert cpu_routes.conv_route(other, x) is None
+        with cpu_routes.routes(pointwise_gemm=False):
+            assert cpu_routes.conv_route(conv, x) is None
+        seen = []
+        handle = conv.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+        conv(x)
+        assert seen == [(3, 5, 4, 4)]  # a module call: its hook runs, whichever kernel computed it
+        handle.remove()
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert (cpu_routes.conv_route(conv, x) is None) == avx512
+
+
+def test_cpu_routes_switch_and_environment_variable():
+    """One switch: set_routes / routes() turn every route or one off and back; MOBILENETV3_CPU_ROUTES sets the
+    start (0, 1 or a list of routes); a bad value or name is a one-line UserError."""
+    import os
+    import subprocess
+    import sys
+
+    from mobilenetv3 import cpu_routes
+
+    assert cpu_routes.settings() == cpu_routes.RouteSettings()
+    with cpu_routes.routes(enabled=False) as off:
+        assert not any(getattr(off, name) for name in cpu_routes.ROUTES)
+        with cpu_routes.routes(channels_last=True):
+            assert cpu_routes.settings().channels_last and not cpu_routes.settings().pointwise_gemm
+        model = create_model("mobilenetv3_small_050").eval()
+        seen = []
+        model.stem.conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+        with torch.inference_mode():
+            model(torch.randn(1, 3, 64, 64))
+        assert seen == [True]  # no channels_last route: NCHW all the way
+    assert cpu_routes.settings() == cpu_routes.RouteSettings()
+    previous = cpu_routes.set_routes(pointwise_gemm=False)
+    assert not cpu_routes.settings().pointwise_gemm and cpu_routes.settings().channels_last
+    cpu_routes.restore(previous)
+    with pytest.raises(UserError, match="unknown CPU route setting"):
+        cpu_routes.set_routes(no_such_route=False)
+    for value, expected in (("0", cpu_routes.RouteSettings(**{name: False for name in cpu_routes.ROUTES})),
+                            ("1", cpu_routes.RouteSettings()), ("", cpu_routes.RouteSettings()),
+                            ("channels_last, inplace_batchnorm", cpu_routes.RouteSettings(
+                                padded_depthwise=False, depthwise_taps=False, pointwise_gemm=False))):
+        assert cpu_routes.from_environment(value) == expected
+    with pytest.raises(UserError, match="unknown route channels_lats"):
+        cpu_routes.from_environment("channels_lats")
+    # read on import: a process started with the variable set runs without routes
+    code = "from mobilenetv3 import cpu_routes; print(cpu_routes.settings().channels_last)"
+    env = {**os.environ, "MOBILENETV3_CPU_ROUTES": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+    # a bad value through the command line: exit status 2 and one line, before or while a command runs
+    env["MOBILENETV3_CPU_ROUTES"] = "channels_lats"
+    for command in (["list"], ["train", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "mobilenetv3", *command], env=env, capture_output=True,
+                                text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "MOBILENETV3_CPU_ROUTES='channels_lats': unknown route channels_lats" in result.stderr
 
 
 @pytest.mark.parametrize("grad", [True, False])

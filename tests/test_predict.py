@@ -17,16 +17,16 @@ from mobilenetv3.cli import main
 from mobilenetv3.errors import UserError
 from mobilenetv3.deploy import engines as engines_module
 from mobilenetv3.deploy import export as export_module
-from mobilenetv3.deploy.bench import calibrate_batchnorm
+from mobilenetv3.timing import calibrate_batchnorm
 from mobilenetv3.deploy.predict import (
     ImageLoader,
     Prediction,
     find_images,
-    imagenet_class_names,
     load_samples,
     predict_files,
     softmax_topk,
 )
+from mobilenetv3.deploy.runtime import class_names_for, imagenet_class_names
 from mobilenetv3.preprocessing import Preprocessing
 
 SIZE = 32
@@ -191,7 +191,6 @@ def test_thousand_class_model_without_names_gets_imagenet_labels(images):
     torch.manual_seed(0)
     model = create_model("mobilenetv3_small_035").eval()
     from mobilenetv3.deploy.engines import TorchEngine
-    from mobilenetv3.deploy.predict import class_names_for
 
     names = class_names_for({"num_classes": "1000"})
     results = list(predict_files([images / "a.jpg"], TorchEngine(model), PREPROCESSING, class_names=names, topk=2))

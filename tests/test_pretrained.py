@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from mobilenetv3 import UserError, create_model, save_model
-from mobilenetv3.weights import pretrained as pretrained_module
 from mobilenetv3.weights.convert import PEER_VARIANTS
-from mobilenetv3.weights.pretrained import PUBLISHED_URLS, pretrained_kwargs, resolve_source
+from mobilenetv3.weights.pretrained import pretrained_kwargs, resolve_source
+from mobilenetv3.weights.published import PUBLISHED, PUBLISHED_WEIGHTS
 
 from test_convert import max_difference, peer_model, randomize  # noqa: E402  (tests/ is on sys.path)
 
@@ -31,23 +32,59 @@ def hub_dir(tmp_path):
 
 
 def publish(monkeypatch, tmp_path, key, state_dict, *, hash_override: str | None = None) -> Path:
-    """Save `state_dict` as the peer would publish it ("<name>-<sha256 prefix>.pth") and point the table at it."""
+    """Save `state_dict` as the peer would publish it ("<name>-<sha256 prefix>.pth") and point its row of the
+    published weights table at it (URL and hash)."""
     staging = tmp_path / "staging.pth"
     torch.save(state_dict, staging)
     digest = hash_override or hashlib.sha256(staging.read_bytes()).hexdigest()[:8]
     published = tmp_path / "published" / f"{key[1]}-{digest}.pth"
     published.parent.mkdir(exist_ok=True)
     staging.rename(published)
-    monkeypatch.setitem(PUBLISHED_URLS, key, published.as_uri())
+    monkeypatch.setitem(PUBLISHED, key, dataclasses.replace(PUBLISHED[key], url=published.as_uri(), sha256=digest))
     return published
 
 
 def test_published_table_names_known_variants_and_carries_hashes():
-    for (peer, name, tag), url in PUBLISHED_URLS.items():
+    assert len(PUBLISHED) == len(PUBLISHED_WEIGHTS)  # one row per (peer, network, tag)
+    for (peer, name, tag), weights in PUBLISHED.items():
+        assert (weights.peer, weights.name, weights.tag) == (peer, name, tag)
         assert tag in PEER_VARIANTS[(peer, name)].tags, (peer, name, tag)
-        assert url.startswith("https://")
-        if "huggingface.co" not in url:
-            assert pretrained_module._HASH_IN_NAME.search(url.rsplit("/", 1)[1]), url
+        assert weights.preprocessing.in_chans == 3 and weights.num_classes >= 1000
+        if weights.url is None:  # a tag the peer defines without a file
+            assert weights.sha256 is None and not weights.metrics
+            continue
+        assert weights.url.startswith("https://")
+        if "huggingface.co" in weights.url:
+            assert weights.sha256 is None
+        else:  # the hash the row carries is the one in the published file name
+            assert weights.sha256 and len(weights.sha256) >= 8, weights.url
+            assert f"-{weights.sha256}." in weights.url.rsplit("/", 1)[1], weights.url
+            assert weights.file_name == weights.url.rsplit("/", 1)[1]
+        if weights.num_classes == 1000:  # the publisher's ImageNet-1k accuracy, at this row's preprocessing
+            assert 50 < weights.metrics["imagenet1k_top1"] < weights.metrics["imagenet1k_top5"] < 100, weights.label
+    # the first row of a network is its default: torchvision's DEFAULT is IMAGENET1K_V2
+    assert PEER_VARIANTS[("torchvision", "mobilenet_v3_large")].default_tag == "IMAGENET1K_V2"
+
+
+def test_published_table_agrees_with_the_peers_own_metadata():
+    torchvision = pytest.importorskip("torchvision")
+    for weights_enum in (torchvision.models.MobileNet_V3_Large_Weights, torchvision.models.MobileNet_V3_Small_Weights):
+        for entry in weights_enum:
+            row = PUBLISHED[("torchvision", weights_enum.__name__.replace("_Weights", "").lower(), entry.name)]
+            assert row.url == entry.url and row.num_classes == len(entry.meta["categories"])
+            assert row.metrics == {"imagenet1k_top1": entry.meta["_metrics"]["ImageNet-1K"]["acc@1"],
+                                   "imagenet1k_top5": entry.meta["_metrics"]["ImageNet-1K"]["acc@5"]}
+            assert row.preprocessing.resize_size == entry.transforms().resize_size[0]
+    timm = pytest.importorskip("timm")
+    for row in PUBLISHED_WEIGHTS:
+        if row.peer != "timm" or row.url is None:
+            continue
+        config = timm.models.get_pretrained_cfg(f"{row.name}.{row.tag}")
+        assert config.url == ("" if "huggingface.co" in row.url else row.url), row.label
+        assert row.num_classes == config.num_classes, row.label
+        assert (row.preprocessing.crop_pct, row.preprocessing.interpolation) == (config.crop_pct, config.interpolation)
+        assert (row.preprocessing.mean, row.preprocessing.std) == (tuple(config.mean), tuple(config.std)), row.label
+        assert row.preprocessing.input_size == config.input_size[-1], row.label
 
 
 def test_pretrained_torchvision_downloads_once_into_hub_cache(monkeypatch, tmp_path, hub_dir):

@@ -176,7 +176,7 @@ def test_the_qat_graph_is_the_network_with_fake_quantization_off():
     from torchao.quantization.pt2e.fake_quantize import disable_fake_quant, disable_observer
 
     from mobilenetv3 import create_model
-    from mobilenetv3.deploy.bench import calibrate_batchnorm
+    from mobilenetv3.timing import calibrate_batchnorm
     from mobilenetv3.deploy.quantize import prepare_qat
 
     torch.manual_seed(0)

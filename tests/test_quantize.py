@@ -26,7 +26,7 @@ pytest.importorskip("executorch", reason="needs the [mobile] extra")
 
 from mobilenetv3 import create_model, save_model  # noqa: E402
 from mobilenetv3.cli import main  # noqa: E402
-from mobilenetv3.deploy.bench import calibrate_batchnorm  # noqa: E402
+from mobilenetv3.timing import calibrate_batchnorm  # noqa: E402
 from mobilenetv3.deploy.executorch import MOBILE_EXTRA_HINT, load_pte, read_pte_metadata  # noqa: E402
 from mobilenetv3.deploy.quantize import (QUANTIZATION_SCHEME, QuantizationVerificationError,  # noqa: E402
                                          calibration_batches, evaluation_batches, quantize_data, quantize_to_pte)

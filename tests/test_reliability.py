@@ -102,6 +102,7 @@ def test_sigkill_during_epochs_and_checkpoint_writes_then_resume_is_bit_identica
         python_command(REPO / "benchmarks" / "soak.py", "--cycles", 3, "--epochs", 2, "--train-samples", 24,
                        "--seed", 3, "--workdir", tmp_path),
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "MOBILENETV3_RESULTS_DIR": str(tmp_path / "results")},  # keep the records clean
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

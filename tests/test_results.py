@@ -1,9 +1,14 @@
-"""benchmarks/results.py: records are appended as JSON lines and the README's results blocks are rendered from them."""
+"""benchmarks/results.py: records are appended as JSON lines, and docs/results.md and the README's results blocks
+are rendered from them."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +101,90 @@ def test_unknown_or_unclosed_block_raises(folder):
 def test_the_readme_is_in_sync_with_the_recorded_results():
     """Fails after a benchmark run until `make results` has rewritten the README (and the record is committed)."""
     assert results.render_readme(REPO / "README.md", check=True) == []
+
+
+def test_docs_results_is_in_sync_with_the_recorded_results():
+    """Fails after a benchmark run until `make results` has rewritten docs/results.md (and the record is committed)."""
+    assert results.render_docs(REPO / "docs" / "results.md", check=True) is False
+
+
+def _record_line(name: str, metrics: dict, command: str, date: str) -> str:
+    return json.dumps({"name": name, "date": date, "commit": "abc1234", "torch": "2.14.1", "cpu": "AMD EPYC",
+                       "cpu_flags": ["avx2"], "cores": 2, "command": command, "metrics": metrics})
+
+
+def test_docs_show_every_section_and_the_latest_record_of_each_setting(folder):
+    step = {"input": [1, 28, 28], "stem_stride": 1, "threads": 1, "steps": 15, "median_ms_fast": 700.0,
+            "median_ms_plain": 1400.0, "cpu_capability": "AVX2", "routes_used": True}
+    (folder / "results").mkdir()
+    (folder / "results" / "train_step_speed.jsonl").write_text("\n".join([
+        _record_line("train_step_speed", {**step, "model": "mobilenetv3_large_125", "batch_size": 128},
+                     "python benchmarks/train_step_speed.py", "2026-12-01T00:00:00+00:00"),
+        _record_line("train_step_speed", {**step, "model": "mobilenetv3_small_100", "batch_size": 256,
+                                          "median_ms_fast": 500.0},
+                     "python benchmarks/train_step_speed.py --model mobilenetv3_small_100 --batch-size 256",
+                     "2026-12-02T00:00:00+00:00"),
+        _record_line("train_step_speed", {**step, "model": "mobilenetv3_large_125", "batch_size": 128,
+                                          "median_ms_fast": 650.0},
+                     "python benchmarks/train_step_speed.py", "2026-12-03T00:00:00+00:00"),
+    ]) + "\n")
+    docs = folder / "docs" / "results.md"
+    assert results.render_docs(docs) is True
+    text = docs.read_text()
+    for section in results.SECTIONS.values():
+        assert f"\n## {section.title}\n" in text
+    section = text.split("## CPU training step")[1].split("\n## ")[0]
+    # one table per setting, the latest record of each, in the order the settings were first run
+    assert "| fast | 650.0 | 1.00x |" in section and "| plain | 1400.0 | 2.15x |" in section
+    assert "| fast | 700.0 |" not in section and "| fast | 500.0 | 1.00x |" in section
+    assert section.index("mobilenetv3_large_125") < section.index("mobilenetv3_small_100")
+    assert "No results yet: run `python benchmarks/eager_speed.py" in text
+    assert "[history.md](history.md)" in text
+    assert results.render_docs(docs) is False and docs.read_text() == text  # idempotent
+    docs.write_text(text.replace("650.0", "600.0"))
+    assert results.render_docs(docs, check=True) is True and "600.0" in docs.read_text()  # check writes nothing
+
+
+def test_results_dir_comes_from_the_environment(tmp_path):
+    """MOBILENETV3_RESULTS_DIR keeps a smoke run out of benchmarks/results/."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import results; "
+            "print(results.record('soak', {'equal': True}, argv=['benchmarks/soak.py']))")
+    env = {**os.environ, "MOBILENETV3_RESULTS_DIR": str(tmp_path / "smoke")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()) == tmp_path / "smoke" / "soak.jsonl"
+    assert json.loads((tmp_path / "smoke" / "soak.jsonl").read_text())["metrics"] == {"equal": True}
+
+
+def test_every_benchmark_script_records_into_a_rendered_section():
+    scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.name != "results.py")
+    assert scripts
+    for script in scripts:
+        names = re.findall(r"\.record\(\s*f?\"([a-z_]+)", script.read_text(encoding="utf-8"))
+        assert names, f"{script.name} does not call results.record"
+        assert all(name in results.SECTIONS for name in names), (script.name, names)
+
+
+def test_the_params_macs_section_is_what_profile_markdown_prints(capsys):
+    from mobilenetv3.cli import main
+
+    assert main(["profile", "--model", "mobilenetv3_small_100", "--resolution", "224", "160", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["profile", "--model", "mobilenetv3_small_100", "--resolution", "224", "160", "--markdown"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.splitlines()[2] == "| mobilenetv3_small_100 | 224 | 2,542,856 | 2.5 | 56.5 | 57 |"
+    assert results.SECTIONS["params_macs"].body({"rows": rows}) == printed
+
+
+def test_timing_renderers_read_what_the_scripts_record():
+    ours = {"network": "ours", "engine": "eager", "batch_size": 32, "mode": "inference", "median_ms": 150.0,
+            "speedup": {"torchvision": 2.1, "timm": 2.0}}
+    peers = [{**ours, "network": name, "median_ms": ms, "speedup": {}} for name, ms in (("torchvision", 315.0),
+                                                                                      ("timm", 300.0))]
+    eager = results.SECTIONS["eager_speed"].body({"rows": [ours, *peers], "verdicts": [], "model": "mobilenetv3_large_100",
+                                                  "threads": 2, "clock": "wall"})
+    assert "| 32 | eager | inference | 150.00 | 315.00 | 300.00 | 2.00x |" in eager
+    layer = {"layer": "blocks.5.0.conv_dw", "input": [960, 2, 2], "output": [960, 2, 2], "kernel": [5, 5],
+             "stride": [1, 1], "route": "taps", "median_ms_route": 1.0, "median_ms_plain": 5.0,
+             "ratio_plain_over_route": 5.0}
+    table = results.SECTIONS["small_conv_speed"].body({"rows": [layer]})
+    assert "| blocks.5.0.conv_dw | 960x2x2 | 960x2x2 | 5x5 | 1x1 | taps | 1.00 | 5.00 | 5.00x |" in table

@@ -195,3 +195,32 @@ def test_zero_init_last_reaches_the_model():
         scales = [block.project.bn.weight for block in model.blocks if block.has_skip]
         assert model.config["zero_init_last"] is zeroed
         assert all(bool((scale == 0).all()) is zeroed for scale in scales)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("optim.weight_decay", "-1", "optim.weight_decay must be >= 0, got -1.0"),
+    ("schedule.pct_start", "1.5", "schedule.pct_start must be in [0.0, 1.0], got 1.5"),
+    ("schedule.warmup_epochs", "-1", "schedule.warmup_epochs must be >= 0, got -1.0"),
+    ("schedule.milestones", "30,10", "schedule.milestones must be increasing, got [30.0, 10.0]"),
+    ("schedule.milestones", "[30, 60", "schedule.milestones must be a list, got '[30, 60'"),  # not a traceback
+    ("optim.lr", ".nan", "optim.lr must be positive, got nan"),  # NaN is outside every bound
+    ("epochs", ".inf", "epochs must be an integer, got inf"),
+    ("swa.bn_batches", "-2", "swa.bn_batches must be >= 0, got -2"),
+    ("output", None, "output must be a string, got None"),
+])
+def test_limits_beside_the_fields_name_key_value_and_limit(key, value, message):
+    with pytest.raises(UserError) as error:
+        load_config(overrides=[(key, value)])
+    assert str(error.value) == message
+
+
+def test_key_info_is_what_the_command_line_flags_are_made_from():
+    from mobilenetv3.train.config import key_info
+
+    name, stride, limit = key_info("optim.name"), key_info("model.output_stride"), key_info("limit_train_batches")
+    assert (name.choices, name.default) == (("sgd", "rmsproptf", "rmsprop", "adamw"), "adamw")
+    assert (stride.kind, stride.choices, stride.default) == (int, (8, 16, 32), None)
+    assert (limit.kind, limit.choices) == (int, ())
+    assert key_info("ema.enabled").kind is bool and key_info("data.workers").default == 2
+    with pytest.raises(UserError, match=r"unknown config key 'optim.lrr'; did you mean optim.lr\?"):
+        key_info("optim.lrr")

@@ -8,7 +8,7 @@ from torch import nn
 
 from mobilenetv3 import create_model
 from mobilenetv3.train.config import EMAConfig, RegularizationConfig, ScheduleConfig
-from mobilenetv3.train.loop import StepSettings, TrainState, evaluate, train_one_epoch
+from mobilenetv3.train.loop import StepSettings, TrainState, TrainStep, evaluate
 from mobilenetv3.train.optim import Schedule, build_scheduler
 from mobilenetv3.train.regularization import DropBlockSchedule, ModelEma, default_dropblock_blocks
 
@@ -30,8 +30,8 @@ def run_epoch(model, data, optimizer, step_settings, num_batches=None, input_sha
     scheduler = build_scheduler(optimizer, Schedule(ScheduleConfig(name="constant", warmup_epochs=0), 1.0, 1, 1))
     state = TrainState()
     scaler = torch.amp.GradScaler("cpu", enabled=step_settings.amp_dtype == torch.float16)
-    train_one_epoch(model, data, optimizer=optimizer, scheduler=scheduler, scaler=scaler, settings=step_settings,
-                    state=state, num_batches=num_batches or len(data), input_shape=input_shape)
+    step = TrainStep(model, optimizer, scheduler, scaler, step_settings, input_shape=input_shape)
+    step.run_epoch(data, state, num_batches or len(data))
     return state
 
 
@@ -68,6 +68,24 @@ def test_empty_batches_are_skipped_but_counted(amp_dtype):
     optimizer.step()
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3 if amp_dtype else 1e-6, atol=1e-3 if amp_dtype else 1e-7)
+
+
+def test_non_finite_loss_is_caught_at_the_next_sync_naming_its_step():
+    """The running sums stay on the device between syncs; a NaN loss at step 2 still stops the epoch, naming it."""
+    from mobilenetv3.errors import UserError
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    data = batches(4, 4)
+    data[1] = (torch.full((4, 6), float("nan")), data[1][1], 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = build_scheduler(optimizer, Schedule(ScheduleConfig(name="constant", warmup_epochs=0), 1.0, 1, 1))
+    step = TrainStep(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), settings(),
+                     sync_every=100)
+    state = TrainState()
+    with pytest.raises(UserError, match=r"the training loss became nan at step 2;"):
+        step.run_epoch(data, state, len(data))
+    assert state.step == 4  # no sync before the epoch's end: the check came there, within the epoch
 
 
 def test_gradient_clipping_bounds_the_update():

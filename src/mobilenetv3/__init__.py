@@ -11,14 +11,15 @@ from .preprocessing import Preprocessing
 __version__ = "0.1.0"
 
 # The torch-backed API is imported on first use (PEP 562), so that commands which do not need torch
-# (`predict` on a cached ONNX export) start in a fraction of a second instead of ~1.5 s.
+# (`predict` on a cached ONNX export) never import it (tests/test_layering.py).
 _LAZY = {
-    "MobileNetV3": ".models", "MobileNetV3Features": ".models", "create_model": ".models",
+    "MobileNetV3": ".models", "MobileNetV3Features": ".models", "create_model": ".factory",
     "list_models": ".models", "load_model": ".weights.io", "save_model": ".weights.io",
 }
 
 if TYPE_CHECKING:
-    from .models import MobileNetV3, MobileNetV3Features, create_model, list_models
+    from .factory import create_model
+    from .models import MobileNetV3, MobileNetV3Features, list_models
     from .weights.io import load_model, save_model
 
 

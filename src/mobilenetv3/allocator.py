@@ -2,12 +2,11 @@
 
 Eager PyTorch on the CPU allocates every activation (and, in training, every gradient) fresh.  glibc hands
 large blocks back to the kernel when they are freed (mmap threshold, heap trimming), so the next pass
-page-faults the same memory in again.  Measured here on MobileNetV3-Large at batch 32 (one thread,
-`resource.getrusage`): ~150-180k minor page faults per forward pass and about half the CPU time spent
-in the kernel, for ours, torchvision's and timm's network alike.  With `keep_freed_memory()` the
-faults drop to zero and the pass takes about half the time.  A training step on CPU gains the same way
-(`benchmarks/train_speed.py` measures it with and without, side by side).  ONNX Runtime has its own arena
-and does not need this.
+page-faults the same memory in again, for ours, torchvision's and timm's network alike (count them with
+`resource.getrusage`'s minor faults).  With `keep_freed_memory()` those faults go away.  Criterion: a CPU
+training run and an eager forward pass faster with it than without (`benchmarks/train_speed.py` times training
+with and without, side by side; `benchmarks/eager_speed.py --keep-freed-memory` the forward pass).  ONNX Runtime
+has its own arena and does not need this.
 
 The price is that the process keeps its peak memory instead of returning it to the system, as CUDA's
 caching allocator does on the GPU: fine for a training, inference or benchmark process, so `train` (config

@@ -1,5 +1,6 @@
-"""Torch-free file helpers shared across the package: the cache folder, a file's SHA-256, the folders a
-command creates (so that a failed one can remove them), and the error for a missing or misplaced file."""
+"""Torch-free file helpers shared across the package: the cache folder, a file's SHA-256, whether a location
+is a URL, the folders a command creates (so that a failed one can remove them), and the error for a missing
+or misplaced file."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ def cache_dir() -> Path:
         return Path(os.environ["MOBILENETV3_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "mobilenetv3"
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether `location` is a URL ("scheme://...") rather than a local path."""
+    return "://" in str(location)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,12 +1,19 @@
-"""Preprocessing that travels with weights: input size, resize/crop, interpolation, mean/std."""
+"""Preprocessing that travels with weights (input size, resize/crop, interpolation, mean/std), and the
+torch-free image helpers shared by training data and `predict`: mode conversion and decode failures."""
 
 from __future__ import annotations
 
 import math
+import os
+import struct
+import zlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .errors import UserError
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +45,23 @@ class Preprocessing:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise UserError(f"mean/std need {self.in_chans} values each, got {self.mean} / {self.std}")
 
+    @classmethod
+    def default(cls, in_chans: int = 3) -> "Preprocessing":
+        """What a model without stored preprocessing gets: ImageNet's, or mean/std 0.5 per channel when the
+        input does not have ImageNet's 3 channels."""
+        return cls().for_channels(in_chans)
+
+    def for_channels(self, in_chans: int) -> "Preprocessing":
+        """This preprocessing for `in_chans` input channels: unchanged when it fits, else mean/std 0.5 per channel."""
+        if in_chans == self.in_chans:
+            return self
+        return self.replace(in_chans=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode images are converted to before resizing: "L" for one channel, else "RGB"."""
+        return "L" if self.in_chans == 1 else "RGB"
+
     @property
     def resize_size(self) -> int:
         return int(math.floor(self.input_size / self.crop_pct))
@@ -62,14 +86,13 @@ class Preprocessing:
 
     def eval_transform(self):
         """torchvision.transforms.v2 pipeline: PIL image (any mode) -> normalised float tensor."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import v2
-
+        # torch and torchvision stay off `import mobilenetv3` (predict on a cached ONNX export runs without them)
         import torch
+        from torchvision.transforms import InterpolationMode, v2
 
         mode = InterpolationMode(self.interpolation)
         return v2.Compose([
-            ConvertMode("L" if self.in_chans == 1 else "RGB"),
+            ConvertMode(self.image_mode),
             v2.Resize(self.resize_size, interpolation=mode, antialias=True),
             v2.CenterCrop(self.input_size),
             v2.ToImage(),
@@ -90,9 +113,6 @@ class ConvertMode:
             return image
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16/32-bit integer images: scale to 8 bits before converting, or everything saturates.
-            import numpy as np
-            from PIL import Image
-
             array = np.asarray(image, dtype=np.float64)
             peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
             image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
@@ -100,3 +120,18 @@ class ConvertMode:
 
     def __repr__(self) -> str:
         return f"ConvertMode({self.mode!r})"
+
+
+#: What PIL raises for a file it can't decode (open() raises UnidentifiedImageError, an OSError;
+#: load() raises OSError for truncation and SyntaxError/struct/zlib errors for corrupt chunks; a header that
+#: claims a gigantic size raises DecompressionBombError).
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
+)
+
+
+def describe_decode_error(path: str | os.PathLike, error: BaseException) -> str:
+    """A short reason for a decode failure (PIL's own messages repeat the file object)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "empty file" if os.path.getsize(path) == 0 else "not an image, or a format PIL can't read"
+    return first_line(error)

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.registry import create_model, get_entry
+from .factory import create_model
+from .models.registry import get_entry
 
 # (arch, width, resolution) -> (million MACs, million params) as printed in the paper (Table 9 and
 # the resolution/minimalistic rows quoted in its text).  None: the paper gives no number.

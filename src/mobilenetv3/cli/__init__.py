@@ -13,8 +13,11 @@ import errno
 import importlib
 import logging
 import os
+import select
 import sys
+from importlib import metadata
 
+from .. import __version__
 from ..errors import UserError
 
 #: Subcommands, in the order `--help` lists them (module = name with '-' -> '_', except where
@@ -48,10 +51,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def version_line() -> str:
     """`mobilenetv3 X (torch Y, torchvision Z, python W)`, read from the installed metadata: no torch import."""
-    from importlib import metadata
-
-    from .. import __version__
-
     def installed(name: str) -> str:
         try:
             return metadata.version(name)
@@ -67,8 +66,6 @@ def _reader_of_stdout_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (Linux and macOS poll report POLLERR for it), as
     opposed to an EPIPE from some other pipe or socket (a DataLoader queue, a process group), which is a bug
     to show, not a reason to end quietly."""
-    import select
-
     if not hasattr(select, "poll"):  # Windows: no way to ask, so trust the error
         return True
     try:
@@ -105,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(only=next((arg for arg in argv if not arg.startswith("-")), None))
+    try:
+        parser = build_parser(only=next((arg for arg in argv if not arg.startswith("-")), None))
+    except UserError as error:  # read while a command module is imported, e.g. a bad MOBILENETV3_CPU_ROUTES
+        print(f"mobilenetv3: error: {_one_line(error)}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     # Only rank 0 of a torchrun job logs at INFO; the others keep warnings and errors.
     rank = int(os.environ.get("RANK", "0"))

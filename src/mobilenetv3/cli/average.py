@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserError
+
 HELP = "average the weights of the last/best k checkpoints"
 
 
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
+    # torch on use: `mobilenetv3 average --help` stays torch-free
     from ..train.averaging import average_files, select_from_run
 
     paths = list(args.checkpoints)

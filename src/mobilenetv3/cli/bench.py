@@ -22,6 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..allocator import keep_freed_memory
+from ..errors import UserError
+
 HELP = "latency / throughput per engine and batch size, vs torchvision and timm"
 
 
@@ -54,10 +57,9 @@ def _split(value: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # here, not at the top: `bench --help` builds this parser without torch
 
-    from ..deploy.bench import benchmark, format_table
-    from ..errors import UserError
+    from ..deploy.bench import benchmark, format_table  # torch too
 
     if args.resolution < 32:
         raise UserError("--resolution must be at least 32")
@@ -66,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
-        from ..allocator import keep_freed_memory
-
         keep_freed_memory()
     rows = benchmark(
         args.model, batch_sizes=args.batch_size, engines=_split(args.engines) or None, compare=_split(args.compare),

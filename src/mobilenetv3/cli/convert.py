@@ -21,12 +21,15 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..errors import UserError
+
 HELP = "convert torchvision / timm MobileNetV3 weights to ours, and back"
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # weights.convert imports torch: loaded when convert's parser is built, not by importing this module
     from ..weights.convert import PEERS
 
     direction = parser.add_mutually_exclusive_group(required=True)
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_peer_input(path: Path, key: str | None) -> dict:
-    from ..weights.convert import unwrap_state_dict
+    from ..weights.convert import unwrap_state_dict  # torch on use only (see add_arguments)
     from ..weights.io import load_checkpoint, read_safetensors
 
     raw = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_checkpoint(path)
@@ -58,8 +61,7 @@ def _read_peer_input(path: Path, key: str | None) -> dict:
 
 
 def _from_peer(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..weights.convert import convert_state_dict, matching_variants
+    from ..weights.convert import convert_state_dict, matching_variants  # torch on use only (see add_arguments)
     from ..weights.io import save_model
 
     if args.output.suffix != ".safetensors":
@@ -94,7 +96,7 @@ def _from_peer(args: argparse.Namespace) -> int:
 
 
 def _to_peer(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # torch on use only (see add_arguments)
 
     from ..weights.convert import to_peer
     from ..weights.io import SAFETENSORS_SUFFIXES, atomic_write, build_model, read_weights
@@ -112,7 +114,7 @@ def _to_peer(args: argparse.Namespace) -> int:
             return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.output.suffix in SAFETENSORS_SUFFIXES:  # a real safetensors file, not a pickle under that name
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # imports torch: on use only
 
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
         atomic_write(args.output, lambda tmp: save_file(tensors, tmp))
@@ -128,16 +130,14 @@ def _to_peer(args: argparse.Namespace) -> int:
 
 def _peer_model(peer: str, name: str, num_classes: int, in_chans: int):
     """The peer library's own model (the reference for --verify), built without weights."""
-    from ..errors import UserError
-
     try:
         if peer == "torchvision":
-            import torchvision
+            import torchvision  # the peer library, optional: --verify only (ImportError -> UserError below)
 
             if in_chans != 3:
                 raise UserError("--verify: torchvision's MobileNetV3 takes 3 input channels only")
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        import timm
+        import timm  # the peer library, optional: --verify only
 
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     except ImportError:
@@ -145,7 +145,7 @@ def _peer_model(peer: str, name: str, num_classes: int, in_chans: int):
 
 
 def _report_difference(peer_model, model, input_size: int, tolerance: float) -> int:
-    import torch
+    import torch  # torch on use only (see add_arguments)
 
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(2, model.config["in_chans"], input_size, input_size, generator=generator)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserError
+
 HELP = "evaluate a checkpoint, weights file or .pte program on a dataset"
 
 
@@ -52,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..train.evaluation import evaluate_file
+    from ..train.evaluation import evaluate_file  # torch on use: `mobilenetv3 eval --help` stays torch-free
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")

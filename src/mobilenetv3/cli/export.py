@@ -9,7 +9,8 @@ The command fails (exit 1, no file written) unless
 
   max |artifact - float64| <= max(4 x max |eager float32 - float64|, --tolerance x max(1, max |output|))
 
-i.e. the artifact may be as inexact as float32 itself is on these inputs (4x, a measured margin), and
+i.e. the artifact may be as inexact as float32 itself is on these inputs (the 4x margin is measured by
+benchmarks/export_verification.py on several kinds of input; docs/results.md), and
 is always allowed --tolerance (1e-4) in units of the logits' scale.
 
 Without --format, the format follows --output: .onnx, .pt2 (exported-program), .torchscript.pt or .ts
@@ -31,6 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from ..deploy.engines import check_weights_file
+from ..deploy.executorch import require_executorch
+from ..errors import UserError
+from ..files import file_sha256
+from ..preprocessing import Preprocessing
 
 HELP = "export to onnx / torchscript / exported-program / executorch (.pte), verified against eager"
 
@@ -57,8 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_batch(value: str) -> int | None:
-    from ..errors import UserError
-
     if value == "dynamic":
         return None
     try:
@@ -71,21 +77,14 @@ def parse_batch(value: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from ..deploy.engines import check_weights_file
-    from ..files import file_sha256
+    # heavy imports on use: `mobilenetv3 export --help` stays torch-free
     from ..deploy.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportFormat, ExportVerificationError,
                                  artifact_metadata, export_model)
-    from ..errors import UserError
-    from ..models.registry import create_model
-    from ..preprocessing import Preprocessing
+    from ..factory import create_model
     from ..weights.io import load_model
 
     fmt = ExportFormat.for_output(args.output, args.format)
     if fmt is ExportFormat.EXECUTORCH:
-        from ..deploy.executorch import require_executorch
-
         require_executorch("--format executorch")  # before any loading
         if args.batch == "dynamic":
             raise UserError("--format executorch exports a fixed batch size: pass --batch N (default 1); "

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.registry import get_entry, list_models
+    from ..models.registry import get_entry, list_models  # torch on use: `mobilenetv3 list --help` stays torch-free
 
     for name in list_models(args.pattern):
         print(f"{name:34s} {get_entry(name).description}")

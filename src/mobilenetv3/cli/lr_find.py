@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserError
+
 HELP = "learning-rate range test: plot and suggested range"
 
 #: The keys of the printed JSON line (lr_find.json holds them too, with the whole curve).
@@ -30,6 +32,7 @@ JSON_KEYS = ("steepest_lr", "min_loss_lr", "suggested_min_lr", "suggested_max_lr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # cli.train imports torch: loaded when lr-find's parser is built, not by importing this module
     from .train import TRAIN_ONLY_FLAGS, add_config_arguments
 
     add_config_arguments(parser, skip=TRAIN_ONLY_FLAGS)
@@ -44,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..train.lr_find import lr_range_test
+    from ..train.lr_find import lr_range_test  # torch on use only, as in add_arguments
     from .train import require_data_source, resolve_config
 
     config = resolve_config(args)

@@ -24,6 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+from ..deploy.engines import make_engine
+from ..deploy.executorch import require_executorch
+from ..deploy.predict import Skipped, find_images, predict_files
+from ..deploy.runtime import check_weights_file, class_names_for, metadata_preprocessing, split_threads
+from ..errors import UserError
 
 HELP = "classify image files and folders (top-k, JSON lines)"
 
@@ -44,20 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from ..deploy.engines import check_weights_file, make_engine, split_threads
-    from ..deploy.predict import Skipped, class_names_for, find_images, predict_files
-    from ..errors import UserError
-    from ..preprocessing import Preprocessing
-
     if args.topk < 1 or args.batch_size < 1:
         raise UserError(f"--topk and --batch-size must be positive, got {args.topk} and {args.batch_size}")
     if check_weights_file(args.checkpoint) == "executorch":  # before anything is scanned, announced or exported
-        from pathlib import Path
-
-        from ..deploy.executorch import require_executorch
-
         require_executorch(f"running {Path(args.checkpoint).name}")
     paths = find_images(args.inputs)
     if not paths:
@@ -66,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     # A new ONNX export is verified on a few of these images (their own range and statistics).
     engine = make_engine(args.engine, args.checkpoint, threads=threads, images=paths)
     metadata = engine.metadata
-    if "preprocessing" not in metadata:
-        raise UserError(f"{args.checkpoint} carries no preprocessing metadata (export it with `mobilenetv3 export`)")
-    preprocessing = Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
+    preprocessing = metadata_preprocessing(metadata, args.checkpoint)
     results = predict_files(paths, engine, preprocessing, class_names=class_names_for(metadata), topk=args.topk,
                             batch_size=args.batch_size, workers=workers)
     skipped = 0

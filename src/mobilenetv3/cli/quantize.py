@@ -28,6 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
+from pathlib import Path
+
+from ..deploy.engines import check_weights_file
+from ..deploy.executorch import require_quantization
+from ..errors import UserError
+from ..files import file_sha256
 
 HELP = "int8 post-training quantization to an ExecuTorch (XNNPACK) .pte, with its accuracy cost"
 
@@ -55,10 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from ..errors import UserError
-
     if args.calibration_images < 1:
         raise UserError(f"--calibration-images must be a positive number of images, got {args.calibration_images}")
     for name in ("batch", "eval_batch_size", "limit_eval_batches"):
@@ -79,17 +83,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-    import sys
-
-    from ..deploy.engines import check_weights_file
-    from ..deploy.executorch import require_quantization
+    # heavy imports on use: `mobilenetv3 quantize --help` stays torch-free
     from ..deploy.export import artifact_metadata
     from ..deploy.quantize import (DEFAULT_MIN_AGREEMENT, QuantizationVerificationError, calibration_batches,
                                    describe_bytes, evaluation_batches, qat_model_from_checkpoint, qat_to_pte,
                                    quantize_data, quantize_to_pte, top1_line)
-    from ..errors import UserError
-    from ..files import file_sha256
     from ..weights.io import build_model, read_weights
 
     logger = logging.getLogger("mobilenetv3.quantize")

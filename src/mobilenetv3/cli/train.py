@@ -22,80 +22,92 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import typing
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import UserError
+from ..train import run as train_run
+from ..train.checkpoint import load
+from ..train.config import (
+    DEFAULT_OUTPUT,
+    all_keys,
+    dump_yaml,
+    flatten,
+    key_info,
+    list_recipes,
+    load_config,
+    parse_assignment,
+    read_yaml,
+    recipe_path,
+    to_dict,
+)
 
 HELP = "train a model (recipes, resume, torchrun DDP)"
 
-#: command-line flag -> config key; the flag's type, choices and help come from the config dataclasses.
-FLAGS: dict[str, str] = {
-    "data": "data.dataset",
-    "data-dir": "data.data_dir",
-    "input-size": "data.input_size",
-    "workers": "data.workers",
-    "strict-data": "data.strict_data",
-    "model": "model.name",
-    "num-classes": "model.num_classes",
-    "pretrained": "model.pretrained",
-    "output": "output",
-    "epochs": "epochs",
-    "batch-size": "batch_size",
-    "lr": "optim.lr",
-    "opt": "optim.name",
-    "sched": "schedule.name",
-    "amp": "amp",
-    "channels-last": "channels_last",
-    "compile": "compile",
-    "sync-bn": "sync_bn",
-    "deterministic": "deterministic",
-    "seed": "seed",
-    "limit-train-batches": "limit_train_batches",
-    "limit-val-batches": "limit_val_batches",
-    "ema": "ema.enabled",
-    "ema-decay": "ema.decay",
-    "checkpoint-every-steps": "checkpoint.every_steps",
-    "qat": "qat.enabled",
-    "device": "device",
-}
 
-#: `train` flags that `lr-find` does not take: it runs its own number of steps at its own learning rates,
-#: with no schedule, validation, averaging or checkpoints.
-TRAIN_ONLY_FLAGS = ("epochs", "lr", "sched", "compile", "sync-bn", "limit-train-batches", "limit-val-batches", "ema",
-                    "ema-decay", "checkpoint-every-steps", "qat")
+@dataclass(frozen=True)
+class Shortcut:
+    """A command-line flag that sets one config key; its kind (on/off, choices, value) and default come from
+    the key's annotation and limits (`config.key_info`)."""
 
-#: Help beyond the "[key]" of a flag.
-FLAG_HELP = {
-    "data": "what to train on: a folder in ImageNet layout (DIR/train/<class>/*, DIR/val/<class>/*), "
-            "'fashion-mnist', or 'synthetic' (random tensors: speed tests only); required unless {sources} sets it",
-    "qat": "quantization-aware training (default: off): fine-tune a fake-quantized int8 graph, start from "
-           "--pretrained W with a small --lr; ends with checkpoints/int8.pte (needs 'mobilenetv3[mobile]')",
-}
+    flag: str
+    key: str
+    #: what the flag does, where "[key] (default: ...)" would not say it ({sources}: what else names the data).
+    help: str = ""
+    #: what the default means, where the bare value would not say it ({default}, {lr_base_batch}).
+    default_means: str = ""
+    #: `lr-find` does not take it: it runs its own number of steps at its own learning rates, with no
+    #: schedule, validation, averaging or checkpoints.
+    train_only: bool = False
 
-#: What a flag's default means, for its help, where the bare value would not say it.
-DEFAULT_MEANS = {
-    "data-dir": "$MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, then the cache",
-    "input-size": "the data's: 224 for folders, 28 for fashion-mnist", "num-classes": "the data's",
-    "pretrained": "none, random initialisation", "limit-train-batches": "all", "limit-val-batches": "all",
-    "lr": "{default} for {lr_base_batch} images, scaled linearly with the global batch",
-    "checkpoint-every-steps": "0, at epoch ends only",
-}
+
+SHORTCUTS = (
+    Shortcut("data", "data.dataset",
+             help="what to train on: a folder in ImageNet layout (DIR/train/<class>/*, DIR/val/<class>/*), "
+                  "'fashion-mnist', or 'synthetic' (random tensors: speed tests only); required unless {sources} "
+                  "sets it"),
+    Shortcut("data-dir", "data.data_dir",
+             default_means="$MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, then the cache"),
+    Shortcut("input-size", "data.input_size", default_means="the data's: 224 for folders, 28 for fashion-mnist"),
+    Shortcut("workers", "data.workers"),
+    Shortcut("strict-data", "data.strict_data"),
+    Shortcut("model", "model.name"),
+    Shortcut("num-classes", "model.num_classes", default_means="the data's"),
+    Shortcut("pretrained", "model.pretrained", default_means="none, random initialisation"),
+    Shortcut("output", "output"),
+    Shortcut("epochs", "epochs", train_only=True),
+    Shortcut("batch-size", "batch_size"),
+    Shortcut("lr", "optim.lr", default_means="{default} for {lr_base_batch} images, scaled linearly with the global "
+                                             "batch", train_only=True),
+    Shortcut("opt", "optim.name"),
+    Shortcut("sched", "schedule.name", train_only=True),
+    Shortcut("amp", "amp"),
+    Shortcut("channels-last", "channels_last"),
+    Shortcut("compile", "compile", train_only=True),
+    Shortcut("sync-bn", "sync_bn", train_only=True),
+    Shortcut("deterministic", "deterministic"),
+    Shortcut("seed", "seed"),
+    Shortcut("limit-train-batches", "limit_train_batches", default_means="all", train_only=True),
+    Shortcut("limit-val-batches", "limit_val_batches", default_means="all", train_only=True),
+    Shortcut("ema", "ema.enabled", train_only=True),
+    Shortcut("ema-decay", "ema.decay", train_only=True),
+    Shortcut("checkpoint-every-steps", "checkpoint.every_steps", default_means="0, at epoch ends only",
+             train_only=True),
+    Shortcut("qat", "qat.enabled",
+             help="quantization-aware training (default: off): fine-tune a fake-quantized int8 graph, start from "
+                  "--pretrained W with a small --lr; ends with checkpoints/int8.pte (needs 'mobilenetv3[mobile]')",
+             train_only=True),
+    Shortcut("device", "device"),
+)
+
+#: `train` flags that `lr-find` does not take (`Shortcut.train_only`).
+TRAIN_ONLY_FLAGS = tuple(shortcut.flag for shortcut in SHORTCUTS if shortcut.train_only)
 
 DATA_REQUIRED = (
     "no training data given: use --data DIR (a folder in ImageNet layout: DIR/train/<class>/*, DIR/val/<class>/*), "
     "--data fashion-mnist, or --data synthetic (random tensors, for speed tests only), or a --recipe / --config "
     "that sets data.dataset"
 )
-
-
-def _field_type(dotted: str):
-    from ..train.config import TrainConfig
-
-    cls, hint = TrainConfig, None
-    for part in dotted.split("."):
-        hint = typing.get_type_hints(cls)[part]
-        cls = hint
-    return hint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,39 +124,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
                          data_sources: str = "--recipe or --config") -> None:
-    """--recipe, --config, the flag shortcuts of FLAGS (but `skip`), --set and --progress (train and lr-find);
+    """--recipe, --config, the flags of SHORTCUTS (but `skip`), --set and --progress (train and lr-find);
     `data_sources`: what else can name the data, for --data's help."""
-    from ..train.config import TrainConfig, flatten, list_recipes, to_dict
-
     parser.add_argument("--recipe", default=None, help=f"shipped recipe: {', '.join(list_recipes())}")
     parser.add_argument("--config", default=None, metavar="FILE", help="a YAML config (e.g. a run's config.yaml)")
     group = parser.add_argument_group("config shortcuts (each sets the key in brackets; the defaults are the "
                                       "built-in config's, which a recipe may change)")
-    defaults = flatten(to_dict(TrainConfig()))
-    for flag, key in FLAGS.items():
-        if flag in skip:
-            continue
-        hint = _field_type(key)
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = options[0] if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType) else hint
-        if flag in FLAG_HELP:
-            text = f"[{key}] {FLAG_HELP[flag].format(sources=data_sources)}"
-        else:
-            default = defaults[key]
-            shown = DEFAULT_MEANS.get(flag, "").format(default=default, lr_base_batch=defaults["optim.lr_base_batch"]) or (
-                ("on" if default else "off") if isinstance(default, bool) else default)
-            text = f"[{key}] (default: {shown})".replace("%", "%%")
-        if base is bool:
-            group.add_argument(f"--{flag}", dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(base) is typing.Literal:
-            group.add_argument(f"--{flag}", dest=key, choices=typing.get_args(base), default=None, help=text)
-        else:
-            group.add_argument(f"--{flag}", dest=key, default=None, metavar=key.rsplit(".", 1)[-1].upper(), help=text)
+    for shortcut in SHORTCUTS:
+        if shortcut.flag not in skip:
+            _add_shortcut(group, shortcut, data_sources)
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config key, e.g. --set schedule.warmup_epochs=2 (repeatable)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bars (default: only when stderr is a terminal and TQDM_DISABLE is not "
                              "set; a log file gets one line per epoch instead)")
+
+
+def _add_shortcut(group: argparse._ArgumentGroup, shortcut: Shortcut, data_sources: str) -> None:
+    """The one place a config key becomes a flag: on/off for a bool, the choices of a Literal, else a value
+    (parsed and checked with the key's annotation and limits when the config is loaded, as --set's are)."""
+    info = key_info(shortcut.key)
+    if shortcut.help:
+        text = f"[{shortcut.key}] {shortcut.help.format(sources=data_sources)}"
+    else:
+        shown = shortcut.default_means.format(default=info.default,
+                                              lr_base_batch=key_info("optim.lr_base_batch").default)
+        if not shown:
+            shown = ("on" if info.default else "off") if info.kind is bool else info.default
+        text = f"[{shortcut.key}] (default: {shown})".replace("%", "%%")
+    flag, dest = f"--{shortcut.flag}", shortcut.key
+    if info.kind is bool:
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif info.choices and all(isinstance(choice, str) for choice in info.choices):
+        group.add_argument(flag, dest=dest, choices=info.choices, default=None, help=text)
+    else:
+        group.add_argument(flag, dest=dest, default=None, metavar=dest.rsplit(".", 1)[-1].upper(), help=text)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -155,16 +169,11 @@ def resolve_config(args: argparse.Namespace):
     from config.yaml: after a resume with --allow-config-change that file holds the new settings before
     any checkpoint does, and a plain resume of the checkpoint would then be refused as a change.
     """
-    from pathlib import Path
-
-    from ..train.checkpoint import load
-    from ..train.config import load_config, parse_assignment, read_yaml
-
     base = None
     resume = getattr(args, "resume", None)
     if resume is not None and args.recipe is None and args.config is None:
         if resume == "auto":
-            run_folder = Path(getattr(args, "output", None) or "runs/train")
+            run_folder = Path(getattr(args, "output", None) or DEFAULT_OUTPUT)
             saved, last = run_folder / "config.yaml", run_folder / "checkpoints" / "last.pt"
             # the config inside last.pt; config.yaml only for a run without one (the resume then fails, naming it)
             base = load(last)["config"] if last.is_file() else read_yaml(saved) if saved.is_file() else None
@@ -172,10 +181,10 @@ def resolve_config(args: argparse.Namespace):
             base = load(resume)["config"]
 
     overrides = []
-    for key in FLAGS.values():
-        value = getattr(args, key, None)
+    for shortcut in SHORTCUTS:
+        value = getattr(args, shortcut.key, None)
         if value is not None:
-            overrides.append((key, value))
+            overrides.append((shortcut.key, value))
     if getattr(args, "resume", None) is not None:
         overrides.append(("resume", args.resume))
     overrides += [parse_assignment(text) for text in args.assignments]
@@ -185,8 +194,6 @@ def resolve_config(args: argparse.Namespace):
 def require_data_source(args: argparse.Namespace) -> None:
     """A UserError unless a flag, --set, the recipe, the config file or a resumed run names the data: the
     built-in default (synthetic random tensors) is for speed tests, never what a user means by leaving it out."""
-    from ..train.config import parse_assignment, read_yaml, recipe_path
-
     if getattr(args, "resume", None) is not None or getattr(args, "data.dataset", None) is not None:
         return
     if any(parse_assignment(text)[0] == "data.dataset" for text in args.assignments):
@@ -199,8 +206,6 @@ def require_data_source(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.config import all_keys, dump_yaml, flatten, to_dict
-
     config = resolve_config(args)
     if args.list_keys:
         flat = flatten(to_dict(config))
@@ -213,8 +218,6 @@ def run(args: argparse.Namespace) -> int:
     require_data_source(args)
     if args.allow_config_change and args.resume is None:
         raise UserError("--allow-config-change applies to --resume only")
-    from ..train import run as train_run
-
     summary = train_run(config, progress=args.progress, allow_config_change=args.allow_config_change)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary line per job, not per process
         keys = ("output", "epochs", "steps", "best_metric", "best_value", "best_epoch", "wall_time_s")

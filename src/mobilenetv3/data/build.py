@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import UserError
@@ -132,8 +133,6 @@ def _warn_if_upscaled(
 
     Training (`base` None) is told to pass --input-size; evaluating weights at their own input size is told that
     another size changes the results, since such weights were trained on images resized as these are."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return  # one warning per job, not one per rank
     size = typical_image_size(folder)

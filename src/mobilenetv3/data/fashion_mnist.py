@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import FashionMNIST
 
 from ..errors import UserError, first_line
 from ..files import cache_dir
@@ -89,8 +90,6 @@ def locate(data_dir: str | os.PathLike | None = None, *, download: bool = True) 
         raise UserError(f"Fashion-MNIST not found (searched {searched})")
     logger.info("Fashion-MNIST not found in %s; downloading it into %s", searched, target)
     try:
-        from torchvision.datasets import FashionMNIST
-
         target.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             FashionMNIST(str(target), train=train, download=True)

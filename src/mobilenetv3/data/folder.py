@@ -11,26 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import struct
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..errors import UserError, first_line
-from ..preprocessing import ConvertMode
+from ..errors import UserError
+from ..preprocessing import DECODE_ERRORS, ConvertMode, describe_decode_error
 
 logger = logging.getLogger(__name__)
-
-#: What PIL raises for a file it can't decode (open() raises UnidentifiedImageError, an OSError;
-#: load() raises OSError for truncation and SyntaxError/struct/zlib errors for corrupt chunks; a header that
-#: claims a gigantic size raises DecompressionBombError).
-DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError
-)
 
 LAYOUT_HINT = "expected ImageNet layout: DIR/train/<class>/<image>, DIR/val/<class>/<image>"
 
@@ -76,7 +67,7 @@ class TolerantImageFolder(ImageFolder):
                 image.load()  # decode now: truncation is only detected here
             return self.convert(image)
         except DECODE_ERRORS as error:
-            reason = _describe(path, error)
+            reason = describe_decode_error(path, error)
             if self.strict:
                 raise UserError(f"unreadable image {path}: {reason} (drop --strict-data to skip such files)") from None
             if path not in self.broken_files:
@@ -119,13 +110,6 @@ def typical_image_size(folder: ImageFolder, count: int = 8) -> tuple[int, int] |
 def _listed(names: list[str], most: int) -> str:
     """'a, b, c and 4 more'."""
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _describe(path: str, error: BaseException) -> str:
-    """A short reason for a decode failure (PIL's own messages repeat the file object)."""
-    if isinstance(error, UnidentifiedImageError):
-        return "empty file" if os.path.getsize(path) == 0 else "not an image, or a format PIL can't read"
-    return first_line(error)
 
 
 def check_same_classes(train: TolerantImageFolder, val: TolerantImageFolder) -> None:

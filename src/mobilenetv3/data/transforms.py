@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
 from ..preprocessing import INTERPOLATIONS, ConvertMode, Preprocessing
@@ -31,8 +33,6 @@ def check_transform_settings(cfg: DataConfig) -> None:
 
 
 def _interpolation(cfg: DataConfig):
-    from torchvision.transforms import InterpolationMode
-
     check_transform_settings(cfg)
     return InterpolationMode(cfg.interpolation)
 
@@ -42,8 +42,6 @@ def auto_augment_transform(cfg: DataConfig):
 
     None for `cfg.auto_augment` None or "none".  Works on PIL images and on uint8 tensors (1 or 3 channels).
     """
-    from torchvision.transforms import v2
-
     interpolation = _interpolation(cfg)
     if cfg.auto_augment in (None, "none"):
         return None
@@ -60,10 +58,8 @@ def imagenet_train_transform(cfg: DataConfig, preprocessing: Preprocessing):
     RGB conversion, RandomResizedCrop(input_size, scale=(scale_min, 1)), horizontal flip, optional
     AutoAugment/RandAugment/TrivialAugment, to float, normalise, optional RandomErasing.
     """
-    from torchvision.transforms import v2
-
     steps = [
-        ConvertMode("L" if preprocessing.in_chans == 1 else "RGB"),
+        ConvertMode(preprocessing.image_mode),
         v2.RandomResizedCrop(
             preprocessing.input_size, scale=(cfg.scale_min, 1.0),
             interpolation=_interpolation(cfg), antialias=True,
@@ -97,8 +93,6 @@ class RandomPadCropFlip(torch.nn.Module):
         self.size, self.padding, self.flip_p = size, padding, flip_p
 
     def _pad(self, batch: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
         return F.pad(batch, [self.padding])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -186,8 +180,6 @@ class SmallImageTrainTransform(torch.nn.Module):
     batched = True  # InMemoryImages may call it on a whole batch
 
     def __init__(self, cfg: DataConfig, preprocessing: Preprocessing, native_size: int) -> None:
-        from torchvision.transforms import v2
-
         super().__init__()
         size = preprocessing.input_size
         self.resize = None
@@ -219,8 +211,8 @@ class SmallImageTrainTransform(torch.nn.Module):
         """A batch [B, C, H, W] transformed with image k's crop, flip and erasing drawn from seeds[k] alone.
 
         The same image and seed give the same result in any batch (what bit-exact resume needs), with the
-        per-image work done as a few batched tensor ops: about 9x cheaper than seeding torch's RNG per image
-        (`benchmarks/loader_speed.py`).
+        per-image work done as a few batched tensor ops.  It exists because it is cheaper per batch than seeding
+        torch's RNG per image; `benchmarks/loader_speed.py` measures both (docs/results.md).
         """
         if not self.seedable:
             raise ValueError("seeded() draws no auto-augment ops; call the transform per image instead")
@@ -237,8 +229,6 @@ class SmallImageTrainTransform(torch.nn.Module):
         return batch
 
     def _normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
-
         return F.normalize(F.to_dtype(batch, torch.float32, scale=True), self.mean, self.std)
 
     def extra_repr(self) -> str:

@@ -1,13 +1,8 @@
 """Latency / throughput of our model per engine and batch size, side by side with torchvision and timm.
 
-Method (the usual one): every network is warmed up, then timed call by call; the networks being
-compared run interleaved, round by round, so that drift of the machine (clock, other load) hits
-them alike.  Latency is the median and 90th percentile of single calls; throughput is batch / median.
-On a GPU each call is timed with CUDA events after a synchronize.
-
-Every network gets BatchNorm statistics calibrated on the same random batch (`calibrate_batchnorm`):
-freshly initialised MobileNetV3s produce activations that shrink towards denormal floats, which are
-slow on CPUs and would make the comparison depend on the initialisation instead of the code.
+The networks being compared are timed by `mobilenetv3.timing`: warmed up, then run interleaved call by call,
+each with BatchNorm statistics calibrated on the same random batch.  Latency is the median and 90th
+percentile of single calls; throughput is batch / median.
 
 "Peak" is the machine's measured dense matmul rate in the same dtype (a large GEMM, timed here), so
 `peak_fraction` says how much of what this machine's BLAS reaches the network reaches.
@@ -24,14 +19,23 @@ import copy
 import logging
 import math
 import statistics
-import time
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..factory import create_model
+from ..models.registry import get_entry
+from ..profile import count_macs
+from ..timing import CLOCKS, calibrate_batchnorm, measure_peak_flops, percentile, sgd_step, time_interleaved
+from .engines import ExecuTorchEngine, OnnxRuntimeEngine
+from .executorch import require_executorch, require_quantization
+from .export import ExportFormat, export_model
+from .quantize import quantize_to_pte
 
 logger = logging.getLogger(__name__)
 
@@ -43,107 +47,26 @@ GPU_ENGINES = ("eager", "channels-last", "amp-bf16", "amp-fp16", "compile")
 TORCH_ENGINES = ("eager", "compile", "channels-last", "amp-bf16", "amp-fp16")  # peers can run these
 
 
-def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """Set every BatchNorm's running mean/var to the statistics of `images` (a cumulative average over
-    one forward pass in train mode), then return the model in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative moving average: exactly this batch's statistics
-    model.train()
-    with torch.no_grad():
-        model(images)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    return model.eval()
-
-
 def peer_model(peer: str, model_name: str, **kwargs: Any) -> nn.Module:
     """The peer library's network matching one of our registered names (same arch and width)."""
-    from ..models.registry import get_entry
-
     entry = get_entry(model_name)
     width = float(kwargs.get("width_mult", entry.defaults.get("width_mult", 1.0)))
     num_classes = int(kwargs.get("num_classes", 1000))
     if entry.arch not in ("large", "small"):
         raise UserError(f"{peer} has no {entry.arch} MobileNetV3 to compare with")
     if peer == "torchvision":
-        import torchvision
+        import torchvision  # only for --compare: a second of start-up that a plain `bench` does not pay
 
         build = getattr(torchvision.models, f"mobilenet_v3_{entry.arch}")
         return build(width_mult=width, num_classes=num_classes)
     if peer == "timm":
-        import timm
+        import timm  # an optional peer, not a dependency
 
         name = f"mobilenetv3_{entry.arch}_{round(width * 100):03d}"
         if name not in timm.list_models(name):
             raise UserError(f"timm has no {name} to compare with")
         return timm.create_model(name, num_classes=num_classes)
     raise UserError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0,
-                       clock: str = "wall") -> float:
-    """FLOP/s of a large square matmul in `dtype` on `device` (the practical dense peak)."""
-    size = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    times = time_calls(lambda: torch.mm(a, b), device=device, warmup=2, min_repeats=5, min_seconds=seconds,
-                       clock=clock)
-    return 2 * size**3 / min(times)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = ("wall", "cpu")
-
-
-def time_one(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
-    """Seconds of one call: CUDA events on a GPU, perf_counter on the CPU.
-
-    `clock="cpu"` counts this process's CPU seconds instead (time.process_time): on a machine shared with
-    other work it measures the work done rather than the wait for a core.  All threads count, so use it
-    with one thread (`--threads 1`), or spinning worker threads are counted as work.
-    """
-    if clock == "cpu" and device.type != "cuda":
-        begin = time.process_time()
-        fn()
-        return time.process_time() - begin
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
-
-
-def time_calls(fn: Callable[[], Any], *, device: torch.device, warmup: int, min_repeats: int,
-               min_seconds: float, clock: str = "wall") -> list[float]:
-    return time_interleaved({"fn": fn}, device=device, warmup=warmup, min_repeats=min_repeats,
-                            min_seconds=min_seconds, clock=clock)["fn"]
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, device: torch.device, warmup: int, min_repeats: int,
-                     min_seconds: float, clock: str = "wall") -> dict[str, list[float]]:
-    """Per-call seconds of each function, run round-robin until each has `min_repeats` calls and has
-    been timed for `min_seconds` in total."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    while any(len(t) < min_repeats or sum(t) < min_seconds for t in times.values()):
-        for name, fn in fns.items():
-            times[name].append(time_one(fn, device, clock))
-    return times
 
 
 @dataclass
@@ -164,23 +87,12 @@ class BenchRow:
         return asdict(self)
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def _engine_dtype(engine: str) -> torch.dtype:
     return {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}.get(engine, torch.float32)
 
 
 def onnxruntime_engine(model: nn.Module, resolution: int):
     """ONNX Runtime on a verified dynamic-batch export of `model` (in a temporary folder)."""
-    import tempfile
-    from pathlib import Path
-
-    from .engines import OnnxRuntimeEngine
-    from .export import ExportFormat, export_model
-
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-bench-") as folder:
         path = Path(folder) / "model.onnx"
         export_model(model.cpu().eval(), path, ExportFormat.ONNX, input_size=resolution, metadata={})
@@ -192,20 +104,11 @@ def executorch_engine(model: nn.Module, resolution: int, batch: int, *, int8: bo
     """ExecuTorch on a `batch`-sized XNNPACK program of `model` (in a temporary folder): float32, exported and
     verified by `export_model`, or with `int8` quantized by `deploy.quantize.quantize_to_pte`, calibrated on
     `calibration` (images in the range the BatchNorm statistics were taken on)."""
-    import tempfile
-    from pathlib import Path
-
-    from .engines import ExecuTorchEngine
-    from .executorch import require_executorch
-    from .export import ExportFormat, export_model
-
     require_executorch(f"engine {'executorch-int8' if int8 else 'executorch'}")
     with tempfile.TemporaryDirectory(prefix="mobilenetv3-bench-") as folder:
         path = Path(folder) / "model.pte"
         model = model.cpu().eval()
         if int8:
-            from .quantize import quantize_to_pte
-
             if calibration is None:
                 calibration = torch.randn(8, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
             # Timing only: a random network's int8 top-1 need not agree with float32's (`quantize` checks that).
@@ -237,22 +140,6 @@ def _inference_fn(model: nn.Module, engine: str, images: torch.Tensor, device: t
     return call
 
 
-def _train_fn(model: nn.Module, images: torch.Tensor, device: torch.device) -> Callable[[], Any]:
-    """One SGD step (forward, cross-entropy, backward, step) on a fixed batch."""
-    model = model.train().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    num_classes = model(images[:2]).shape[1]
-    targets = torch.randint(0, num_classes, (images.shape[0],), device=device,
-                            generator=torch.Generator(device=device).manual_seed(0))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(images), targets).backward()
-        optimizer.step()
-
-    return step
-
-
 def benchmark(
     model_name: str,
     *,
@@ -272,9 +159,6 @@ def benchmark(
 
     Peers run in every torch engine; ONNX Runtime and ExecuTorch rows are compared with the peers' eager rows.
     """
-    from ..models.registry import create_model
-    from ..profile import count_macs
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but CUDA is not available")
@@ -288,8 +172,6 @@ def benchmark(
         if engine.startswith("executorch"):
             if dev.type != "cpu":
                 raise UserError(f"engine {engine} runs on the CPU: pass --device cpu")
-            from .executorch import require_executorch, require_quantization
-
             # before any network is built or timed
             (require_quantization if engine == "executorch-int8" else require_executorch)(f"engine {engine}")
     if any(b < 1 for b in batch_sizes):
@@ -335,7 +217,7 @@ def benchmark(
                                             int8=engine == "executorch-int8", calibration=calibration)
                 else:
                     net = copy.deepcopy(network)
-                fns[name] = _train_fn(net, images, dev) if mode == "train" else _inference_fn(net, engine, images, dev)
+                fns[name] = sgd_step(net, images, dev) if mode == "train" else _inference_fn(net, engine, images, dev)
             logger.info("timing %s %s batch %d: %s", engine, mode, batch, ", ".join(fns))
             times = time_interleaved(fns, device=dev, warmup=warmup, min_repeats=min_repeats, min_seconds=min_seconds, clock=clock)
             peak = peaks[_engine_dtype(engine)]
@@ -344,7 +226,7 @@ def benchmark(
                 work = flops[name] * (3 if mode == "train" else 1)  # backward is ~2x the forward
                 rows.append(BenchRow(
                     network=name, engine=engine, batch_size=batch, mode=mode, median_ms=median * 1e3,
-                    p90_ms=_percentile(calls, 0.9) * 1e3, images_per_s=batch / median,
+                    p90_ms=percentile(calls, 0.9) * 1e3, images_per_s=batch / median,
                     gflop_per_image=flops[name] / 1e9, peak_fraction=work * batch / median / peak,
                     calls=len(calls),
                 ))

@@ -1,13 +1,14 @@
 """Inference engines behind `predict` and `bench`: eager PyTorch, ONNX Runtime and ExecuTorch, plus the export cache.
 
-An engine is a callable `images (N, C, H, W float32 numpy) -> logits (N, classes)`.  ONNX Runtime
-runs an ONNX export of the weights, cached under `cache_dir()` by the weights file's sha256 (and the
-input size), so only the first call on a set of weights pays for the export.  ExecuTorch runs a `.pte`
-program the user exported (`mobilenetv3 export --format executorch`, or `mobilenetv3 quantize`); it is
-the optional `[mobile]` extra.
+An engine is a callable `images (N, C, H, W float32 numpy) -> logits (N, classes)` with `.metadata`.  ONNX
+Runtime (`runtime.OnnxRuntimeEngine`) runs an ONNX export of the weights, cached under `cache_dir()` by the
+weights file's sha256 (and the input size), so only the first call on a set of weights pays for the export.
+ExecuTorch runs a `.pte` program the user exported (`mobilenetv3 export --format executorch`, or
+`mobilenetv3 quantize`); it is the optional `[mobile]` extra.
 
-Nothing here imports torch at module level: with a cached export, `predict` runs on ONNX Runtime,
-PIL and numpy alone.
+Layering: this module builds on `runtime` (torch-free) and calls `export` and `weights` only when it must
+export or run eager PyTorch; `export` never imports this module.  Those calls import torch inside the
+function, so that `predict` on a cached export never imports torch.
 """
 
 from __future__ import annotations
@@ -19,92 +20,22 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..allocator import keep_freed_memory
 from ..errors import UserError, first_line
-from ..files import cache_dir, file_sha256, missing_file_error
+from ..files import cache_dir, file_sha256
+from .executorch import load_pte
+from .predict import load_samples
+from .runtime import (
+    EXPORT_VERSION,
+    ONNXRUNTIME_MISSING,
+    OnnxRuntimeEngine,
+    check_weights_file,
+    onnxruntime_available,
+)
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "executorch")
-#: Bumped whenever the exported graph would change for the same weights (invalidates predict's cache).
-EXPORT_VERSION = "1"
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (respects taskset / cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def split_threads(workers: int | None = None, threads: int | None = None) -> tuple[int, int]:
-    """(engine threads, decoding threads) that together use each available CPU once.
-
-    Oversubscribing is expensive: both ONNX Runtime's and PyTorch's (OpenMP) pools spin-wait between
-    parallel regions, so a decoding thread sharing their cores slows inference down far more than it
-    overlaps.  Measured on 2 CPUs, 512 JPEGs: torch engine 40 s with 2 + 2 threads, 8.6 s with 1 + 1;
-    ONNX Runtime 8.4 s against 6.6 s.  Decoding gets a quarter of the CPUs (at least one).
-    """
-    cpus = available_cpus()
-    workers = workers or max(1, cpus // 4)
-    threads = threads or max(1, cpus - workers)
-    return threads, workers
-
-
-def onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None):
-    """An ONNX Runtime session with full graph optimisation, one intra-op thread per available CPU."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("onnxruntime is not installed: pip install 'mobilenetv3[onnx]', or use --engine torch") from None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or available_cpus()
-    options.log_severity_level = 3  # warnings about unused initialisers etc. are noise here
-    if providers is None:
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as error:  # ORT raises its own exception types (InvalidGraph, Fail, NoSuchFile)
-        raise UserError(f"ONNX Runtime cannot load {path}: {first_line(error)}") from None
-
-
-class OnnxRuntimeEngine:
-    name = "onnxruntime"
-
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
-        self.path = Path(path)
-        self.session = onnxruntime_session(self.path, threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-        batch = self.session.get_inputs()[0].shape[0]
-        #: the export's fixed batch size (an int dimension), or None for a dynamic batch axis.
-        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
-        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        run = lambda batch: self.session.run(None, {self.input_name: batch})[0]  # noqa: E731
-        return run(images) if self.fixed_batch is None else run_in_fixed_batches(run, images, self.fixed_batch)
-
-
-def run_in_fixed_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, size: int) -> np.ndarray:
-    """`run` (a program with a fixed batch `size`) over any number of images: chunks of exactly `size`, the
-    last one padded with zeros whose outputs are dropped (an empty input runs one padded batch for the shape)."""
-    count = len(images)
-    if count == size:
-        return run(images)
-    padding = (-count) % size if count else size
-    padded = np.concatenate([images, np.zeros((padding, *images.shape[1:]), dtype=np.float32)])
-    outputs = [run(padded[start:start + size]) for start in range(0, len(padded), size)]
-    return np.concatenate(outputs)[:count]
 
 
 class ExecuTorchEngine:
@@ -116,8 +47,6 @@ class ExecuTorchEngine:
     name = "executorch"
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
-        from .executorch import load_pte
-
         self.path = Path(path)
         self.program = load_pte(self.path, threads=threads)
         self.metadata: dict[str, str] = dict(self.program.metadata)
@@ -134,9 +63,9 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: Any, *, device: str | None = None) -> None:
-        import torch
+        import torch  # the torch engine only: predict on a cached ONNX export never imports torch
 
-        from .fuse import fuse_batchnorm
+        from .fuse import fuse_batchnorm  # imports torch
 
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -150,48 +79,6 @@ class TorchEngine:
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             return self.model(batch).float().cpu().numpy()
-
-
-#: First bytes of files people pass by mistake, so the error can say what the file is.
-_OTHER_FILES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-                (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
-                (b"RIFF", "a RIFF file (WebP image?)"), (b"%PDF", "a PDF document"))
-
-
-def check_weights_file(path: str | os.PathLike) -> str:
-    """What `path` is ("onnx", "executorch", "safetensors" or "checkpoint"), judged from its name and first bytes.
-
-    Called before any work is announced or done (hashing, exporting), so `predict --checkpoint cat.png`
-    is one clear line rather than "exporting cat.png to ONNX" and then a failure.  A missing file, a
-    directory, or a file of another kind is a `UserError`.  Cheap and torch-free: the full check is the
-    loading itself (`weights.io`), which also refuses pickles that would run code.
-    """
-    path = Path(path)
-    is_onnx = path.suffix.lower() == ".onnx"
-    if path.suffix.lower() == ".pte":
-        from .executorch import check_pte_file
-
-        check_pte_file(path)  # there, a file, its header; ExecuTorch's loading checks the rest
-        return "executorch"
-    if not path.is_file():
-        raise missing_file_error(path, "ONNX file" if is_onnx else "weights file")
-    if is_onnx:
-        return "onnx"  # ONNX Runtime's own loading says best what is wrong with one
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-    except OSError as error:  # permission denied, an I/O error
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    other = next((what for magic, what in _OTHER_FILES if head.startswith(magic)), None)
-    if path.suffix.lower() == ".safetensors":
-        if head[8:9] == b"{":  # an 8-byte header length, then the JSON header
-            return "safetensors"
-        raise UserError(f"{path} is not a readable safetensors file ({other or 'no safetensors header'})")
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
-        return "checkpoint"
-    if other:
-        raise UserError(f"{path} is {other}, not a weights file (.safetensors), training checkpoint or .onnx export")
-    raise UserError(f"{path} is not a readable PyTorch checkpoint (neither a zip archive nor a pickle)")
 
 
 def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None = None, *,
@@ -210,9 +97,9 @@ def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None =
     if target.is_file():
         logger.debug("using cached export %s", target)
         return target
+    # A cache miss: exporting needs torch, which a cache hit never imports.
     from ..weights.io import load_model
     from .export import ExportFormat, artifact_metadata, export_model, verification_batch_sizes
-    from .predict import load_samples
 
     model = load_model(weights_path)  # a file that is not valid weights fails here, before any announcement
     size = int(input_size or model.preprocessing.input_size)
@@ -263,7 +150,7 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
         name = "onnxruntime" if (is_onnx or onnxruntime_available()) else "torch"
     if name == "onnxruntime":
         if not onnxruntime_available():  # asked for by name: a missing runtime is the user's to fix
-            raise UserError("onnxruntime is not installed: pip install 'mobilenetv3[onnx]', or use --engine torch")
+            raise UserError(ONNXRUNTIME_MISSING)
         if is_onnx:
             return OnnxRuntimeEngine(weights_path, threads=threads)
         try:
@@ -274,9 +161,9 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
             return OnnxRuntimeEngine(path, threads=threads)
     if is_onnx:
         raise UserError(f"{weights_path} is an ONNX file: use --engine onnxruntime (or auto)")
+    # The torch engine: torch is imported here, not on the ONNX Runtime path.
     import torch
 
-    from ..allocator import keep_freed_memory
     from ..weights.io import load_model
     from .export import artifact_metadata
 

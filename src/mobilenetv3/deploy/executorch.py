@@ -16,16 +16,20 @@ Batch size: a program is exported at a fixed batch size (ExecuTorch plans every 
 bound; with a dynamic batch dimension, torch 2.14 / executorch 1.5.1 planned a smaller bound than the one
 asked for -- 15 for max=64 on MobileNetV3-Small -- and refused larger batches at run time, so a dynamic
 batch is not offered).  `load_pte` feeds a program batches of exactly its size, padding the last one
-with zeros and dropping the padded outputs, like `engines.OnnxRuntimeEngine` does for fixed-batch ONNX.
+with zeros and dropping the padded outputs, like `runtime.OnnxRuntimeEngine` does for fixed-batch ONNX.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import io
 import json
 import logging
 import os
 import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -33,21 +37,18 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UserError, first_line
-from .engines import run_in_fixed_batches
+from ..preprocessing import Preprocessing
+from .runtime import check_pte_file, run_in_fixed_batches
 
 logger = logging.getLogger(__name__)
 
 MOBILE_EXTRA_HINT = "pip install 'mobilenetv3[mobile]'"
 #: The constant method holding the JSON metadata inside a `.pte`.
 METADATA_METHOD = "mobilenetv3_metadata"
-#: First bytes of a flatbuffer `.pte`: a 4-byte root offset, then the file identifier "ET" + 2 digits.
-_PTE_IDENTIFIER = b"ET"
 
 
 def executorch_available() -> bool:
     """Whether ExecuTorch's exporter and runtime import (without importing them now)."""
-    import importlib.util
-
     try:
         return importlib.util.find_spec("executorch") is not None \
             and importlib.util.find_spec("executorch.runtime") is not None
@@ -63,8 +64,6 @@ def require_executorch(what: str) -> None:
 
 def require_quantization(what: str) -> None:
     """`require_executorch`, and torchao (PT2E quantization) too: one `UserError` naming the extra."""
-    import importlib.util
-
     require_executorch(what)
     try:
         found = importlib.util.find_spec("torchao") is not None
@@ -100,10 +99,6 @@ def _native_logs_to_debug():
     failed to load), through file descriptor 2 or, from its Python bindings, through `sys.stderr`: capture
     both while loading, and log its lines at DEBUG, so a command's stderr keeps to what matters (our
     UserError says why a load failed).  Other text written meanwhile is passed on."""
-    import io
-    import sys
-    import tempfile
-
     python_stderr = sys.stderr
     with contextlib.suppress(Exception):
         python_stderr.flush()
@@ -134,7 +129,7 @@ def _native_logs_to_debug():
 def _runtime():
     with _quiet_imports():
         try:
-            from executorch.runtime import Runtime
+            from executorch.runtime import Runtime  # optional [mobile] extra
         except ImportError:
             raise UserError(f"running a .pte program needs ExecuTorch: {MOBILE_EXTRA_HINT}") from None
         return Runtime.get()
@@ -147,7 +142,7 @@ def write_pte(program: Any, path: str | os.PathLike, metadata: dict[str, str]) -
     defaults to "none".  The caller makes the write atomic (`weights.io.atomic_write` with a temp path).
     """
     require_executorch("writing a .pte program")
-    with _quiet_imports():
+    with _quiet_imports():  # the optional [mobile] extra
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
@@ -158,23 +153,6 @@ def write_pte(program: Any, path: str | os.PathLike, metadata: dict[str, str]) -
         executorch_program = edge.to_executorch()
     with open(path, "wb") as handle:
         executorch_program.write_to_file(handle)
-
-
-def check_pte_file(path: str | os.PathLike) -> Path:
-    """`path` as a Path when it is a readable file that starts like an ExecuTorch program, else a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        what = "directory" if path.is_dir() else "file"
-        raise UserError(f"{path} is a {what}, not an ExecuTorch program" if path.exists()
-                        else f"no such ExecuTorch program: {path}")
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    if len(head) < 8 or head[4:6] != _PTE_IDENTIFIER:
-        raise UserError(f"{path} is not an ExecuTorch program (.pte): no ExecuTorch header")
-    return path
 
 
 def _load_program(path: str | os.PathLike):
@@ -224,7 +202,7 @@ def set_threads(threads: int | None) -> None:
     if not threads:
         return
     with _quiet_imports():
-        from executorch.extension.pybindings import portable_lib
+        from executorch.extension.pybindings import portable_lib  # optional [mobile] extra
     try:
         with _native_logs_to_debug():  # the first call creates the pool, which logs its CPU probing to stderr
             current = portable_lib._threadpool_get_thread_count()
@@ -268,7 +246,7 @@ class PteProgram:
         if len(self.input_shape) != 4:
             raise UserError(f"{self.path} takes a {len(self.input_shape)}-d input, not an N x C x H x W image batch")
         self.fixed_batch = self.input_shape[0]
-        import torch
+        import torch  # on use only: importing this module (predict's ONNX path) stays torch-free
 
         self._torch = torch
 
@@ -293,7 +271,7 @@ def load_pte(path: str | os.PathLike, *, threads: int | None = None) -> Callable
 def pte_module(program: PteProgram):
     """A `torch.nn.Module` (no parameters) running `program` on CPU tensors: for code that takes a model,
     such as `train.loop.evaluate`.  Outputs come back on the input's device."""
-    import torch
+    import torch  # on use only: importing this module stays torch-free
     from torch import nn
 
     class PteModule(nn.Module):
@@ -311,8 +289,7 @@ def pte_module(program: PteProgram):
 def pte_weights(program: PteProgram):
     """A `weights.io.LoadedWeights` (no tensors) describing `program` from its metadata: model name and
     kwargs, preprocessing, class names; a UserError when the program carries no such metadata."""
-    from ..preprocessing import Preprocessing
-    from ..weights.io import LoadedWeights
+    from ..weights.io import LoadedWeights  # imports torch: on use only
 
     metadata = program.metadata
     missing = [key for key in ("model_name", "preprocessing") if key not in metadata]

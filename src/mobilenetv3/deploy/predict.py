@@ -10,19 +10,19 @@ scale to [0, 1], normalise.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..errors import UserError
-from ..preprocessing import Preprocessing
+from ..preprocessing import DECODE_ERRORS, ConvertMode, Preprocessing, describe_decode_error
+from .runtime import split_threads
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +53,6 @@ class Skipped:
     reason: str
 
 
-def imagenet_class_names() -> list[str]:
-    """ImageNet-1k's 1000 class names, in the standard index order (shipped with the package)."""
-    # Through the top-level package: resolving "mobilenetv3.data" would import that package (and torchvision).
-    text = resources.files("mobilenetv3").joinpath("data", "imagenet_classes.txt").read_text(encoding="utf-8")
-    return text.splitlines()
-
-
-def class_names_for(metadata: dict[str, str]) -> list[str] | None:
-    """Names from the weights' metadata; ImageNet's for a 1000-class model without names; else None."""
-    if metadata.get("class_names"):
-        return list(json.loads(metadata["class_names"]))
-    if int(metadata.get("num_classes", 0)) == 1000:
-        return imagenet_class_names()
-    return None
-
-
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files among `inputs`: files as given, folders scanned recursively (sorted, hidden ones skipped)."""
     found: list[Path] = []
@@ -95,10 +79,8 @@ class ImageLoader:
     """path -> normalised float32 array (C, H, W), exactly `Preprocessing.eval_transform()` for PIL inputs."""
 
     def __init__(self, preprocessing: Preprocessing) -> None:
-        from ..preprocessing import ConvertMode
-
         self.preprocessing = preprocessing
-        self.convert = ConvertMode("L" if preprocessing.in_chans == 1 else "RGB")
+        self.convert = ConvertMode(preprocessing.image_mode)
         channels = preprocessing.in_chans
         self.mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(channels, 1, 1)
         self.std = np.asarray(preprocessing.std, dtype=np.float32).reshape(channels, 1, 1)
@@ -111,8 +93,6 @@ class ImageLoader:
         return int(size * width / height), size
 
     def __call__(self, path: str | os.PathLike) -> np.ndarray:
-        from PIL import Image
-
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()
@@ -127,32 +107,16 @@ class ImageLoader:
         return (array.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
 
 
-def _describe(path: str | os.PathLike, error: BaseException) -> str:
-    from ..data.folder import _describe as describe_decode_error
-
-    return describe_decode_error(str(path), error)
-
-
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    import struct
-    import zlib
-
-    from PIL import Image
-
-    # The same set as data.folder.DECODE_ERRORS, without importing torchvision on the ONNX Runtime path.
-    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
-
-
 def load_samples(paths: Iterable[str | os.PathLike], preprocessing: Preprocessing, count: int) -> np.ndarray | None:
     """Up to `count` of `paths` prepared as `predict` prepares them (N x C x R x R), for verifying an export
     on the user's own data; unreadable files are passed over (at most 4 x count files are tried)."""
-    loader, decode_errors, samples = ImageLoader(preprocessing), _decode_errors(), []
+    loader, samples = ImageLoader(preprocessing), []
     for tried, path in enumerate(paths):
         if len(samples) == count or tried == 4 * count:
             break
         try:
             samples.append(loader(path))
-        except decode_errors:
+        except DECODE_ERRORS:
             continue
     return np.stack(samples) if samples else None
 
@@ -183,17 +147,14 @@ def predict_files(
     if topk < 1 or batch_size < 1:
         raise UserError(f"--topk and --batch-size must be positive, got {topk} and {batch_size}")
     loader = ImageLoader(preprocessing)
-    decode_errors = _decode_errors()
     if workers is None:
-        from .engines import split_threads
-
         workers = split_threads()[1]
 
     def load(path: Path) -> np.ndarray | Skipped:
         try:
             return loader(path)
-        except decode_errors as error:
-            return Skipped(str(path), _describe(path, error))
+        except DECODE_ERRORS as error:
+            return Skipped(str(path), describe_decode_error(path, error))
 
     def run_group(group: list[tuple[Path, np.ndarray | Skipped]]) -> Iterator[Prediction | Skipped]:
         images = [item for _, item in group if not isinstance(item, Skipped)]

@@ -9,16 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .layers import (
-    ConvNormAct,
-    InvertedResidual,
-    NormLayer,
-    call_conv,
-    make_activation,
-    make_conv,
-    runs_channels_last,
-    to_channels_last,
-)
+from ..preprocessing import Preprocessing
+from .. import cpu_routes
+from .layers import ConvNormAct, InvertedResidual, NormLayer, make_activation, make_conv
 from .spec import (
     NETWORK_SPECS,
     ExpansionRule,
@@ -151,6 +144,11 @@ class MobileNetV3(nn.Module):
         if block_repeats is not None:
             config["block_repeats"] = [int(n) for n in block_repeats]
         self.config = config
+        # What the registry, weights and loaders record about this network (None until one does): its
+        # registered name, the preprocessing its weights expect, and its class names.
+        self.model_name: str | None = None
+        self.preprocessing: Preprocessing | None = None
+        self.class_names: list[str] | None = None
         self.spec: NetworkSpec = NETWORK_SPECS[arch]
         options = _layout(config)
         self.network = network = resolve(self.spec, options)
@@ -240,26 +238,24 @@ class MobileNetV3(nn.Module):
         """The unpooled feature map of the last 1x1 conv (960 / 576 channels at width 1.0), in `x`'s layout."""
         if torch.jit.is_scripting():
             return self._features(x)
-        if runs_channels_last(x):  # NHWC inside (see runs_channels_last); the caller gets its own layout back
-            return self._features(to_channels_last(x)).contiguous()
-        return self._features(x)
+        inside = cpu_routes.inference_layout(x)  # NHWC in eager CPU inference; the caller gets its layout back
+        features = self._features(inside)
+        return features if inside is x else features.contiguous()
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(self.blocks(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
-        x = self.conv_head(x) if torch.jit.is_scripting() else call_conv(self.conv_head, x)
+        x = self.conv_head(x)
         x = self.flatten(self.head_act(x))
         if pre_logits:
             return x
         return self.classifier(self.dropout(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self.forward_head(self._features(x))
-        if runs_channels_last(x):
-            x = to_channels_last(x)  # the pooled logits do not care about layout
+        if not torch.jit.is_scripting():
+            x = cpu_routes.inference_layout(x)  # NHWC in eager CPU inference; the pooled logits do not care
         return self.forward_head(self._features(x))
 
     @torch.jit.ignore
@@ -302,6 +298,9 @@ class MobileNetV3Features(nn.Module):
             raise UserError(f"out_indices {bad} out of range: this model has {len(all_info)} feature levels")
         out_indices = sorted({i % len(all_info) for i in out_indices})
         self.config = dict(model.config)
+        self.model_name: str | None = model.model_name
+        self.preprocessing: Preprocessing | None = model.preprocessing
+        self.class_names: list[str] | None = model.class_names
         self.feature_info = FeatureInfo(dict(all_info[i]) for i in out_indices)
         self.out_indices = out_indices
         layer_ids = [model.feature_layer_ids[i] for i in out_indices]
@@ -316,9 +315,9 @@ class MobileNetV3Features(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if torch.jit.is_scripting():
             return self._forward(x)
-        if runs_channels_last(x):  # NHWC inside, the caller's layout out
-            return [feature.contiguous() for feature in self._forward(to_channels_last(x))]
-        return self._forward(x)
+        inside = cpu_routes.inference_layout(x)  # NHWC in eager CPU inference; the caller gets its layout back
+        features = self._forward(inside)
+        return features if inside is x else [feature.contiguous() for feature in features]
 
     def _forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features: List[torch.Tensor] = []

@@ -1,4 +1,7 @@
-"""Model names -> constructors, `create_model` and `list_models` (the timm-style entry points)."""
+"""Model names -> builders, and `list_models` (as timm's `_registry`): names and metadata, nothing about weights.
+
+`mobilenetv3.create_model` (in `mobilenetv3.factory`) sits above this registry and the weights package.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnknownModelError, UserError
+from ..errors import UnknownModelError
 from .mobilenetv3 import MobileNetV3, MobileNetV3Features
 
 _WIDTHS = {"035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25}
@@ -21,6 +24,15 @@ class ModelEntry:
     arch: str
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+
+    def build(
+        self, *, features_only: bool = False, out_indices: tuple[int, ...] | list[int] | None = None, **kwargs: Any,
+    ) -> nn.Module:
+        """This network with fresh weights: `MobileNetV3(arch, **defaults, **kwargs)`, or with `features_only`
+        its `MobileNetV3Features` backbone returning the `out_indices` levels of `feature_info` (default all)."""
+        model = MobileNetV3(self.arch, **{**self.defaults, **kwargs})
+        model.model_name = self.name
+        return MobileNetV3Features(model, out_indices) if features_only else model
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -53,56 +65,3 @@ def get_entry(name: str) -> ModelEntry:
         hint = f"; did you mean {', '.join(close)}?" if close else f"; see `mobilenetv3 list` ({len(_REGISTRY)} models)"
         raise UnknownModelError(f"unknown model {name!r}{hint}")
     return _REGISTRY[name]
-
-
-def create_model(
-    name: str,
-    pretrained: bool | str = False,
-    *,
-    features_only: bool = False,
-    out_indices: tuple[int, ...] | list[int] | None = None,
-    loaded_weights: Any = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build a registered network.
-
-    Args:
-        name: e.g. "mobilenetv3_large_100"; see `list_models()`.
-        pretrained: False, True (the default published weights for this name), a weights tag such as
-            "torchvision" / "timm", or a path/URL of a weights file.
-        features_only: return a `MobileNetV3Features` backbone producing a list of feature maps.
-        out_indices: which `feature_info` levels a features_only model returns (default: all).
-        loaded_weights: when `pretrained` is a path/URL the caller has already read, that file's
-            `weights.io.read_weights` result (the file is then not read again).
-        **kwargs: any `MobileNetV3` argument (num_classes, in_chans, drop_rate, drop_path_rate,
-            norm_layer, output_stride, width_mult for the generic builders, ...).
-    """
-    entry = get_entry(name)
-    weights_kwargs: dict[str, Any] = {}
-    weights = None
-    if pretrained:  # the layout the weights were trained in (e.g. TF padding); explicit kwargs still win
-        from ..weights.pretrained import is_location, pretrained_kwargs, read_location
-
-        if loaded_weights is not None and not (isinstance(pretrained, str) and is_location(pretrained)):
-            raise ValueError(f"loaded_weights goes with pretrained=<path or URL>, not pretrained={pretrained!r}")
-        # a file or URL is read once, for its kwargs and its tensors
-        weights = loaded_weights if loaded_weights is not None else read_location(pretrained)
-        weights_kwargs = pretrained_kwargs(name, pretrained, weights)
-        fixed_width = entry.defaults.get("width_mult")
-        if fixed_width is not None and float(weights_kwargs.get("width_mult", fixed_width)) != fixed_width:
-            raise UserError(
-                f"the weights are for width_mult={weights_kwargs['width_mult']}, but {name} is x{fixed_width}; "
-                f"use the generic mobilenetv3_{entry.arch} or the matching name"
-            )
-    model_kwargs = {**entry.defaults, **weights_kwargs, **kwargs}
-    model = MobileNetV3(entry.arch, **model_kwargs)
-    model.model_name = name
-    if pretrained:
-        from ..weights.pretrained import load_pretrained
-
-        load_pretrained(model, name, pretrained, weights)
-    if features_only:
-        features = MobileNetV3Features(model, out_indices)
-        features.model_name = name
-        return features
-    return model

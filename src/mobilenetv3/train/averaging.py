@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..factory import create_model
 from ..weights.io import load_checkpoint, read_weights, save_model
 from .checkpoint import best_first, epoch_checkpoints
+from .checkpoint import save as save_checkpoint
 from .config import BEST_METRICS
 
 logger = logging.getLogger(__name__)
@@ -75,16 +77,12 @@ def average_files(paths: list[str | Path], output: str | Path, *, ema: bool = Fa
     state = average_state_dicts([weights.state_dict for weights in loaded])
     output = Path(output)
     if output.suffix == ".safetensors":
-        from .. import create_model
-
         model = create_model(first.model_name, **first.model_kwargs)
         model.load_state_dict(state)
         save_model(model, output, preprocessing=first.preprocessing, class_names=first.class_names,
                    extra={"averaged_from": [str(p) for p in paths], "ema": ema})
     else:
-        from . import checkpoint as ckpt
-
-        ckpt.save(output, {
+        save_checkpoint(output, {
             "format": "mobilenetv3-average", "model_name": first.model_name, "model_kwargs": first.model_kwargs,
             "model": state, "preprocessing": first.preprocessing.to_dict(), "class_names": first.class_names,
             "averaged_from": [str(p) for p in paths], "ema": None,

@@ -32,7 +32,8 @@ from torch import nn
 from ..data import same_dataset
 from ..errors import UserError
 from ..weights.io import atomic_write, load_checkpoint, load_state_with_own_versions
-from .config import flatten
+from . import distributed
+from .config import flatten, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,56 @@ def check_compatible(payload: dict[str, Any], model_name: str, model_kwargs: dic
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff[:3])
         raise UserError(f"cannot resume from {path}: the model differs ({details})")
+
+
+def checkpoint_payload(
+    *,
+    config: Any,
+    state: Any,
+    world_size: int,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    model_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    ema: nn.Module | None,
+    swa: nn.Module | None,
+    preprocessing: dict[str, Any],
+    class_names: list[str],
+    metrics: dict[str, Any] | None,
+    qat: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Everything needed to continue exactly (the inverse of `restore_modules` + `restore_rng`); a collective
+    call under DDP (every rank's RNG states and running sums are gathered).
+
+    `config` is the run's TrainConfig, `state` its TrainState (position, running sums, best so far);
+    `model_state` the model's state dict (the fake-quantized graph's under QAT); `ema` / `swa` the averages
+    (ModelEma / StochasticWeightAverage) or None; `qat` the checkpoint entry of a QAT run, else None.
+    """
+    rng = distributed.all_gather_objects(capture_rng())
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_name": model_name, "model_kwargs": model_kwargs, "model": model_state,
+        "ema": cpu_state_dict(ema.module) if ema is not None else None,
+        "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+        "swa": cpu_state_dict(swa.module) if swa is not None and swa.n_averaged else None,
+        "swa_n_averaged": int(swa.n_averaged) if swa is not None else 0,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
+        "epoch_totals": distributed.all_gather_objects(vars(state.totals).copy()),
+        "best": {"metric": config.checkpoint.best_metric, "value": state.best_value, "epoch": state.best_epoch},
+        "rng": rng,
+        "sampler": {"seed": config.seed, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                    "batch_size": config.batch_size, "world_size": world_size,
+                    "scheme": "DistributedSampler(seed + epoch) order; per-sample augmentation seed "
+                              "SeedSequence([seed, epoch, index]), independent of workers"},
+        "config": to_dict(config),
+        "preprocessing": preprocessing, "class_names": list(class_names),
+        "metrics": metrics,
+        "versions": {"torch": str(torch.__version__)},
+        "qat": qat,
+    }
 
 
 def restore_modules(

@@ -7,31 +7,53 @@ A run is described by one `TrainConfig`.  It is built in layers, each overriding
 3. dotted overrides (`--set optim.lr=0.1`, or the flat flags such as `--lr 0.1` that map onto them).
 
 Every key of every section can be set in all three places.  Unknown keys are errors naming the key and
-its closest matches; values are converted to the field's type and validated, and mistakes are `UserError`s.
+its closest matches.  A value is parsed by its field's annotation (`parse_value`), and checked against the
+limits declared beside the field (`setting(default, gt=0)`, read by `check_limits`); `validate` adds the
+checks that relate several fields.  Every mistake is a one-line `UserError` naming the key, the value and
+the limit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import numbers
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ..data.build import check_data_config
 from ..data.config import DataConfig
 from ..errors import UserError
+from ..models.registry import get_entry
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+#: Where a run writes when no --output / `output` is given.
+DEFAULT_OUTPUT = "runs/train"
 
 OptimizerName = Literal["sgd", "rmsproptf", "rmsprop", "adamw"]
 ScheduleName = Literal["cosine", "step", "multistep", "exponential", "cyclic", "onecycle", "constant"]
 CyclicMode = Literal["triangular", "triangular2", "exp_range"]
 AmpMode = Literal["none", "bf16", "fp16"]
+
+#: The metrics `checkpoint.best_metric` can follow -> True when larger is better.
+BEST_METRICS = {"val_top1": True, "ema_val_top1": True, "val_loss": False, "ema_val_loss": False}
+
+
+def setting(default: Any = MISSING, *, default_factory: Any = MISSING, gt: float | None = None,
+            ge: float | None = None, le: float | None = None, choices: tuple[Any, ...] | None = None,
+            odd: bool = False, increasing: bool = False) -> Any:
+    """A dataclass field with its limits beside it, in `metadata`, which `check_limits` enforces (None passes):
+    `gt` / `ge` / `le` bounds, `choices`, `odd` (an odd integer), `increasing` (a sorted list)."""
+    limits = {"gt": gt, "ge": ge, "le": le, "choices": choices, "odd": odd or None, "increasing": increasing or None}
+    return field(default=default, default_factory=default_factory,
+                 metadata={name: value for name, value in limits.items() if value is not None})
 
 
 @dataclass
@@ -39,19 +61,19 @@ class ModelConfig:
     #: a registered name (`mobilenetv3 list`).
     name: str = "mobilenetv3_large_100"
     #: None: the dataset's class count.
-    num_classes: int | None = None
+    num_classes: int | None = setting(None, gt=0)
     #: None: what the dataset implies (1 for Fashion-MNIST), else 3.
     in_chans: int | None = None
     #: None: what the dataset implies (1 for 28x28 Fashion-MNIST), else the paper's 2.
     stem_stride: int | None = None
     #: None: the architecture's 32.  16 or 8 turn the strides past it into dilation, keeping later feature
     #: maps larger (for small images: 28x28 with stem stride 1 ends at 4x4 with 8 instead of 2x2).
-    output_stride: int | None = None
+    output_stride: int | None = setting(None, choices=(8, 16, 32))
     #: None: the registered name's width (only needed for the generic builders, e.g. "mobilenetv3_large").
     width_mult: float | None = None
-    drop_rate: float = 0.2
+    drop_rate: float = setting(0.2, ge=0.0, le=0.99)
     #: stochastic depth of the last block, linearly scaled from 0 at the first (torchvision.ops.StochasticDepth).
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = setting(0.0, ge=0.0, le=0.99)
     #: start each residual block's last BN at zero scale, so every block begins as the identity.
     zero_init_last: bool = False
     bn_eps: float | None = None
@@ -67,63 +89,63 @@ class ModelConfig:
 class OptimConfig:
     name: OptimizerName = "adamw"
     #: the learning rate at `lr_base_batch` images per optimizer step (scaled linearly with the global batch).
-    lr: float = 2e-3
+    lr: float = setting(2e-3, gt=0)
     #: None: `lr` is used as is, whatever the global batch.
-    lr_base_batch: int | None = 256
-    weight_decay: float = 0.05
+    lr_base_batch: int | None = setting(256, gt=0)
+    weight_decay: float = setting(0.05, ge=0)
     #: BatchNorm weights and all biases get no weight decay (as the paper's TF code and timm do).
     no_decay_norm_and_bias: bool = True
-    momentum: float = 0.9
+    momentum: float = setting(0.9, ge=0.0, le=1.0)
     nesterov: bool = True
     #: RMSProp's squared-gradient decay ("rho" in TF, "alpha" in torch).
-    alpha: float = 0.9
-    eps: float = 1e-8
+    alpha: float = setting(0.9, ge=0.0, le=1.0)
+    eps: float = setting(1e-8, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     #: clip the global gradient norm to this value; None: no clipping.
-    grad_clip_norm: float | None = None
+    grad_clip_norm: float | None = setting(None, gt=0)
     #: micro-batches per optimizer step (the global batch grows by this factor).
-    accumulation_steps: int = 1
+    accumulation_steps: int = setting(1, gt=0)
 
 
 @dataclass
 class ScheduleConfig:
     name: ScheduleName = "cosine"
     #: linear warmup from `warmup_start_factor * lr` (fractional epochs allowed).
-    warmup_epochs: float = 1.0
-    warmup_start_factor: float = 0.01
+    warmup_epochs: float = setting(1.0, ge=0)
+    warmup_start_factor: float = setting(0.01, ge=0.0, le=1.0)
     #: floor of cosine / cyclic / one-cycle (absolute, not scaled with the batch).
-    min_lr: float = 0.0
+    min_lr: float = setting(0.0, ge=0)
     #: step: lr * gamma ** floor(epoch / step_epochs), once per epoch (torchvision, timm).
     #: exponential: lr * gamma ** (step / (step_epochs * steps_per_epoch)), floored when `staircase` (TF-slim).
-    step_epochs: float = 30.0
-    gamma: float = 0.1
+    step_epochs: float = setting(30.0, gt=0)
+    gamma: float = setting(0.1, ge=0.0, le=1.0)
     staircase: bool = True
     #: multistep: epochs at which lr is multiplied by gamma.
-    milestones: list[float] = field(default_factory=list)
+    milestones: list[float] = setting(default_factory=list, increasing=True)
     #: cyclic: one full cycle (up and down) in epochs; triangular2 halves the amplitude each cycle,
     #: exp_range multiplies it by cyclic_gamma ** step.
-    cycle_epochs: float = 4.0
+    cycle_epochs: float = setting(4.0, gt=0)
     cyclic_mode: CyclicMode = "triangular"
     cyclic_gamma: float = 0.99999
     #: one-cycle (torch OneCycleLR's cosine form): fraction of steps going up, start = lr / div_factor,
     #: end = start / final_div_factor.
-    pct_start: float = 0.25
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
+    pct_start: float = setting(0.25, ge=0.0, le=1.0)
+    div_factor: float = setting(25.0, gt=0)
+    final_div_factor: float = setting(1e4, gt=0)
 
 
 @dataclass
 class RegularizationConfig:
-    label_smoothing: float = 0.1
+    label_smoothing: float = setting(0.1, ge=0.0, le=1.0)
     #: Beta(alpha, alpha) of mixup / cutmix (torchvision.transforms.v2.MixUp / CutMix); 0 disables each.
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    mixup_alpha: float = setting(0.0, ge=0)
+    cutmix_alpha: float = setting(0.0, ge=0)
     #: switch mixup / cutmix off for the last N epochs (clean fine-tuning at the end).
-    mix_off_last_epochs: int = 0
+    mix_off_last_epochs: int = setting(0, ge=0)
     #: DropBlock (torchvision.ops.DropBlock2d) after the blocks of the last two resolutions; its drop
     #: probability ramps linearly from 0 to this value over the whole training.
-    dropblock_prob: float = 0.0
-    dropblock_size: int = 3
+    dropblock_prob: float = setting(0.0, ge=0.0, le=1.0)
+    dropblock_size: int = setting(3, gt=0, odd=True)
     #: None: the blocks of the last two resolutions; else block indices.
     dropblock_blocks: list[int] | None = None
 
@@ -131,10 +153,10 @@ class RegularizationConfig:
 @dataclass
 class EMAConfig:
     enabled: bool = False
-    decay: float = 0.9999
+    decay: float = setting(0.9999, ge=0.0, le=1.0)
     #: decay_t = min(decay, (1 + t) / (10 + t)) so that short runs get a useful average (timm's warmup).
     warmup: bool = True
-    every_steps: int = 1
+    every_steps: int = setting(1, gt=0)
 
 
 @dataclass
@@ -150,10 +172,10 @@ class SWAConfig:
 
     enabled: bool = False
     #: 0: average the last quarter of the epochs (start after round(0.75 * epochs)).
-    start_epoch: int = 0
-    lr_ratio: float = 0.1
-    anneal_epochs: float = 1.0
-    bn_batches: int = 0
+    start_epoch: int = setting(0, ge=0)
+    lr_ratio: float = setting(0.1, gt=0)
+    anneal_epochs: float = setting(1.0, ge=0)
+    bn_batches: int = setting(0, ge=0)
 
     def first_epoch_after(self, epochs: int) -> int:
         """The epochs of the normal schedule before averaging starts."""
@@ -163,14 +185,14 @@ class SWAConfig:
 @dataclass
 class CheckpointConfig:
     #: also write checkpoints/last.pt every N optimizer steps (0: only at the end of each epoch).
-    every_steps: int = 0
+    every_steps: int = setting(0, ge=0)
     #: the metric `best.pt` follows: val_top1, ema_val_top1, val_loss or ema_val_loss (an SWA run's
     #: result is checkpoints/swa.safetensors, the final average).
-    best_metric: str = "val_top1"
+    best_metric: str = setting("val_top1", choices=tuple(BEST_METRICS))
     #: keep weights-only checkpoints/epoch_NNNN.pt of the last K epochs (for `mobilenetv3 average --last K`).
-    keep_last_epochs: int = 0
+    keep_last_epochs: int = setting(0, ge=0)
     #: and of the K best epochs by `best_metric` (for `mobilenetv3 average --best K`).
-    keep_best_epochs: int = 0
+    keep_best_epochs: int = setting(0, ge=0)
 
 
 @dataclass
@@ -187,9 +209,9 @@ class QATConfig:
     enabled: bool = False
     #: stop updating the quantization ranges (activations', and the weights' per-channel ones) after this many
     #: epochs (0: never); the weights keep training against them, as torchvision's QAT recipe does after 4 epochs.
-    freeze_observers_epoch: int = 0
+    freeze_observers_epoch: int = setting(0, ge=0)
     #: the fixed batch size of checkpoints/int8.pte (>= 1; larger inputs are run in chunks).
-    pte_batch: int = 1
+    pte_batch: int = setting(1, gt=0)
 
 
 @dataclass
@@ -204,9 +226,9 @@ class TrainConfig:
     swa: SWAConfig = field(default_factory=SWAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     qat: QATConfig = field(default_factory=QATConfig)
-    epochs: int = 10
+    epochs: int = setting(10, gt=0)
     #: per process (per GPU); the global batch is batch_size * world_size * accumulation_steps.
-    batch_size: int = 64
+    batch_size: int = setting(64, gt=0)
     seed: int = 0
     #: torch.use_deterministic_algorithms; with it a run is bit-for-bit repeatable (and resumable) on CPU.
     deterministic: bool = False
@@ -216,25 +238,27 @@ class TrainConfig:
     sync_bn: bool = False
     #: "auto": cuda when available, else cpu.
     device: str = "auto"
-    limit_train_batches: int | None = None
-    limit_val_batches: int | None = None
-    output: str = "runs/train"
+    limit_train_batches: int | None = setting(None, gt=0)
+    limit_val_batches: int | None = setting(None, gt=0)
+    output: str = DEFAULT_OUTPUT
     #: a checkpoint to resume from ("auto": OUTPUT/checkpoints/last.pt).
     resume: str | None = None
     #: the paper's (or the recipe source's) claimed top-1, drawn on curves.png.
     reference_top1: float | None = None
     reference_label: str | None = None
     #: intra-op threads per process on CPU (0: torch's default).
-    threads: int = 0
+    threads: int = setting(0, ge=0)
     #: on CPU with glibc: keep freed memory in the process, so steps stop page-faulting (mobilenetv3/allocator.py).
     keep_freed_memory: bool = True
 
 
-SECTIONS = ("model", "data", "optim", "schedule", "regularization", "ema", "swa", "checkpoint", "qat")
-
-
 # ---------------------------------------------------------------------------------------------------------
-# dict <-> dataclass, with type conversion and strict keys
+# the keys: their annotations, parsing and limits
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
@@ -249,8 +273,38 @@ def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+@dataclass(frozen=True)
+class KeyInfo:
+    """One dotted key, as the command line offers it."""
+
+    key: str
+    #: the annotation without None: bool, int, float, str, a Literal, list[float], ...
+    kind: Any
+    #: the values it may take (a Literal's, or the field's `choices` limit); () when any value of `kind`.
+    choices: tuple[Any, ...]
+    #: the built-in default (before any recipe).
+    default: Any
+
+
+def key_info(dotted: str) -> KeyInfo:
+    """The annotation, choices and default of one dotted key (e.g. "optim.name"); an unknown key is a UserError."""
+    cls: Any = TrainConfig
+    default: Any = TrainConfig()
+    for part in dotted.split("."):
+        if not is_dataclass(cls) or part not in _hints(cls):
+            raise _unknown_key(dotted)
+        meta = next(f.metadata for f in fields(cls) if f.name == part)
+        cls, default = _hints(cls)[part], getattr(default, part)
+    kind = _without_none(cls)
+    choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else tuple(meta.get("choices", ()))
+    return KeyInfo(dotted, kind, choices, default)
+
+
+def _without_none(hint: Any) -> Any:
+    """`X | None` -> X (the first other option of a Union); any other annotation as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def _unknown_key(key: str) -> UserError:
@@ -267,63 +321,134 @@ def _unknown_key(key: str) -> UserError:
     return UserError(f"unknown config key {key!r}{hint}")
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """`value` (from YAML or the command line) as the type `hint`, or a UserError naming `key`."""
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string, from the command line and from files alike.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _one_of(choices: tuple[Any, ...]) -> str:
+    """Numbers as "8, 16 or 32", names as "one of sgd, adamw"."""
+    if all(isinstance(c, numbers.Number) for c in choices):
+        return f"{', '.join(map(str, choices[:-1]))} or {choices[-1]}" if len(choices) > 1 else str(choices[0])
+    return f"one of {', '.join(map(str, choices))}"
+
+
+def parse_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` (from YAML, or a string from the command line) as the annotation `hint`, or a UserError naming
+    `key`.  Handles X | None ("none" / "null" -> None), Literal, list[X] ("30,60" or "[30, 60]"),
+    tuple[X, Y], bool ("true" / "off" / ...), int, float ("1e-3" included) and str."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
         errors = []
-        for option in options:
+        for option in (a for a in args if a is not type(None)):
             try:
-                return _convert(value, option, key)
+                return parse_value(value, option, key)
             except UserError as error:
-                errors.append(str(error))
-        raise UserError(errors[0])
+                errors.append(error)
+        raise errors[0]
     if origin is Literal:
-        if value not in args:
-            raise UserError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
-        return value
+        for choice in args:
+            try:
+                if parse_value(value, type(choice), key) == choice:
+                    return choice
+            except UserError:
+                pass
+        raise UserError(f"{key} must be {_one_of(args)}, got {value!r}")
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(f"[{value}]") if not value.startswith("[") else yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            except yaml.YAMLError:
+                pass  # still a string: not a list
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key} must be a list, got {value!r}")
         if origin is tuple:
             if len(value) != len(args):
                 raise UserError(f"{key} must have {len(args)} values, got {value!r}")
-            return tuple(_convert(v, a, key) for v, a in zip(value, args))
-        return [_convert(v, args[0], key) for v in value]
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        if not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint in (int, float):
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
-        # PyYAML (YAML 1.1) reads "1e-3" (no dot) as a string, from the command line and from files alike.
-        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key} must be a number, got {value!r}")
-        if hint is int:
-            if float(value) != int(value):
-                raise UserError(f"{key} must be an integer, got {value!r}")
-            return int(value)
-        return float(value)
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise UserError(f"{key} must be a string, got {value!r}")
-        return str(value)
+            return tuple(parse_value(v, a, key) for v, a in zip(value, args))
+        return [parse_value(v, args[0], key) for v in value]
+    parse = _SCALARS.get(hint)
+    return parse(value, key) if parse else value
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    if not isinstance(value, bool):
+        raise UserError(f"{key} must be true or false, got {value!r}")
     return value
+
+
+def _parse_number(value: Any, key: str) -> int | float:
+    number = value
+    if isinstance(number, str):
+        try:
+            number = yaml.safe_load(number)
+        except yaml.YAMLError:
+            pass
+        if isinstance(number, str) and _EXPONENT_NUMBER.fullmatch(number.strip()):
+            number = float(number)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise UserError(f"{key} must be a number, got {value!r}")
+    return number
+
+
+def _parse_int(value: Any, key: str) -> int:
+    number = _parse_number(value, key)
+    if isinstance(number, float) and not number.is_integer():
+        raise UserError(f"{key} must be an integer, got {number!r}")
+    return int(number)
+
+
+def _parse_str(value: Any, key: str) -> str:
+    if value is None or isinstance(value, (dict, list)):
+        raise UserError(f"{key} must be a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS = {bool: _parse_bool, int: _parse_int, float: lambda value, key: float(_parse_number(value, key)),
+            str: _parse_str}
+
+
+def limit_error(key: str, value: Any, limits: typing.Mapping[str, Any]) -> str | None:
+    """Why `value` breaks the `limits` of `setting` (a one-line message naming key, value and limit), or None."""
+    if value is None:
+        return None
+    if "choices" in limits and value not in limits["choices"]:
+        return f"{key} must be {_one_of(limits['choices'])}, got {value!r}"
+    if "increasing" in limits and sorted(value) != list(value):
+        return f"{key} must be increasing, got {value}"
+    gt, ge, le = limits.get("gt"), limits.get("ge"), limits.get("le")
+    low = gt if gt is not None else ge
+    inside = (gt is None or value > gt) and (ge is None or value >= ge) and (le is None or value <= le)  # NaN: not
+    if not inside:
+        if low is not None and le is not None:
+            return f"{key} must be in {'(' if gt is not None else '['}{low}, {le}], got {value}"
+        if gt == 0:
+            return f"{key} must be positive, got {value}"
+        if low is not None:
+            return f"{key} must be {'>' if gt is not None else '>='} {low}, got {value}"
+        return f"{key} must be <= {le}, got {value}"
+    if "odd" in limits and value % 2 == 0:
+        return f"{key} must be odd, got {value}"
+    return None
+
+
+def check_limits(config: Any, prefix: str = "") -> None:
+    """The first field of `config` (a config dataclass, its sections included) outside its `setting` limits,
+    as a UserError."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            check_limits(value, f"{prefix}{f.name}.")
+        elif (message := limit_error(f"{prefix}{f.name}", value, f.metadata)) is not None:
+            raise UserError(message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with type conversion and strict keys
 
 
 def from_dict(data: dict[str, Any], cls: type = TrainConfig, prefix: str = "", base: Any = None) -> Any:
@@ -332,16 +457,15 @@ def from_dict(data: dict[str, Any], cls: type = TrainConfig, prefix: str = "", b
         raise UserError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
     instance = base if base is not None else cls()
     hints = _hints(cls)
-    names = {f.name for f in fields(cls)}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in names:
+        if key not in hints:
             raise _unknown_key(dotted)
         hint = hints[key]
         if is_dataclass(hint):
             setattr(instance, key, from_dict(value, hint, f"{dotted}.", getattr(instance, key)))
         else:
-            setattr(instance, key, _convert(value, hint, dotted))
+            setattr(instance, key, parse_value(value, hint, dotted))
     return instance
 
 
@@ -376,7 +500,7 @@ def set_key(config: TrainConfig, dotted: str, value: Any) -> None:
     cursor = nested
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
-    # A string (from the command line) is converted by the field's type in _convert: "0.1" -> 0.1,
+    # A string (from the command line) is converted by the field's annotation in parse_value: "0.1" -> 0.1,
     # "true" -> True, "none" -> None for optional fields, "[30, 60]" or "30,60" -> a list.
     cursor[parts[-1]] = value
     from_dict(nested, base=config)
@@ -442,65 +566,12 @@ def load_config(
 
 
 def validate(config: TrainConfig) -> None:
-    """Value checks that types alone cannot express; each error names the key."""
-    from ..data.build import check_data_config
-
-    def positive(key: str, value: float | None, allow_none: bool = False) -> None:
-        if value is None and allow_none:
-            return
-        if value is None or value <= 0:
-            raise UserError(f"{key} must be positive, got {value}")
-
-    def in_range(key: str, value: float, low: float, high: float) -> None:
-        if not low <= value <= high:
-            raise UserError(f"{key} must be in [{low}, {high}], got {value}")
-
-    positive("epochs", config.epochs)
-    positive("batch_size", config.batch_size)
-    positive("optim.lr", config.optim.lr)
-    positive("optim.lr_base_batch", config.optim.lr_base_batch, allow_none=True)
-    positive("optim.accumulation_steps", config.optim.accumulation_steps)
-    positive("optim.grad_clip_norm", config.optim.grad_clip_norm, allow_none=True)
-    positive("optim.eps", config.optim.eps)
-    positive("limit_train_batches", config.limit_train_batches, allow_none=True)
-    positive("limit_val_batches", config.limit_val_batches, allow_none=True)
-    positive("ema.every_steps", config.ema.every_steps)
-    positive("schedule.step_epochs", config.schedule.step_epochs)
-    positive("schedule.cycle_epochs", config.schedule.cycle_epochs)
-    positive("schedule.div_factor", config.schedule.div_factor)
-    positive("schedule.final_div_factor", config.schedule.final_div_factor)
-    positive("regularization.dropblock_size", config.regularization.dropblock_size)
-    if config.regularization.dropblock_size % 2 == 0:
-        raise UserError(f"regularization.dropblock_size must be odd, got {config.regularization.dropblock_size}")
-    if config.optim.weight_decay < 0:
-        raise UserError(f"optim.weight_decay must be >= 0, got {config.optim.weight_decay}")
-    in_range("optim.momentum", config.optim.momentum, 0.0, 1.0)
-    in_range("optim.alpha", config.optim.alpha, 0.0, 1.0)
-    in_range("schedule.gamma", config.schedule.gamma, 0.0, 1.0)
-    in_range("schedule.pct_start", config.schedule.pct_start, 0.0, 1.0)
-    in_range("schedule.warmup_start_factor", config.schedule.warmup_start_factor, 0.0, 1.0)
-    if config.schedule.warmup_epochs < 0 or config.schedule.min_lr < 0:
-        raise UserError("schedule.warmup_epochs and schedule.min_lr must be >= 0")
+    """Every field within the limits declared beside it (`check_limits`), then the checks that relate
+    several fields, the model name and the data settings; each error names the key."""
+    check_limits(config)
     if config.schedule.warmup_epochs > config.epochs and config.schedule.name not in ("onecycle", "cyclic"):
         raise UserError(
             f"schedule.warmup_epochs ({config.schedule.warmup_epochs}) is longer than the run (epochs={config.epochs})"
-        )
-    if sorted(config.schedule.milestones) != list(config.schedule.milestones):
-        raise UserError(f"schedule.milestones must be increasing, got {config.schedule.milestones}")
-    in_range("regularization.label_smoothing", config.regularization.label_smoothing, 0.0, 1.0)
-    in_range("regularization.dropblock_prob", config.regularization.dropblock_prob, 0.0, 1.0)
-    for key in ("mixup_alpha", "cutmix_alpha", "mix_off_last_epochs"):
-        if getattr(config.regularization, key) < 0:
-            raise UserError(f"regularization.{key} must be >= 0, got {getattr(config.regularization, key)}")
-    in_range("ema.decay", config.ema.decay, 0.0, 1.0)
-    in_range("model.drop_rate", config.model.drop_rate, 0.0, 0.99)
-    in_range("model.drop_path_rate", config.model.drop_path_rate, 0.0, 0.99)
-    positive("model.num_classes", config.model.num_classes, allow_none=True)
-    if config.model.output_stride not in (None, 8, 16, 32):
-        raise UserError(f"model.output_stride must be 8, 16 or 32, got {config.model.output_stride}")
-    if config.checkpoint.best_metric not in BEST_METRICS:
-        raise UserError(
-            f"checkpoint.best_metric must be one of {', '.join(BEST_METRICS)}, got {config.checkpoint.best_metric!r}"
         )
     if config.checkpoint.best_metric.startswith("ema_") and not config.ema.enabled:
         raise UserError(f"checkpoint.best_metric={config.checkpoint.best_metric} needs ema.enabled=true")
@@ -508,19 +579,6 @@ def validate(config: TrainConfig) -> None:
         raise UserError(f"swa.start_epoch ({config.swa.first_epoch_after(config.epochs)}) must be at least 1 and "
                         f"below epochs ({config.epochs}), so that training starts before averaging and some "
                         "epochs are averaged")
-    if config.swa.start_epoch < 0:
-        raise UserError(f"swa.start_epoch must be >= 0, got {config.swa.start_epoch}")
-    positive("swa.lr_ratio", config.swa.lr_ratio)
-    if config.swa.anneal_epochs < 0 or config.swa.bn_batches < 0:
-        raise UserError("swa.anneal_epochs and swa.bn_batches must be >= 0")
-    for key in ("every_steps", "keep_last_epochs", "keep_best_epochs"):
-        if getattr(config.checkpoint, key) < 0:
-            raise UserError(f"checkpoint.{key} must be >= 0, got {getattr(config.checkpoint, key)}")
-    if config.threads < 0:
-        raise UserError(f"threads must be >= 0, got {config.threads}")
-    positive("qat.pte_batch", config.qat.pte_batch)
-    if config.qat.freeze_observers_epoch < 0:
-        raise UserError(f"qat.freeze_observers_epoch must be >= 0, got {config.qat.freeze_observers_epoch}")
     if config.qat.enabled:
         # Each acts on the network's modules (copies, hooks, module swaps, autocast regions), which the
         # fake-quantized graph replaces.
@@ -535,14 +593,8 @@ def validate(config: TrainConfig) -> None:
             raise UserError(f"qat.enabled (--qat) does not work with {', '.join(clashes)}: quantization-aware "
                             "training runs a fake-quantized graph, not the network's modules; turn "
                             f"{'it' if len(clashes) == 1 else 'them'} off")
-    from ..models.registry import get_entry
-
     get_entry(config.model.name)  # an unknown model is an error now, not after the data is loaded
     check_data_config(config.data)
-
-
-#: metric -> True when larger is better.
-BEST_METRICS = {"val_top1": True, "ema_val_top1": True, "val_loss": False, "ema_val_loss": False}
 
 
 def dump_yaml(config: TrainConfig, provenance: dict[str, Any] | None = None) -> str:

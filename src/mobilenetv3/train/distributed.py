@@ -1,4 +1,6 @@
-"""torchrun integration: process group, DDP, SyncBN, samplers, and exact distributed validation.
+"""torchrun integration: process group, DDP, SyncBN, and the collectives training and validation use.
+
+The samplers (data order, per-sample seeds, validation shards) live in `mobilenetv3.data.samplers`.
 
 There is no launcher here: `torchrun` (or `python -m torch.distributed.run`) starts the processes and
 sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python -m mobilenetv3 train`
@@ -11,16 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
 from ..errors import UserError
 
@@ -120,104 +119,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one sample in one epoch: independent of workers, ranks and resume point."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint32)[0])
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (its shuffle is a pure function of seed + epoch) that can start mid-epoch.
-
-    It yields (index, sample_seed) pairs; `SeededSamples` seeds the RNGs with the second element before
-    the transform runs.  So sample i of epoch e always gets the same crop and flip, whichever worker
-    loads it and whether or not the run was resumed in the middle of the epoch: skipping the first
-    `start` samples then gives bit-identical batches to an uninterrupted run.
-    With one process it is simply a seeded shuffle (num_replicas=1).
-    """
-
-    def __init__(self, dataset: Dataset, env: DistEnv, *, seed: int, shuffle: bool = True) -> None:
-        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed)
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        self.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in list(super().__iter__())[self.start:]:
-            yield index, sample_seed(self.seed, self.epoch, index)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-@contextmanager
-def _preserved_rng():
-    """Restore the caller's torch / random / numpy generator states afterwards.
-
-    Only needed in the main process (workers=0), where the same generators drive dropout and mixup;
-    a DataLoader worker's generators serve nothing else.
-    """
-    if get_worker_info() is not None:
-        yield
-        return
-    generator = torch.default_generator
-    torch_state, py_state, np_state = generator.get_state(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        generator.set_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-class SeededSamples(Dataset):
-    """dataset[(index, seed)] = dataset[index] computed with torch / random / numpy seeded by `seed`.
-
-    The DataLoader fetches a whole batch through `__getitems__`, so the caller's generator states are
-    saved and restored once per batch, not once per sample.  A dataset that can take the seeds itself
-    (`batch_seedable`, e.g. Fashion-MNIST's in-memory images) transforms the whole batch at once through
-    `seeded_items` instead, leaving the global generators alone; a sample fetched alone goes the same way.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _seeded_item(self, index: int, seed: int):
-        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would also reseed CUDA: 50x slower)
-        random.seed(seed)
-        np.random.seed(seed)
-        return self.dataset[index]
-
-    def __getitem__(self, key: tuple[int, int]):
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        if getattr(self.dataset, "batch_seedable", False):
-            return self.dataset.seeded_items([index for index, _ in keys], [seed for _, seed in keys])
-        with _preserved_rng():
-            return [self._seeded_item(index, seed) for index, seed in keys]
-
-
-class ShardSampler(Sampler[int]):
-    """Rank r gets indices r, r + W, r + 2W, ...: every sample exactly once, no padding, no duplicates.
-
-    (DistributedSampler pads the last shard with repeated samples, which would count some images twice.)
-    """
-
-    def __init__(self, length: int, env: DistEnv) -> None:
-        self.indices = range(env.rank, length, env.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def group_size() -> int:
     """Processes in the torch.distributed group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -230,6 +131,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the tensor becomes its sum over the ranks (unchanged without a group); returns it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def average_(tensor: torch.Tensor) -> None:
@@ -272,10 +180,3 @@ def rank_zero_first(env: DistEnv) -> Iterator[None]:
     for _ in range(turn, 2):
         dist.barrier()
 
-
-def broadcast_object(value, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

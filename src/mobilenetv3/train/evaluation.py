@@ -27,6 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import DataConfig, build_datasets, collate_skipping, same_dataset
+from ..deploy.engines import check_weights_file
+from ..deploy.executorch import load_pte, pte_module, pte_weights, require_executorch
 from ..errors import UserError
 from ..weights.io import build_model, read_weights
 from .distributed import DistEnv, resolve_device
@@ -88,8 +90,6 @@ def evaluate_file(
     bundle = build_datasets(data_cfg, need_train=False, preprocessing=weights.preprocessing)
 
     if program is not None:
-        from ..deploy.executorch import pte_module
-
         model = pte_module(program)
     else:
         model = build_model(weights)
@@ -136,9 +136,6 @@ def evaluate_file(
 def _read_pte(path: Path, *, ema: bool, amp: str | None, input_size: int | None):
     """(the loaded ExecuTorch program, a `LoadedWeights` without tensors describing it), or a UserError for
     options that cannot apply to a fixed program."""
-    from ..deploy.engines import check_weights_file
-    from ..deploy.executorch import load_pte, pte_weights, require_executorch
-
     check_weights_file(path)  # missing, a directory, or not a program: one line before the extra is asked for
     require_executorch(f"evaluating {path.name}")
     if ema:

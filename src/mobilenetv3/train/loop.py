@@ -1,8 +1,15 @@
-"""One training epoch and one evaluation pass, readable top to bottom.
+"""One optimizer step, one training epoch and one evaluation pass, readable top to bottom.
 
-`train_one_epoch` is the whole optimisation step: mixup/cutmix -> autocast forward -> loss / accumulation
--> (scaled) backward -> unscale + clip -> optimizer step -> schedule / EMA / DropBlock updates.  Everything
-the loop needs is passed in; it keeps no globals, so a resumed run is the same computation.
+`TrainStep` owns what a step touches (model, optimizer, scheduler, GradScaler, EMA, DropBlock) and
+`TrainStep.run_epoch` is the whole optimisation step: mixup/cutmix -> autocast forward -> loss / accumulation
+-> (scaled) backward -> unscale + clip -> optimizer step -> schedule / EMA / DropBlock updates.  It keeps no
+globals, so a resumed run is the same computation.
+
+Metrics stay on the device (`DeviceSums`): reading a loss or an accuracy back to the host waits for the GPU to
+finish, so, as nanoGPT and airbench do, a step only queues work, and the sums are read once per
+`SYNC_EVERY_STEPS` steps, before a checkpoint, and at the end of the epoch (`TrainStep.sync`).  A
+non-finite loss is caught there, within the epoch it happened in, naming its step.  The criterion is a real
+run's throughput on a GPU (`benchmarks/train_speed.py`): no step waits for the device.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..errors import UserError
-from .distributed import DistEnv, all_reduce_sum, group_size, unwrap
+from .distributed import DistEnv, all_reduce_sum_, group_size, unwrap
+from .regularization import DropBlockSchedule, ModelEma
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,9 @@ class TrainState:
     best_value: float | None = None
     best_epoch: int | None = None
 
+
+#: Optimizer steps between two reads of the running sums (loss, accuracy, the non-finite check) from the device.
+SYNC_EVERY_STEPS = 50
 
 #: `amp` config values -> autocast dtype (None: full precision).
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,121 +106,193 @@ def to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSetting
     return images, targets.to(settings.device, non_blocking=non_blocking)
 
 
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[float]:
-    """Number of samples whose target is in the top-k logits, for each k (k capped at the class count)."""
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
+    """On the device: the number of samples whose target is in the top-k logits, for each k (capped at the
+    class count)."""
     maxk = min(max(ks), logits.shape[1])
     predicted = logits.topk(maxk, dim=1).indices
     hits = predicted.eq(targets[:, None])
-    return [float(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    settings: StepSettings,
-    state: TrainState,
-    num_batches: int,
-    mix: Callable | None = None,
-    ema: Any = None,
-    dropblock: Any = None,
-    on_step_end: Callable[[TrainState], None] | None = None,
-    env: DistEnv = DistEnv(),
-    progress: Any = None,
-    input_shape: tuple[int, ...] | None = None,
-) -> EpochTotals:
-    """Train on `num_batches` micro-batches of `loader`, starting at `state.batch_in_epoch`.
+class DeviceSums:
+    """The running loss and top-1 sums of an epoch, kept on the device between reads, and the first
+    non-finite loss (its step and value).
 
-    The loader already skips the batches a resumed epoch has done (see `ResumableSampler`); `state`
-    carries the optimizer step count and the epoch's running sums, and is updated in place.
-    `input_shape` (C, H, W) lets a DDP rank whose first batches are all unreadable files still take part
-    in the gradient all-reduce (with a zero loss on a stand-in image) before it has seen a real batch.
+    The sums continue the host totals in float64, in the same order as adding each micro-batch's
+    `float(loss) * batch` on the host would: a read gives the same numbers, bit for bit, whenever it happens.
     """
+
+    def __init__(self, totals: EpochTotals, device: torch.device) -> None:
+        def scalar(value: float) -> torch.Tensor:
+            return torch.tensor(value, dtype=torch.float64, device=device)
+
+        self.loss_sum, self.correct = scalar(totals.loss_sum), scalar(totals.correct)
+        self.bad_step, self.bad_loss = scalar(-1.0), scalar(0.0)  # bad_step -1: every loss so far was finite
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, hard_targets: torch.Tensor, step: int) -> None:
+        """One micro-batch's mean loss and logits, at optimizer step `step` (1-based); queues device work only."""
+        loss = loss.detach().double()
+        self.loss_sum += loss * logits.shape[0]
+        self.correct += topk_hits(logits.detach(), hard_targets, (1,))[0]
+        first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, float(step), self.bad_step)
+        self.bad_loss = torch.where(first_bad, loss, self.bad_loss)
+
+    def read_into(self, totals: EpochTotals) -> None:
+        """Copy the sums into `totals` (one host sync); a non-finite loss so far stops the run."""
+        loss_sum, correct, bad_step, bad_loss = torch.stack(
+            [self.loss_sum, self.correct, self.bad_step, self.bad_loss]).tolist()
+        totals.loss_sum, totals.correct = loss_sum, correct
+        if bad_step >= 0:
+            raise UserError(f"the training loss became {bad_loss} at step {int(bad_step)}; "
+                            "lower the learning rate or enable gradient clipping")
+
+
+def join_gradient_all_reduce(model: nn.Module, example: torch.Tensor, scaler: torch.amp.GradScaler,
+                             settings: StepSettings) -> None:
+    """DDP, for an accumulation group's last micro-batch whose every file was unreadable: the other ranks'
+    backward all-reduces the gradients now, so take part with a zero loss on a stand-in image shaped like
+    `example` (in eval mode: no BatchNorm statistics from it), or they would wait forever.  Without DDP, or
+    alone in the group (torchrun with one process), there is nobody to wait: no gradient, no update."""
+    if not hasattr(model, "no_sync") or group_size() <= 1:
+        return
+    model.eval()
+    with autocast(settings):
+        zero = model(torch.zeros_like(example)).float().sum() * 0.0
+    scaler.scale(zero).backward()
     model.train()
-    totals = state.totals
-    accumulate = settings.accumulation_steps
-    started = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    # One image of the last non-empty batch: the shape, dtype and memory format of DDP's stand-in input.
-    example: torch.Tensor | None = None
-    if input_shape is not None:
-        example = to_device(torch.zeros(1, *input_shape), torch.zeros(1), settings)[0]
-    for images, targets, skipped in loader:
-        if state.batch_in_epoch >= num_batches:
-            break
-        totals.skipped += skipped
+
+
+class TrainStep:
+    """One optimizer step and everything it updates; `run_epoch` repeats it over a loader.
+
+    `model` is the module to call (DDP / compiled wrapper included); the EMA follows the plain module under
+    it.  `input_shape` (C, H, W) lets a DDP rank whose first batches are all unreadable files still take part
+    in the gradient all-reduce (`join_gradient_all_reduce`) before it has seen a real batch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                 settings: StepSettings, *, ema: ModelEma | None = None, dropblock: DropBlockSchedule | None = None,
+                 env: DistEnv = DistEnv(), input_shape: tuple[int, ...] | None = None,
+                 sync_every: int = SYNC_EVERY_STEPS) -> None:
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.settings, self.ema, self.dropblock, self.env = settings, ema, dropblock, env
+        self.input_shape, self.sync_every = input_shape, sync_every
+        self.state = TrainState()
+        self.sums: DeviceSums | None = None
+        self.progress: Any = None  # a tqdm bar, or None
+        self.last_scale: float | None = None  # fp16: the loss scale after the last update
+
+    def run_epoch(self, loader: Iterable, state: TrainState, num_batches: int, *, mix: Callable | None = None,
+                  on_step_end: Callable[[TrainState], None] | None = None, progress: Any = None) -> EpochTotals:
+        """Train on `num_batches` micro-batches of `loader`, starting at `state.batch_in_epoch`.
+
+        The loader already skips the batches a resumed epoch has done (see `data.samplers.ResumableSampler`);
+        `state` carries the optimizer step count and the epoch's running sums, and is updated in place.
+        `on_step_end(state)` runs after each optimizer step (call `sync` before reading `state.totals` there).
+        """
+        settings, accumulate = self.settings, self.settings.accumulation_steps
+        self.state, self.progress = state, progress
+        self.sums = DeviceSums(state.totals, settings.device)
+        self.last_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        # One image of the last non-empty batch: the shape, dtype and memory format of DDP's stand-in input.
+        example = None
+        if self.input_shape is not None:
+            example = to_device(torch.zeros(1, *self.input_shape), torch.zeros(1), settings)[0]
+        started = time.perf_counter()
+        for images, targets, skipped in loader:
+            if state.batch_in_epoch >= num_batches:
+                break
+            state.totals.skipped += skipped
+            last_micro_batch = (state.batch_in_epoch + 1) % accumulate == 0
+            state.batch_in_epoch += 1
+            if images.shape[0] > 0:  # every file of the batch unreadable (collate_skipping): no forward / backward
+                example = self.forward_backward(images, targets, mix=mix, last_micro_batch=last_micro_batch)
+            elif last_micro_batch and example is not None:
+                join_gradient_all_reduce(self.model, example, self.scaler, settings)
+            if not last_micro_batch:
+                continue
+            self.optimizer_step()
+            if state.step % self.sync_every == 0 or state.batch_in_epoch >= num_batches:
+                self.sync()  # before the clock: the epoch's time includes the device work it queued
+            state.totals.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            if progress is not None:
+                progress.update(1)
+            if on_step_end is not None:
+                on_step_end(state)
+        self.sync()
+        return state.totals
+
+    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, *, mix: Callable | None,
+                         last_micro_batch: bool) -> torch.Tensor:
+        """One micro-batch's forward and backward (its gradient added to the group's); returns one of its
+        images, detached (DDP's stand-in shape)."""
+        model, settings = self.model, self.settings
+        images, targets = to_device(images, targets, settings)
+        hard_targets = targets
+        if mix is not None and len(images) > 1:
+            # v2.MixUp / CutMix blend pairs of images and return soft (one-hot mixed) targets.
+            images, targets = mix(images, targets)
+            hard_targets = targets.argmax(dim=1)
         # Under DDP, gradients are all-reduced on every backward; skip that for all but the last
         # micro-batch of an accumulation group (no_sync), which is where the averaged gradient is needed.
-        last_micro_batch = (state.batch_in_epoch + 1) % accumulate == 0
-        state.batch_in_epoch += 1
-        if images.shape[0] > 0:  # every file of the batch unreadable (collate_skipping): no forward / backward
-            images, targets = to_device(images, targets, settings)
-            hard_targets = targets
-            if mix is not None and len(images) > 1:
-                # v2.MixUp / CutMix blend pairs of images and return soft (one-hot mixed) targets.
-                images, targets = mix(images, targets)
-                hard_targets = targets.argmax(dim=1)
-            sync = contextlib.nullcontext() if last_micro_batch or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast(settings):
-                    logits = model(images)
-                    # Mean over the micro-batch, divided by the group size: the accumulated gradient is the
-                    # gradient of the mean loss over the whole group, as with one big batch.
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
-                scaler.scale(loss / accumulate).backward()
-            totals.loss_sum += float(loss.detach()) * images.shape[0]
-            totals.correct += topk_correct(logits.detach(), hard_targets, (1,))[0]
-            totals.samples += images.shape[0]
-            if not torch.isfinite(loss.detach()):
-                raise UserError(f"the training loss became {float(loss.detach())} at step {state.step + 1}; "
-                                "lower the learning rate or enable gradient clipping")
-            example = images[:1].detach()
-        elif last_micro_batch and example is not None and hasattr(model, "no_sync") and group_size() > 1:
-            # DDP: the other ranks' backward all-reduces the gradients now; take part with a zero loss (eval
-            # mode: no BatchNorm statistics from the stand-in image), or they would wait forever.  Alone
-            # (torchrun with one process) there is nobody to wait: no gradient, no update, as without DDP.
-            model.eval()
+        no_sync = not last_micro_batch and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(settings):
-                zero = model(torch.zeros_like(example)).float().sum() * 0.0
-            scaler.scale(zero).backward()
-            model.train()
-        if not last_micro_batch:
-            continue
+                logits = model(images)
+                # Mean over the micro-batch, divided by the group size: the accumulated gradient is the
+                # gradient of the mean loss over the whole group, as with one big batch.
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
+            self.scaler.scale(loss / settings.accumulation_steps).backward()
+        self.sums.add(loss, logits, hard_targets, step=self.state.step + 1)
+        self.state.totals.samples += images.shape[0]
+        return images[:1].detach()
 
+    def optimizer_step(self) -> None:
+        """Update the weights from the accumulated gradient, then the schedule, the EMA and DropBlock."""
+        model, optimizer, scaler, state = self.model, self.optimizer, self.scaler, self.state
         # A group whose every micro-batch was empty has no gradient: no update (GradScaler.step would
         # fail), but the step still counts, so the schedule, EMA and resume points stay where planned.
         if any(p.grad is not None for p in model.parameters()):
             # fp16: gradients are scaled up to avoid underflow; unscale before clipping so the threshold
             # applies to the true gradient norm.  scaler.step skips the update if an inf/nan was found.
-            if settings.grad_clip_norm is not None:
+            if self.settings.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                nn.utils.clip_grad_norm_(model.parameters(), self.settings.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
-            if scale_before is not None and scaler.get_scale() < scale_before:  # update() halves it after a skip
-                totals.amp_skipped_steps += 1
+            if self.last_scale is not None:
+                # fp16 only, one host read per step: update() halves the scale after a skipped step.
+                scale = scaler.get_scale()
+                if scale < self.last_scale:
+                    state.totals.amp_skipped_steps += 1
+                self.last_scale = scale
             optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # per-step schedule: the lr of the next step
+        self.scheduler.step()  # per-step schedule: the lr of the next step
         state.step += 1
-        if ema is not None:  # the EMA follows the plain module (not the DDP / compiled wrapper)
-            ema.maybe_update(unwrap(model), state.step)
-        if dropblock is not None:  # DropBlock's probability ramps linearly with the step
-            dropblock.step(state.step)
-        totals.seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{totals.loss_sum / max(totals.samples, 1):.4f}",
-                                 lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                                 img_s=f"{totals.samples * env.world_size / max(totals.seconds, 1e-9):.0f}",
-                                 refresh=False)
-        if on_step_end is not None:
-            on_step_end(state)
-    return totals
+        if self.ema is not None:  # the EMA follows the plain module (not the DDP / compiled wrapper)
+            self.ema.maybe_update(unwrap(model), state.step)
+        if self.dropblock is not None:  # DropBlock's probability ramps linearly with the step
+            self.dropblock.step(state.step)
+
+    def sync(self) -> EpochTotals:
+        """Read the device sums into `state.totals` (a host sync; stops the run on a non-finite loss) and
+        show them on the progress bar."""
+        state = self.state
+        if self.sums is not None:
+            self.sums.read_into(state.totals)
+        totals = state.totals
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{totals.loss_sum / max(totals.samples, 1):.4f}",
+                                      lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                                      img_s=f"{totals.samples * self.env.world_size / max(totals.seconds, 1e-9):.0f}",
+                                      refresh=False)
+        return totals
 
 
 @torch.no_grad()
@@ -227,13 +311,13 @@ def evaluate(
     A bar labelled `progress_label` is drawn on rank 0 when `progress_enabled(progress)` (by default only
     on a terminal).
 
-    Under DDP each rank sees a disjoint shard (`ShardSampler`) and the sums are all-reduced: every
+    Under DDP each rank sees a disjoint shard (`data.samplers.ShardSampler`) and the sums are all-reduced: every
     sample is counted exactly once, whatever len(val) % world_size is; `samples` shows it.
     """
-    from tqdm import tqdm
-
     model.eval()
-    loss_sum = correct1 = correct5 = samples = skipped = 0.0
+    # Loss, top-1 and top-5 sums stay on the device until the end (no host sync per batch).
+    sums = torch.zeros(3, dtype=torch.float64, device=settings.device)
+    samples = skipped = 0
     total = len(loader) if num_batches is None else min(num_batches, len(loader))
     show = env.is_main and progress_label is not None and progress_enabled(progress)
     bar = tqdm(total=total, desc=progress_label, disable=not show, leave=False, dynamic_ncols=True)
@@ -247,16 +331,13 @@ def evaluate(
         with autocast(settings):
             logits = model(images)
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-        top1, top5 = topk_correct(logits, targets, (1, 5))
-        correct1 += top1
-        correct5 += top5
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        sums += torch.stack([loss.double(), *(hits.double() for hits in topk_hits(logits, targets, (1, 5)))])
         samples += images.shape[0]
         bar.update(1)
     bar.close()
-    loss_sum, correct1, correct5, samples, skipped = all_reduce_sum(
-        [loss_sum, correct1, correct5, samples, skipped], settings.device
-    )
+    counts = torch.tensor([samples, skipped], dtype=torch.float64, device=settings.device)
+    loss_sum, correct1, correct5, samples, skipped = all_reduce_sum_(torch.cat([sums, counts])).tolist()
     if samples == 0:
         raise UserError("validation saw no samples (every file unreadable, or limit_val_batches=0?)")
     return {

@@ -17,14 +17,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from ..data import build_datasets
 from ..errors import UserError
 from .config import TrainConfig
 from .distributed import DistEnv, resolve_device
-from .loop import autocast, progress_enabled, StepSettings, to_device
+from .loop import AMP_DTYPES, StepSettings, autocast, progress_enabled, to_device
 from .optim import build_optimizer
+from .run import build_loaders, create_run_model, model_kwargs_for, setup_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,6 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
     """The sweep's suggestions (`suggest`'s keys, `optim_lr_equivalent`, `global_batch`, `steps`) and its
     curve (`lrs`, `losses`, `smoothed`); with `output`, also written to lr_find.json / lr_find.png there
     (`plot`).  `progress`: a tqdm bar over the steps (None: only on a terminal, see `progress_enabled`)."""
-    from tqdm import tqdm
-
-    from ..data import build_datasets
-    from .run import build_loaders, create_run_model, model_kwargs_for, setup_runtime
-
     if not 0 < start_lr < end_lr:
         raise UserError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
     if steps < 3:
@@ -67,7 +64,7 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
     loader, sampler, _ = build_loaders(config, bundle, env)
     model = create_run_model(config.model, model_kwargs_for(config, bundle)).to(env.device)
     optimizer = build_optimizer(model, config.optim, start_lr)
-    settings = StepSettings(device=env.device, amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp),
+    settings = StepSettings(device=env.device, amp_dtype=AMP_DTYPES[config.amp],
                             channels_last=config.channels_last, accumulation_steps=1, grad_clip_norm=None,
                             label_smoothing=config.regularization.label_smoothing, num_classes=bundle.num_classes)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
@@ -128,6 +125,7 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    # Here, not at the top: the file-only Agg backend must be chosen before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..weights.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines):
-                from ..errors import UserError
-
                 raise UserError(f"{path}, line {number}, is not a JSON object: {line[:80]!r}") from None
             # A process killed (or a disk filled) in the middle of an append leaves a torn last line.
             logger.warning("%s: ignoring its torn last line (the run died while writing it)", path)
@@ -57,7 +56,7 @@ class MetricsWriter:
         if not enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # tensorboard is an optional extra
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"))
@@ -112,6 +111,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1:
     """Loss (train, val) and top-1 / top-5 (val, and EMA / SWA when present) per epoch, with the claimed top-1."""
     if not rows:
         return None
+    # Here, not at the top: the file-only Agg backend must be chosen before pyplot is first imported.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torchvision.ops import DropBlock2d, drop_block2d
+from torchvision.transforms import v2
 
 from ..errors import UserError
 from . import distributed
@@ -152,8 +153,6 @@ class DropBlockSchedule:
 
 def build_mix(cfg: RegularizationConfig, num_classes: int):
     """transforms.v2 MixUp and/or CutMix on a batch (one of the two, at random, when both are set)."""
-    from torchvision.transforms import v2
-
     choices = []
     if cfg.mixup_alpha > 0:
         choices.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))

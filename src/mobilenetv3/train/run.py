@@ -6,6 +6,7 @@ process calls it; only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
@@ -19,17 +20,29 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from .. import __version__
 from ..allocator import keep_freed_memory
+from ..data import build_datasets, collate_skipping
+from ..data.samplers import ResumableSampler, SeededSamples, ShardSampler
+from ..deploy.quantize import describe_bytes, loader_batches, top1_line
 from ..errors import UserError, first_line
-from ..files import missing_folders, remove_empty_folders
+from ..factory import create_model
+from ..files import is_url, missing_folders, remove_empty_folders
+from ..models.mobilenetv3 import MobileNetV3
+from ..models.registry import get_entry
+from ..weights import io as weights_io
+from ..weights.io import build_model, model_description, save_model
+from ..weights.pretrained import fetch
 from . import checkpoint as ckpt
 from . import distributed, qat
 from .config import BEST_METRICS, TrainConfig, dump_yaml, replace_config, to_dict
-from .distributed import DistEnv, ResumableSampler, SeededSamples, ShardSampler
-from .loop import AMP_DTYPES, StepSettings, TrainState, EpochTotals, evaluate, progress_enabled, train_one_epoch
+from .distributed import DistEnv
+from .loop import AMP_DTYPES, EpochTotals, StepSettings, TrainState, TrainStep, evaluate, progress_enabled
 from .metrics import MetricsWriter
 from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
 from .regularization import DropBlockSchedule, ModelEma, StochasticWeightAverage, build_mix
@@ -39,10 +52,6 @@ logger = logging.getLogger(__name__)
 
 def provenance() -> dict[str, Any]:
     """Versions and git commit of the code that made a run (written into config.yaml)."""
-    import torchvision
-
-    from .. import __version__
-
     source = Path(__file__).resolve().parent
     commit = None
     try:
@@ -123,19 +132,12 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
     count; the data-dependent and training-time kwargs (`RUN_MODEL_KWARGS`) are this run's own: the data's or
     the config's, else the constructor's defaults.
     """
-    import inspect
-
-    from ..models.mobilenetv3 import MobileNetV3
-    from ..models.registry import create_model, get_entry
-    from ..weights.io import build_model, read_weights
-    from ..weights.pretrained import fetch
-
     if not model_config.pretrained:
         return create_model(model_config.name, **model_kwargs)
     location = str(model_config.pretrained)
-    if "://" not in location:  # an absolute path is always read as a file, whatever its suffix
+    if not is_url(location):  # an absolute path is always read as a file, whatever its suffix
         location = os.path.abspath(os.path.expanduser(location))
-    weights = read_weights(fetch(location))
+    weights = weights_io.read_weights(fetch(location))
     if weights.extra.get("qat"):
         raise UserError(f"{model_config.pretrained} is a quantization-aware training checkpoint, not float weights: "
                         f"continue its run with --resume {model_config.pretrained}, or start from float weights")
@@ -153,20 +155,19 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
 
 
 def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader, ResumableSampler, DataLoader]:
-    from ..data import collate_skipping
-
     common = dict(
         num_workers=config.data.workers,
         pin_memory=env.device.type == "cuda",
         persistent_workers=config.data.workers > 0,
         collate_fn=collate_skipping,
     )
-    train_sampler = ResumableSampler(bundle.train, env, seed=config.seed)
+    train_sampler = ResumableSampler(bundle.train, seed=config.seed, num_replicas=env.world_size, rank=env.rank)
     # A private generator: creating a loader iterator must not consume the global torch RNG, or a
     # resumed run's dropout / mixup draws would shift relative to an uninterrupted one.
     train_loader = DataLoader(SeededSamples(bundle.train), batch_size=config.batch_size, sampler=train_sampler,
                               drop_last=True, generator=torch.Generator().manual_seed(config.seed), **common)
-    val_loader = DataLoader(bundle.val, batch_size=config.batch_size, sampler=ShardSampler(len(bundle.val), env),
+    val_sampler = ShardSampler(len(bundle.val), num_replicas=env.world_size, rank=env.rank)
+    val_loader = DataLoader(bundle.val, batch_size=config.batch_size, sampler=val_sampler,
                             generator=torch.Generator().manual_seed(config.seed), **common)
     return train_loader, train_sampler, val_loader
 
@@ -242,13 +243,11 @@ def interrupted_message(config: TrainConfig, env: DistEnv, trainer: "Trainer | N
 
 
 class Trainer:
-    """Holds what one run builds; `fit` is the epoch loop.  Built in the order data -> model -> optim -> resume."""
+    """Holds what one run builds; `fit` is the epoch loop.  Built in the order data -> model -> optimizer ->
+    resume -> wrappers (DDP, compile) -> run folder."""
 
     def __init__(self, config: TrainConfig, env: DistEnv, *, progress: bool | None = None,
                  allow_config_change: bool = False) -> None:
-        from ..data import build_datasets
-        from ..weights.io import model_description
-
         self.config, self.env = config, env
         self.output = Path(config.output)
         self.log = logger.info if env.is_main else (lambda *args, **kwargs: None)
@@ -257,7 +256,25 @@ class Trainer:
         #: (path, "epoch E/N, batch B/M, step S") of the newest checkpoint that holds this run, for Ctrl-C.
         self.saved: tuple[Path, str] | None = None
         # A --resume without its checkpoint, or with settings that break an exact resume, fails first, before
-        # any data is read (changes that alter the network are left to `check_compatible`, which names them).
+        # any data is read.  The run folder is made once everything that can fail on the user's input has
+        # passed (data, model, resume): a misspelt --data or a --resume without a run leaves no empty folder.
+        resume_path = self._read_resume()
+        if config.qat.enabled:
+            qat.require_extra()
+        setup_runtime(config, env)
+        model_kwargs = self._build_data()
+        self._build_model(model_kwargs)
+        self._build_optimizer()
+        self.state = TrainState()
+        if resume_path is not None:
+            self._resume(resume_path)
+        self._wrap_model()
+        self._open_run_folder()
+
+    def _read_resume(self) -> Path | None:
+        """The checkpoint to resume from (read into `resume_payload`), refusing changed settings that break an
+        exact resume (changes that alter the network are left to `check_compatible`, which names them)."""
+        config = self.config
         resume_path = ckpt.resolve_resume_path(config.resume, self.output) if config.resume else None
         self.resume_payload = ckpt.load(resume_path) if resume_path is not None else None
         #: (key, checkpoint value, new value) of the settings this resume changes; refused unless allowed
@@ -267,13 +284,11 @@ class Trainer:
             self.resume_payload.get("config") or {}, to_dict(config))
         if not any(key.startswith("model.") or key in MODEL_SHAPING_DATA_KEYS for key, _, _ in self.resume_changes):
             self._refuse_config_changes(resume_path, self.resume_changes)
-        if config.qat.enabled:
-            qat.require_extra()
-        setup_runtime(config, env)
-        # The run folder is made once everything that can fail on the user's input has passed (data, model,
-        # resume): a misspelt --data or a --resume without a run leaves no empty folder behind.
+        return resume_path
 
-        # 1. data (rank 0 first: a Fashion-MNIST download must not run in every process at once)
+    def _build_data(self) -> dict[str, Any]:
+        """Datasets, loaders and the epoch's batch and step counts; returns the model kwargs the data implies."""
+        config, env = self.config, self.env
         with distributed.rank_zero_first(env):
             self.bundle = bundle = build_datasets(config.data)
         synthetic = " (synthetic: random tensors, not real images)" if config.data.dataset == "synthetic" else ""
@@ -293,9 +308,12 @@ class Trainer:
                 f"the training set ({len(bundle.train)} samples over {env.world_size} process(es)) gives no full "
                 f"step at batch_size={config.batch_size} x accumulation_steps={accumulate}"
             )
+        return model_kwargs
 
-        # 2. model (+ pretrained weights, EMA / SWA copies, DropBlock hooks; the copies are made first so
-        #    they do not inherit the hooks)
+    def _build_model(self, model_kwargs: dict[str, Any]) -> None:
+        """The network (+ pretrained weights), its QAT graph or memory layout, EMA / SWA copies, DropBlock hooks
+        (the copies are made first so they do not inherit the hooks) and mixup / cutmix."""
+        config, env = self.config, self.env
         model = create_run_model(config.model, model_kwargs)
         self.model_name, self.model_kwargs = model_description(model)
         model.to(env.device)
@@ -315,9 +333,12 @@ class Trainer:
         total_steps = self.steps_per_epoch * config.epochs
         self.dropblock = (DropBlockSchedule(model, config.regularization, total_steps)
                           if config.regularization.dropblock_prob > 0 else None)
-        self.mix = build_mix(config.regularization, bundle.num_classes)
+        self.mix = build_mix(config.regularization, self.bundle.num_classes)
 
-        # 3. optimizer and per-step schedule; lr scales with the global batch
+    def _build_optimizer(self) -> None:
+        """Optimizer, per-step schedule, GradScaler and step settings; the lr scales with the global batch."""
+        config, env, model = self.config, self.env, self.model
+        accumulate = config.optim.accumulation_steps
         self.global_batch = config.batch_size * env.world_size * accumulate
         self.base_lr = scaled_lr(config.optim, self.global_batch)
         self.optimizer = build_optimizer(model, config.optim, self.base_lr)
@@ -327,23 +348,26 @@ class Trainer:
         self.settings = StepSettings(
             device=env.device, amp_dtype=AMP_DTYPES[config.amp], channels_last=config.channels_last,
             accumulation_steps=accumulate, grad_clip_norm=config.optim.grad_clip_norm,
-            label_smoothing=config.regularization.label_smoothing, num_classes=bundle.num_classes,
+            label_smoothing=config.regularization.label_smoothing, num_classes=self.bundle.num_classes,
         )
         self.log("model %s (%s params), global batch %d, lr %.4g (%s at %s images), %d steps/epoch",
                  self.model_name, f"{sum(p.numel() for p in model.parameters()):,}", self.global_batch,
                  self.base_lr, config.optim.lr, config.optim.lr_base_batch or "any", self.steps_per_epoch)
 
-        # 4. resume
-        self.state = TrainState()
-        if resume_path is not None:
-            self._resume(resume_path)
-
-        # DDP / SyncBN / compile wrap last: checkpoints and EMA always use the plain module.
-        self.train_model = distributed.wrap_model(model, env, config.sync_bn)
+    def _wrap_model(self) -> None:
+        """DDP / SyncBN / compile wrap last: checkpoints and EMA always use the plain module."""
+        config, env = self.config, self.env
+        self.train_model = distributed.wrap_model(self.model, env, config.sync_bn)
         if config.sync_bn and env.distributed:
             self.model = distributed.unwrap(self.train_model)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
+        self.train_step = TrainStep(self.train_model, self.optimizer, self.scheduler, self.scaler, self.settings,
+                                    ema=self.ema, dropblock=self.dropblock, env=env, input_shape=self.input_shape)
+
+    def _open_run_folder(self) -> None:
+        """The run folder, its metrics records (cut back to the resumed epoch) and config.yaml (rank 0)."""
+        config, env = self.config, self.env
         if env.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.output, enabled=env.is_main, reference_top1=config.reference_top1,
@@ -422,38 +446,20 @@ class Trainer:
         self.log("resumed from %s (saved at %s): %s", path, position, after)
 
     def checkpoint_payload(self, metrics: dict[str, Any] | None) -> dict[str, Any]:
-        """Everything needed to continue exactly; a collective call under DDP (RNG states are gathered)."""
-        state = self.state
-        rng = distributed.all_gather_objects(ckpt.capture_rng())
-        return {
-            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
-            "model_name": self.model_name, "model_kwargs": self.model_kwargs,
-            "model": qat.state_dict(self.model) if self.config.qat.enabled else ckpt.cpu_state_dict(self.model),
-            "ema": ckpt.cpu_state_dict(self.ema.module) if self.ema is not None else None,
-            "ema_n_averaged": int(self.ema.n_averaged) if self.ema is not None else 0,
-            "swa": ckpt.cpu_state_dict(self.swa.module) if self.swa is not None and self.swa.n_averaged else None,
-            "swa_n_averaged": int(self.swa.n_averaged) if self.swa is not None else 0,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
-            "epoch_totals": distributed.all_gather_objects(vars(state.totals).copy()),
-            "best": {"metric": self.config.checkpoint.best_metric, "value": state.best_value,
-                     "epoch": state.best_epoch},
-            "rng": rng,
-            "sampler": {"seed": self.config.seed, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                        "batch_size": self.config.batch_size, "world_size": self.env.world_size,
-                        "scheme": "DistributedSampler(seed + epoch) order; per-sample augmentation seed "
-                                  "SeedSequence([seed, epoch, index]), independent of workers"},
-            "config": to_dict(self.config),
-            "preprocessing": self.bundle.preprocessing.to_dict(), "class_names": list(self.bundle.class_names),
-            "metrics": metrics,
-            "versions": {"torch": str(torch.__version__)},
-            "qat": qat.checkpoint_entry(self.input_shape) if self.config.qat.enabled else None,
-        }
+        """This run's `checkpoint.checkpoint_payload`; a collective call under DDP."""
+        config, bundle = self.config, self.bundle
+        return ckpt.checkpoint_payload(
+            config=config, state=self.state, world_size=self.env.world_size,
+            model_name=self.model_name, model_kwargs=self.model_kwargs,
+            model_state=qat.state_dict(self.model) if config.qat.enabled else ckpt.cpu_state_dict(self.model),
+            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=self.ema, swa=self.swa,
+            preprocessing=bundle.preprocessing.to_dict(), class_names=list(bundle.class_names), metrics=metrics,
+            qat=qat.checkpoint_entry(self.input_shape) if config.qat.enabled else None)
 
     def _save_mid_epoch(self, state: TrainState) -> None:
         every = self.config.checkpoint.every_steps
         if every and state.step % every == 0 and state.batch_in_epoch < self.batches_per_epoch:
+            self.train_step.sync()  # the running sums go into the checkpoint; a non-finite loss stops before it
             payload = self.checkpoint_payload(None)
             if self.env.is_main:
                 self._mark_saved(ckpt.save(self.output / "checkpoints" / "last.pt", payload))
@@ -472,8 +478,6 @@ class Trainer:
     def _write_int8_program(self) -> str | None:
         """QAT: the final graph as checkpoints/int8.pte (rank 0), verified against the graph (train/qat.py).  The
         training is saved by then: a program that fails is a warning naming the command that retries it."""
-        from ..deploy.quantize import describe_bytes, loader_batches, top1_line
-
         folder = self.output / "checkpoints"
         try:
             report = qat.write_program(
@@ -501,100 +505,127 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
-        config, env, state = self.config, self.env, self.state
+        """The epochs left: train -> validate -> averages (EMA / SWA) -> log -> save; then the final files."""
         started = time.perf_counter()
         row: dict[str, Any] = {}
-        for epoch in range(state.epoch, config.epochs):
-            # Mixup / cutmix can be switched off for the last epochs (clean images to finish on).
-            mix_on = self.mix is not None and epoch < config.epochs - config.regularization.mix_off_last_epochs
-            self.train_sampler.set_position(epoch, state.batch_in_epoch * config.batch_size)
-            if config.qat.enabled and 0 < config.qat.freeze_observers_epoch <= epoch:
-                qat.freeze_observers(self.model)
-            bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch // config.optim.accumulation_steps,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not self.progress,
-                       dynamic_ncols=True, leave=False)
-            with bar:  # closed (its line cleared) also when the epoch raises: an error gets a line of its own
-                totals = train_one_epoch(
-                    self.train_model, self.train_loader, optimizer=self.optimizer, scheduler=self.scheduler,
-                    scaler=self.scaler, settings=self.settings, state=state, num_batches=self.batches_per_epoch,
-                    mix=self.mix if mix_on else None, ema=self.ema, dropblock=self.dropblock,
-                    on_step_end=self._save_mid_epoch, env=env, progress=bar, input_shape=self.input_shape,
-                )
-            train_loss_sum, train_correct, train_samples, train_skipped = distributed.all_reduce_sum(
-                [totals.loss_sum, totals.correct, totals.samples, totals.skipped], env.device)
-            val = evaluate(self.model, self.val_loader, self.settings, num_batches=config.limit_val_batches,
-                           env=env, progress_label="validate", progress=self.progress)
-            row = {
-                "epoch": epoch + 1, "step": state.step, "lr": self.optimizer.param_groups[0]["lr"],
-                "train_loss": train_loss_sum / max(train_samples, 1),
-                "train_top1": 100.0 * train_correct / max(train_samples, 1),
-                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                "val_samples": val["samples"],
-            }
-            if self.ema is not None:
-                row.update(self._validate_average(self.ema.module, "ema"))
-            if self.swa is not None and self.swa.averages_after(epoch + 1):
-                self.swa.update_parameters(self.model)
-                # BatchNorm statistics for the new average, from this epoch's first training batches (same
-                # order and augmentation as the epoch itself, so a resumed run recomputes the same values).
-                self.train_sampler.set_position(epoch, 0)
-                self.swa.recompute_batch_norm(self.train_loader, env.device, self.batches_per_epoch)
-                row.update(self._validate_average(self.swa.module, "swa"), swa_averaged=int(self.swa.n_averaged))
-            row.update(
-                world_size=env.world_size, global_batch=self.global_batch, epoch_time_s=totals.seconds,
-                train_images_per_s=train_samples / max(totals.seconds, 1e-9),
-                skipped_samples=int(train_skipped + val["skipped"]), mixup_cutmix=mix_on,
-            )
-            if self.dropblock is not None:
-                row["dropblock_prob"] = self.dropblock.prob
-            if self.scaler.is_enabled():  # fp16: overflowing steps are skipped by the scaler, not fatal
-                row["amp_skipped_steps"] = totals.amp_skipped_steps
-                if totals.amp_skipped_steps and env.is_main:
-                    logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (gradients overflowed); "
-                                   "loss scale now %g", epoch + 1, totals.amp_skipped_steps, self.steps_per_epoch,
-                                   self.scaler.get_scale())
-            # One line per epoch: with the bars off (not a terminal) this is all a log file gets.
-            self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s%s | "
-                     "%.0f img/s | %.0fs",
-                     epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
-                     row["val_samples"],
-                     f" | EMA top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else "",
-                     f" | SWA top1 {row['swa_val_top1']:.2f}" if "swa_val_top1" in row else "",
-                     row["train_images_per_s"], totals.seconds)
+        for epoch in range(self.state.epoch, self.config.epochs):
+            mix_on = self._mix_on(epoch)
+            totals = self._train_epoch(epoch, mix_on)
+            train = distributed.all_reduce_sum([totals.loss_sum, totals.correct, totals.samples, totals.skipped],
+                                               self.env.device)
+            val = evaluate(self.model, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
+                           env=self.env, progress_label="validate", progress=self.progress)
+            averages = self._validate_averages(epoch)
+            row = self._metrics_row(epoch, train, totals, val, averages, mix_on)
+            self._log_epoch(epoch, row, totals)
+            self._save_epoch(epoch, row)
+        return self._finish(row, started)
 
-            # Epoch done: the next resume point is the start of the next epoch.
-            state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
-            improved = self._is_better(row[config.checkpoint.best_metric])
+    def _mix_on(self, epoch: int) -> bool:
+        """Mixup / cutmix can be switched off for the last epochs (clean images to finish on)."""
+        config = self.config
+        return self.mix is not None and epoch < config.epochs - config.regularization.mix_off_last_epochs
+
+    def _train_epoch(self, epoch: int, mix_on: bool) -> EpochTotals:
+        """One epoch of training steps from the resume point (`state.batch_in_epoch`); this rank's totals."""
+        config, state = self.config, self.state
+        self.train_sampler.set_position(epoch, state.batch_in_epoch * config.batch_size)
+        if config.qat.enabled and 0 < config.qat.freeze_observers_epoch <= epoch:
+            qat.freeze_observers(self.model)
+        bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch // config.optim.accumulation_steps,
+                   desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not self.progress,
+                   dynamic_ncols=True, leave=False)
+        with bar:  # closed (its line cleared) also when the epoch raises: an error gets a line of its own
+            return self.train_step.run_epoch(self.train_loader, state, self.batches_per_epoch,
+                                             mix=self.mix if mix_on else None, on_step_end=self._save_mid_epoch,
+                                             progress=bar)
+
+    def _validate_averages(self, epoch: int) -> dict[str, Any]:
+        """The EMA's and (when it averages after this epoch) the SWA's validation columns."""
+        columns: dict[str, Any] = {}
+        if self.ema is not None:
+            columns.update(self._validate_average(self.ema.module, "ema"))
+        if self.swa is not None and self.swa.averages_after(epoch + 1):
+            self.swa.update_parameters(self.model)
+            # BatchNorm statistics for the new average, from this epoch's first training batches (same
+            # order and augmentation as the epoch itself, so a resumed run recomputes the same values).
+            self.train_sampler.set_position(epoch, 0)
+            self.swa.recompute_batch_norm(self.train_loader, self.env.device, self.batches_per_epoch)
+            columns.update(self._validate_average(self.swa.module, "swa"), swa_averaged=int(self.swa.n_averaged))
+        return columns
+
+    def _metrics_row(self, epoch: int, train: list[float], totals: EpochTotals, val: dict[str, float],
+                     averages: dict[str, Any], mix_on: bool) -> dict[str, Any]:
+        """The epoch's metrics.jsonl row; `train` holds the rank-summed loss sum, correct, samples and skipped."""
+        train_loss_sum, train_correct, train_samples, train_skipped = train
+        row = {
+            "epoch": epoch + 1, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss_sum / max(train_samples, 1),
+            "train_top1": 100.0 * train_correct / max(train_samples, 1),
+            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "val_samples": val["samples"],
+            **averages,
+            "world_size": self.env.world_size, "global_batch": self.global_batch, "epoch_time_s": totals.seconds,
+            "train_images_per_s": train_samples / max(totals.seconds, 1e-9),
+            "skipped_samples": int(train_skipped + val["skipped"]), "mixup_cutmix": mix_on,
+        }
+        if self.dropblock is not None:
+            row["dropblock_prob"] = self.dropblock.prob
+        if self.scaler.is_enabled():  # fp16: overflowing steps are skipped by the scaler, not fatal
+            row["amp_skipped_steps"] = totals.amp_skipped_steps
+        return row
+
+    def _log_epoch(self, epoch: int, row: dict[str, Any], totals: EpochTotals) -> None:
+        """One line per epoch (with the bars off, not a terminal, this is all a log file gets), and the fp16
+        scaler's skipped steps."""
+        config = self.config
+        if totals.amp_skipped_steps and self.scaler.is_enabled() and self.env.is_main:
+            logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (gradients overflowed); "
+                           "loss scale now %g", epoch + 1, totals.amp_skipped_steps, self.steps_per_epoch,
+                           self.scaler.get_scale())
+        self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s%s | "
+                 "%.0f img/s | %.0fs",
+                 epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
+                 row["val_samples"],
+                 f" | EMA top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else "",
+                 f" | SWA top1 {row['swa_val_top1']:.2f}" if "swa_val_top1" in row else "",
+                 row["train_images_per_s"], totals.seconds)
+
+    def _save_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Epoch done: record the row, then write epoch_NNNN.pt, best.pt and last.pt (rank 0) and prune."""
+        config, state = self.config, self.state
+        # The next resume point is the start of the next epoch.
+        state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
+        metric = config.checkpoint.best_metric
+        improved = self._is_better(row[metric])
+        if improved:
+            state.best_value, state.best_epoch = row[metric], epoch + 1
+        row["best_epoch"] = state.best_epoch
+        # Record first, then checkpoint: a crash in between redoes this epoch, and resume drops the row.
+        rows = self.metrics.record(row)
+        payload = self.checkpoint_payload(row)
+        if self.env.is_main:
+            folder = self.output / "checkpoints"
+            # last.pt goes last: it commits the epoch.  Killed before it, a resume redoes the epoch and
+            # rewrites best.pt / epoch_NNNN.pt identically; after it, they already exist.
+            keep_epochs = config.checkpoint.keep_last_epochs or config.checkpoint.keep_best_epochs
+            if keep_epochs:
+                ckpt.save(folder / f"epoch_{epoch + 1:04d}.pt", ckpt.weights_only_checkpoint(payload))
             if improved:
-                state.best_value, state.best_epoch = row[config.checkpoint.best_metric], epoch + 1
-            row["best_epoch"] = state.best_epoch
-            # Record first, then checkpoint: a crash in between redoes this epoch, and resume drops the row.
-            rows = self.metrics.record(row)
-            payload = self.checkpoint_payload(row)
-            if env.is_main:
-                folder = self.output / "checkpoints"
-                # last.pt goes last: it commits the epoch.  Killed before it, a resume redoes the epoch and
-                # rewrites best.pt / epoch_NNNN.pt identically; after it, they already exist.
-                keep_epochs = config.checkpoint.keep_last_epochs or config.checkpoint.keep_best_epochs
-                if keep_epochs:
-                    ckpt.save(folder / f"epoch_{epoch + 1:04d}.pt", ckpt.weights_only_checkpoint(payload))
-                if improved:
-                    ckpt.save(folder / "best.pt", payload)
-                self._mark_saved(ckpt.save(folder / "last.pt", payload))
-                if keep_epochs:
-                    metric = config.checkpoint.best_metric
-                    scores = {r["epoch"]: r[metric] for r in rows if metric in r}
-                    ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs,
-                                                 keep_best=config.checkpoint.keep_best_epochs, scores=scores,
-                                                 larger_is_better=BEST_METRICS[metric])
-            distributed.barrier()
+                ckpt.save(folder / "best.pt", payload)
+            self._mark_saved(ckpt.save(folder / "last.pt", payload))
+            if keep_epochs:
+                scores = {r["epoch"]: r[metric] for r in rows if metric in r}
+                ckpt.prune_epoch_checkpoints(folder, config.checkpoint.keep_last_epochs,
+                                             keep_best=config.checkpoint.keep_best_epochs, scores=scores,
+                                             larger_is_better=BEST_METRICS[metric])
+        distributed.barrier()
+
+    def _finish(self, row: dict[str, Any], started: float) -> dict[str, Any]:
+        """After the last epoch: close the records, write swa.safetensors and the QAT int8 program; the summary."""
+        config, env, state = self.config, self.env, self.state
         self.metrics.close()
         if self.swa is not None and int(self.swa.n_averaged) > 0 and env.is_main:
             # The average (BatchNorm recomputed) as a weights file: `mobilenetv3 eval / export / predict` take it.
-            from ..weights.io import save_model
-
             save_model(self.swa.module, self.output / "checkpoints" / "swa.safetensors",
                        preprocessing=self.bundle.preprocessing, class_names=list(self.bundle.class_names),
                        extra={"swa_averaged_epochs": int(self.swa.n_averaged)})

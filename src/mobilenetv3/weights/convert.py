@@ -1,9 +1,10 @@
 """Convert torchvision / timm MobileNetV3 state dicts to ours, and back.
 
 Each peer variant is one row of `PEER_VARIANTS`: the peer's own name, the registered model name and
-`MobileNetV3` kwargs that express its layout exactly, and the preprocessing of each published weights
-tag.  Key maps are not written out per variant: `_module_map` walks the resolved network once and names,
-for every module of ours, the peer module holding the same tensors (one function per peer layout).
+`MobileNetV3` kwargs that express its layout exactly.  Its weights tags (and their preprocessing) are rows
+of the published weights table, `weights.published`.  Key maps are not written out per variant: `_module_map`
+walks the resolved network once and names, for every module of ours, the peer module holding the same
+tensors (one function per peer layout).
 
     converted = convert_state_dict("timm", "tf_mobilenetv3_large_100", peer_state_dict)
     model = create_model(converted.model_name, **converted.model_kwargs)
@@ -18,20 +19,20 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from ..errors import UserError
-from ..models.mobilenetv3 import MobileNetV3
-from ..models.spec import NETWORK_SPECS
-from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ..models.mobilenetv3 import MobileNetV3, _layout
+from ..models.registry import get_entry, list_models
+from ..models.spec import NETWORK_SPECS, resolve
+from ..preprocessing import Preprocessing
+from .io import load_state_dict_checked
+from .published import PublishedWeights, published_tags
 
 PEERS = ("torchvision", "timm")
-
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 #: Keys of a `MobileNetV3` config that change which tensors exist or what they compute.
 LAYOUT_KWARGS = (
@@ -82,23 +83,19 @@ class PeerVariant:
     name: str
     model_name: str
     model_kwargs: dict[str, Any]
-    #: published weights tag -> the preprocessing they were evaluated with (the first is the peer's default)
-    tags: dict[str, Preprocessing] = field(default_factory=dict)
-    #: classifier outputs of a tag when not 1000
-    tag_num_classes: dict[str, int] = field(default_factory=dict)
 
     @property
     def arch(self) -> str:
         return self.model_kwargs["arch"]
 
     @property
+    def tags(self) -> dict[str, PublishedWeights]:
+        """Weights tag -> its row of the published weights table (the first is the peer's default)."""
+        return {weights.tag: weights for weights in published_tags(self.peer, self.name)}
+
+    @property
     def default_tag(self) -> str | None:
         return next(iter(self.tags), None)
-
-
-def _prep(crop_pct: float = 0.875, interpolation: str = "bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-          input_size: int = 224) -> Preprocessing:
-    return Preprocessing(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
 
 
 _TORCHVISION_LAYOUT = dict(
@@ -106,13 +103,12 @@ _TORCHVISION_LAYOUT = dict(
 )
 
 
-def _torchvision(name: str, arch: str, tags: dict[str, Preprocessing]) -> PeerVariant:
+def _torchvision(name: str, arch: str) -> PeerVariant:
     return PeerVariant("torchvision", name, f"mobilenetv3_{arch}_100", {"arch": arch, "width_mult": 1.0,
-                       **_TORCHVISION_LAYOUT}, tags)
+                       **_TORCHVISION_LAYOUT})
 
 
-def _timm(name: str, arch: str, width: float, tags: dict[str, Preprocessing], *, tf: bool = False,
-          depth_multiplier: float = 1.0, tag_num_classes: dict[str, int] | None = None,
+def _timm(name: str, arch: str, width: float, *, tf: bool = False, depth_multiplier: float = 1.0,
           **layout: Any) -> PeerVariant:
     kwargs: dict[str, Any] = {
         "arch": arch, "width_mult": width, "expansion_rule": "from_rounded_input",
@@ -127,48 +123,32 @@ def _timm(name: str, arch: str, width: float, tags: dict[str, Preprocessing], *,
     kwargs.update(layout)
     suffix = f"{round(width * 100):03d}"
     model_name = f"mobilenetv3_{arch}_{suffix}"
-    from ..models.registry import list_models
-
     if model_name not in list_models():
         model_name = f"mobilenetv3_{arch}"  # the generic builder (e.g. x1.5): width_mult is in the kwargs
-    return PeerVariant("timm", name, model_name, kwargs, tags, tag_num_classes or {})
+    return PeerVariant("timm", name, model_name, kwargs)
 
-
-_TIMM_BICUBIC = _prep(interpolation="bicubic")
-_TF = {"in1k": _prep(mean=INCEPTION_MEAN, std=INCEPTION_STD)}
-_MIIL = _prep(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 PEER_VARIANTS: dict[tuple[str, str], PeerVariant] = {
     (variant.peer, variant.name): variant
     for variant in (
-        _torchvision("mobilenet_v3_large", "large", {
-            "IMAGENET1K_V2": _prep(crop_pct=224 / 232),  # torchvision's DEFAULT: resize 232, crop 224
-            "IMAGENET1K_V1": _prep(),  # resize 256, crop 224
-        }),
-        _torchvision("mobilenet_v3_small", "small", {"IMAGENET1K_V1": _prep()}),
-        _timm("mobilenetv3_large_075", "large", 0.75, {"untrained": _prep()}),
-        _timm("mobilenetv3_large_100", "large", 1.0, {
-            "ra_in1k": _TIMM_BICUBIC,
-            "ra4_e3600_r224_in1k": _prep(0.95, "bicubic", INCEPTION_MEAN, INCEPTION_STD),
-            "miil_in21k_ft_in1k": _MIIL,
-            "miil_in21k": _MIIL,
-        }, tag_num_classes={"miil_in21k": 11221}),
-        _timm("mobilenetv3_large_150d", "large", 1.5, {
-            "ra4_e3600_r256_in1k": _prep(0.95, "bilinear", INCEPTION_MEAN, INCEPTION_STD, input_size=256),
-        }, depth_multiplier=1.2),
-        _timm("mobilenetv3_small_050", "small", 0.5, {"lamb_in1k": _TIMM_BICUBIC}),
-        _timm("mobilenetv3_small_075", "small", 0.75, {"lamb_in1k": _TIMM_BICUBIC}),
-        _timm("mobilenetv3_small_100", "small", 1.0, {"lamb_in1k": _TIMM_BICUBIC}),
+        _torchvision("mobilenet_v3_large", "large"),
+        _torchvision("mobilenet_v3_small", "small"),
+        _timm("mobilenetv3_large_075", "large", 0.75),
+        _timm("mobilenetv3_large_100", "large", 1.0),
+        _timm("mobilenetv3_large_150d", "large", 1.5, depth_multiplier=1.2),
+        _timm("mobilenetv3_small_050", "small", 0.5),
+        _timm("mobilenetv3_small_075", "small", 0.75),
+        _timm("mobilenetv3_small_100", "small", 1.0),
         # Ross Wightman's own first port: SE squeeze widths rounded plainly, the SE's activation is the
         # block's, no residual around the first block, no bias in the head conv, TF's BN eps.
-        _timm("mobilenetv3_rw", "large", 1.0, {"rmsp_in1k": _TIMM_BICUBIC}, bn_eps=1e-3, head_bias=False,
-              se_round_to_divisor=False, se_activation_from_block=True, first_block_residual=False),
-        _timm("tf_mobilenetv3_large_075", "large", 0.75, _TF, tf=True),
-        _timm("tf_mobilenetv3_large_100", "large", 1.0, _TF, tf=True),
-        _timm("tf_mobilenetv3_large_minimal_100", "large_minimal", 1.0, _TF, tf=True),
-        _timm("tf_mobilenetv3_small_075", "small", 0.75, _TF, tf=True),
-        _timm("tf_mobilenetv3_small_100", "small", 1.0, _TF, tf=True),
-        _timm("tf_mobilenetv3_small_minimal_100", "small_minimal", 1.0, _TF, tf=True),
+        _timm("mobilenetv3_rw", "large", 1.0, bn_eps=1e-3, head_bias=False, se_round_to_divisor=False,
+              se_activation_from_block=True, first_block_residual=False),
+        _timm("tf_mobilenetv3_large_075", "large", 0.75, tf=True),
+        _timm("tf_mobilenetv3_large_100", "large", 1.0, tf=True),
+        _timm("tf_mobilenetv3_large_minimal_100", "large_minimal", 1.0, tf=True),
+        _timm("tf_mobilenetv3_small_075", "small", 0.75, tf=True),
+        _timm("tf_mobilenetv3_small_100", "small", 1.0, tf=True),
+        _timm("tf_mobilenetv3_small_minimal_100", "small_minimal", 1.0, tf=True),
     )
 }
 
@@ -389,10 +369,7 @@ class ConvertedWeights:
 
     def build(self) -> MobileNetV3:
         """Our model with these weights loaded (strict), in eval mode."""
-        from ..models.registry import create_model
-        from .io import load_state_dict_checked
-
-        model = create_model(self.model_name, **self.model_kwargs)
+        model = get_entry(self.model_name).build(**self.model_kwargs)
         load_state_dict_checked(model, self.state_dict, source=f"{self.source['peer']} {self.source['arch']}")
         model.preprocessing = self.preprocessing
         return model.eval()
@@ -429,9 +406,8 @@ def convert_state_dict(peer: str, peer_arch: str, state_dict: Mapping[str, torch
                         f"({len(leftover)} unused in all){_variant_hint(peer, state_dict, variant.name)}")
     kwargs = {k: v for k, v in variant.model_kwargs.items() if k != "arch"}
     kwargs.update(num_classes=num_classes, in_chans=in_chans)
-    preprocessing = variant.tags.get(tag, _prep()) if tag else _prep()
-    if in_chans != preprocessing.in_chans:
-        preprocessing = preprocessing.replace(in_chans=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+    preprocessing = variant.tags[tag].preprocessing if tag else Preprocessing()
+    preprocessing = preprocessing.for_channels(in_chans)
     source = {"peer": peer, "arch": variant.name, "tag": tag or ""}
     return ConvertedWeights(variant.model_name, kwargs, converted, preprocessing, source)
 
@@ -450,9 +426,6 @@ def _signature(config: Mapping[str, Any], *, strides: bool = True) -> tuple:
     `strides=False` leaves out stem_stride / output_stride: weights still fit a dilated or full-resolution
     copy of the network (e.g. a segmentation backbone), which computes something else on purpose.
     """
-    from ..models.mobilenetv3 import _layout
-    from ..models.spec import resolve
-
     defaults = {name: p.default for name, p in inspect.signature(MobileNetV3.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     full = {**defaults, **config}
@@ -514,8 +487,3 @@ def to_peer(
 def to_torchvision(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     """`to_peer("torchvision", ...)`: load the result into `torchvision.models.<name>()`."""
     return to_peer("torchvision", config, state_dict)
-
-
-def to_timm(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    """`to_peer("timm", ...)`: load the result into `timm.create_model(<name>)`."""
-    return to_peer("timm", config, state_dict)

@@ -9,18 +9,24 @@ with the keys in `CHECKPOINT_MODEL_KEYS`), which is always read with `torch.load
 
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UserError, first_line
 from ..files import missing_file_error
+from ..models.registry import get_entry
 from ..preprocessing import Preprocessing
 
 FORMAT = "mobilenetv3"
@@ -45,15 +51,33 @@ def model_description(model: nn.Module) -> tuple[str, dict[str, Any]]:
             )
         config["norm_layer"] = "batchnorm"
     arch = config.pop("arch")
-    name = getattr(model, "model_name", None) or f"mobilenetv3_{arch}"
-    from ..models.registry import get_entry
-
+    name = model.model_name or f"mobilenetv3_{arch}"
     if get_entry(name).arch != arch:  # e.g. renamed; fall back to the generic builder of this arch
         name = f"mobilenetv3_{arch}"
-    if getattr(model, "out_indices", None) is not None:
+    if getattr(model, "out_indices", None) is not None:  # a MobileNetV3Features backbone
         config["features_only"] = True
         config["out_indices"] = list(model.out_indices)
     return name, config
+
+
+def model_metadata(
+    model: nn.Module, preprocessing: Preprocessing, class_names: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """The string metadata that rebuilds and feeds `model`, shared by weights files and exported artifacts:
+    model_name, model_kwargs (JSON), num_classes, preprocessing (JSON) and class_names (JSON, when given)."""
+    name, kwargs = model_description(model)
+    num_classes = int(kwargs.get("num_classes", 1000))
+    if class_names is not None and len(class_names) != num_classes:
+        raise UserError(f"{len(class_names)} class names given for a model with {num_classes} classes")
+    metadata = {
+        "model_name": name,
+        "model_kwargs": json.dumps(kwargs, sort_keys=True),
+        "num_classes": str(num_classes),
+        "preprocessing": json.dumps(preprocessing.to_dict()),
+    }
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
+    return metadata
 
 
 def save_model(
@@ -65,27 +89,13 @@ def save_model(
     extra: Mapping[str, Any] | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` as a self-describing safetensors file (atomically: temp file, then rename)."""
-    from safetensors.torch import save_file
+    """Write `model` as a self-describing safetensors file (atomically: temp file, then rename).
 
-    name, kwargs = model_description(model)
+    `preprocessing` defaults to `Preprocessing.default` for the model's input channels."""
     if preprocessing is None:
-        preprocessing = Preprocessing(in_chans=int(kwargs.get("in_chans", 3)), **(
-            {} if int(kwargs.get("in_chans", 3)) == 3 else {"mean": (0.5,) * kwargs["in_chans"], "std": (0.5,) * kwargs["in_chans"]}
-        ))
-    num_classes = int(kwargs.get("num_classes", 1000))
-    if class_names is not None and len(class_names) != num_classes:
-        raise UserError(f"{len(class_names)} class names given for a model with {num_classes} classes")
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_name": name,
-        "model_kwargs": json.dumps(kwargs, sort_keys=True),
-        "num_classes": str(num_classes),
-        "preprocessing": json.dumps(preprocessing.to_dict()),
-    }
-    if class_names is not None:
-        metadata["class_names"] = json.dumps(list(class_names))
+        preprocessing = Preprocessing.default(int(model.config.get("in_chans", 3)))
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                **model_metadata(model, preprocessing, class_names)}
     if extra:
         metadata["extra"] = json.dumps(dict(extra), sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or model.state_dict()).items()}
@@ -136,9 +146,6 @@ DISK_FULL_MARGIN_BYTES = 1 << 20
 
 
 def _disk_full(error: BaseException, directory: Path) -> bool:
-    import errno
-    import shutil
-
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     if not isinstance(error, (OSError, RuntimeError)):
@@ -151,15 +158,10 @@ def _disk_full(error: BaseException, directory: Path) -> bool:
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, with a clear error for anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise missing_file_error(path, "weights file")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
         tensors = load_file(str(path))
@@ -215,8 +217,6 @@ def load_state_with_own_versions(module: nn.Module, state_dict: Mapping[str, tor
     buffer to float32's (it became a buffer in version 2), so a QAT graph's learnt ranges would round
     differently after a resume.  The state comes from this code's own modules, so their versions are right.
     """
-    import collections
-
     state = collections.OrderedDict(state_dict)
     state._metadata = getattr(module.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     module.load_state_dict(state, strict=True)
@@ -278,7 +278,7 @@ def read_weights(path: str | os.PathLike, *, ema: bool = False) -> LoadedWeights
             metadata["model_name"],
             kwargs,
             tensors,
-            Preprocessing.from_dict(prep) if prep else Preprocessing(in_chans=int(kwargs.get("in_chans", 3))),
+            Preprocessing.from_dict(prep) if prep else Preprocessing.default(int(kwargs.get("in_chans", 3))),
             _json_field(metadata, "class_names", path, None),
             _json_field(metadata, "extra", path, {}),
         )
@@ -300,7 +300,7 @@ def read_weights(path: str | os.PathLike, *, ema: bool = False) -> LoadedWeights
         str(checkpoint["model_name"]),
         kwargs,
         dict(state_dict),
-        Preprocessing.from_dict(prep) if prep else Preprocessing(in_chans=int(kwargs.get("in_chans", 3))),
+        Preprocessing.from_dict(prep) if prep else Preprocessing.default(int(kwargs.get("in_chans", 3))),
         checkpoint.get("class_names"),
         # the run's config too: eval and quantize rebuild its data from it without reading the file again
         # "qat": a quantization-aware training run's checkpoint (its "model" is the fake-quantized graph's state)
@@ -310,8 +310,6 @@ def read_weights(path: str | os.PathLike, *, ema: bool = False) -> LoadedWeights
 
 def build_model(weights: LoadedWeights, **overrides: Any) -> nn.Module:
     """Build the network a `LoadedWeights` describes and load its tensors (strict, with clear errors)."""
-    from ..models.registry import create_model
-
     if weights.extra.get("qat"):
         raise UserError(
             f"{weights.path} is a quantization-aware training checkpoint (a fake-quantized graph, not float weights): "
@@ -319,7 +317,7 @@ def build_model(weights: LoadedWeights, **overrides: Any) -> nn.Module:
             "(the run writes checkpoints/int8.pte when it ends), then eval, predict or bench the .pte")
     kwargs = {**weights.model_kwargs, **overrides}
     try:
-        model = create_model(weights.model_name, **kwargs)
+        model = get_entry(weights.model_name).build(**kwargs)
     except TypeError as error:
         raise UserError(f"{weights.path}: metadata does not describe a buildable model ({error})") from None
     load_state_dict_checked(model, weights.state_dict, source=str(weights.path))

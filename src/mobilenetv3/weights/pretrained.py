@@ -8,10 +8,11 @@
 * a peer's own name, optionally tagged: ``"mobilenetv3_rw"``, ``"tf_mobilenetv3_large_100.in1k"``;
 * a path or URL of one of our weights files (``.safetensors``) or training checkpoints.
 
-Files are fetched with `torch.hub.download_url_to_file` into ``torch.hub.get_dir()/checkpoints`` and
-checked against the SHA-256 prefix their published file name carries (torchvision's and timm's naming),
-then converted with `weights.convert`.  The model must have the peer's layout: `pretrained_kwargs` gives
-the constructor kwargs that `create_model` merges in before building.
+The published files are the rows of `weights.published`.  They are fetched with
+`torch.hub.download_url_to_file` into ``torch.hub.get_dir()/checkpoints`` and checked against the SHA-256
+prefix their row carries (torchvision's and timm's file naming), then converted with `weights.convert`.
+The model must have the peer's layout: `pretrained_kwargs` gives the constructor kwargs that
+`create_model` merges in before building.
 """
 
 from __future__ import annotations
@@ -29,45 +30,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..files import file_sha256
+from ..files import file_sha256, is_url
+from ..models.registry import get_entry
 from .convert import PEER_VARIANTS, PeerVariant, convert_state_dict, get_variant, peer_variant_for
+from .io import LoadedWeights, load_checkpoint, load_state_dict_checked, read_safetensors, read_weights
+from .published import PUBLISHED, PublishedWeights
 
 logger = logging.getLogger(__name__)
-
-_TORCHVISION = "https://download.pytorch.org/models/"
-_TIMM_RELEASES = "https://github.com/rwightman/pytorch-image-models/releases/download/"
-_HF = "https://huggingface.co/timm/"
-
-#: (peer, peer model name, tag) -> published URL.  A "-<hex>." in the file name is the first hex digits
-#: of the file's SHA-256 (torch.hub's convention), checked on download.
-PUBLISHED_URLS: dict[tuple[str, str, str], str] = {
-    ("torchvision", "mobilenet_v3_large", "IMAGENET1K_V1"): _TORCHVISION + "mobilenet_v3_large-8738ca79.pth",
-    ("torchvision", "mobilenet_v3_large", "IMAGENET1K_V2"): _TORCHVISION + "mobilenet_v3_large-5c1a4163.pth",
-    ("torchvision", "mobilenet_v3_small", "IMAGENET1K_V1"): _TORCHVISION + "mobilenet_v3_small-047dcff4.pth",
-    ("timm", "mobilenetv3_large_100", "ra_in1k"):
-        _TIMM_RELEASES + "v0.1-weights/mobilenetv3_large_100_ra-f55367f5.pth",
-    ("timm", "mobilenetv3_large_100", "miil_in21k_ft_in1k"):
-        _TIMM_RELEASES + "v0.1-tresnet/mobilenetv3_large_100_1k_miil_78_0-66471c13.pth",
-    ("timm", "mobilenetv3_large_100", "miil_in21k"):
-        _TIMM_RELEASES + "v0.1-tresnet/mobilenetv3_large_100_in21k_miil-d71cc17b.pth",
-    # Published on the Hugging Face hub only, without a hash in the name: downloaded unverified.
-    ("timm", "mobilenetv3_large_100", "ra4_e3600_r224_in1k"):
-        _HF + "mobilenetv3_large_100.ra4_e3600_r224_in1k/resolve/main/model.safetensors",
-    ("timm", "mobilenetv3_large_150d", "ra4_e3600_r256_in1k"):
-        _HF + "mobilenetv3_large_150d.ra4_e3600_r256_in1k/resolve/main/model.safetensors",
-    ("timm", "mobilenetv3_small_050", "lamb_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_small_050_lambc-4b7bbe87.pth",
-    ("timm", "mobilenetv3_small_075", "lamb_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_small_075_lambc-384766db.pth",
-    ("timm", "mobilenetv3_small_100", "lamb_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_small_100_lamb-266a294c.pth",
-    ("timm", "mobilenetv3_rw", "rmsp_in1k"): _TIMM_RELEASES + "v0.1-weights/mobilenetv3_100-35495452.pth",
-    ("timm", "tf_mobilenetv3_large_075", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_large_075-150ee8b0.pth",
-    ("timm", "tf_mobilenetv3_large_100", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_large_100-427764d5.pth",
-    ("timm", "tf_mobilenetv3_large_minimal_100", "in1k"):
-        _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_large_minimal_100-8596ae28.pth",
-    ("timm", "tf_mobilenetv3_small_075", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_small_075-da427f52.pth",
-    ("timm", "tf_mobilenetv3_small_100", "in1k"): _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_small_100-37f49e2b.pth",
-    ("timm", "tf_mobilenetv3_small_minimal_100", "in1k"):
-        _TIMM_RELEASES + "v0.1-weights/tf_mobilenetv3_small_minimal_100-922a7843.pth",
-}
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub.HASH_REGEX, but at least 8 digits
 _SOURCE_ORDER = ("torchvision", "timm", "tf")
@@ -75,23 +44,18 @@ _SOURCE_ORDER = ("torchvision", "timm", "tf")
 
 @dataclass(frozen=True)
 class PretrainedSource:
-    """Published weights: which peer network and tag, and where the file is."""
+    """Published weights: which peer network (its layout) and which row of the published weights table."""
 
     variant: PeerVariant
-    tag: str
-    url: str
+    weights: PublishedWeights
+
+    @property
+    def tag(self) -> str:
+        return self.weights.tag
 
     @property
     def label(self) -> str:
-        return f"{self.variant.peer} {self.variant.name}.{self.tag}"
-
-    @property
-    def file_name(self) -> str:
-        """Name in the hub cache: the published one, or "<name>.<tag>.<ext>" when that is generic."""
-        name = os.path.basename(urlparse(self.url).path)
-        if _HASH_IN_NAME.search(name):
-            return name
-        return f"{self.variant.name}.{self.tag}{Path(name).suffix}"
+        return self.weights.label
 
 
 def _kind(variant: PeerVariant) -> str:
@@ -101,14 +65,13 @@ def _kind(variant: PeerVariant) -> str:
 
 
 def _published(variant: PeerVariant, tag: str) -> PretrainedSource | None:
-    url = PUBLISHED_URLS.get((variant.peer, variant.name, tag))
-    return PretrainedSource(variant, tag, url) if url else None
+    """The downloadable weights `tag` of `variant`, or None (an unknown tag, or one without a file)."""
+    weights = PUBLISHED.get((variant.peer, variant.name, tag))
+    return PretrainedSource(variant, weights) if weights is not None and weights.url else None
 
 
 def _candidates(model_name: str) -> list[PeerVariant]:
     """Peer variants with published weights for this model name, in the order `pretrained=True` tries them."""
-    from ..models.registry import get_entry
-
     arch = get_entry(model_name).arch
     found = [v for v in PEER_VARIANTS.values() if any(_published(v, t) for t in v.tags)]
     exact = [v for v in found if v.model_name == model_name]
@@ -120,7 +83,7 @@ def _candidates(model_name: str) -> list[PeerVariant]:
 
 def is_location(pretrained: str) -> bool:
     """Whether `pretrained` names a file (path or URL) rather than published weights."""
-    return "://" in pretrained or os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in (
+    return is_url(pretrained) or os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in (
         ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
@@ -146,20 +109,18 @@ def resolve_source(model_name: str, pretrained: bool | str) -> PretrainedSource:
                     f"{', '.join(t for t in variant.tags if _published(variant, t)) or 'none'}")
 
 
-def read_location(pretrained: bool | str):
+def read_location(pretrained: bool | str) -> LoadedWeights | None:
     """The `LoadedWeights` of a file path or URL given as `pretrained`; None for a tag or True/False.
 
     `create_model` reads a weights file once and hands the result to both `pretrained_kwargs` and
     `load_pretrained`.
     """
     if isinstance(pretrained, str) and is_location(pretrained):
-        from .io import read_weights
-
         return read_weights(fetch(pretrained))
     return None
 
 
-def pretrained_kwargs(model_name: str, pretrained: bool | str, weights: Any = None) -> dict[str, Any]:
+def pretrained_kwargs(model_name: str, pretrained: bool | str, weights: LoadedWeights | None = None) -> dict[str, Any]:
     """Constructor kwargs the weights need (the peer's layout, BN eps, num_classes), for `create_model`.
 
     `weights`: `read_location(pretrained)` when the caller already has it.
@@ -168,8 +129,6 @@ def pretrained_kwargs(model_name: str, pretrained: bool | str, weights: Any = No
         return {}
     if isinstance(pretrained, str) and is_location(pretrained):
         weights = weights if weights is not None else read_location(pretrained)
-        from ..models.registry import get_entry
-
         if get_entry(weights.model_name).arch != get_entry(model_name).arch:
             raise UserError(
                 f"{pretrained} holds a {weights.model_name} ({get_entry(weights.model_name).arch}), "
@@ -178,17 +137,18 @@ def pretrained_kwargs(model_name: str, pretrained: bool | str, weights: Any = No
         return {k: v for k, v in weights.model_kwargs.items() if k not in ("features_only", "out_indices")}
     source = resolve_source(model_name, pretrained)
     kwargs = {k: v for k, v in source.variant.model_kwargs.items() if k != "arch"}
-    kwargs["num_classes"] = source.variant.tag_num_classes.get(source.tag, 1000)
+    kwargs["num_classes"] = source.weights.num_classes
     return kwargs
 
 
-def fetch(location: str, *, file_name: str | None = None, progress: bool = True) -> Path:
+def fetch(location: str, *, file_name: str | None = None, sha256: str | None = None, progress: bool = True) -> Path:
     """A local path as is, or a URL downloaded once into torch.hub's cache with its hash checked.
 
-    The expected SHA-256 prefix is the "-<hex>." in the file name, as torch.hub does; a cached file is
-    checked again, so a truncated or tampered cache entry is an error instead of a silent bad model.
+    The expected SHA-256 prefix is `sha256` (a published weights row's), else the "-<hex>." in the file name,
+    as torch.hub does; a cached file is checked again, so a truncated or tampered cache entry is an error
+    instead of a silent bad model.
     """
-    if "://" not in location:
+    if not is_url(location):
         path = Path(location).expanduser()
         if not path.is_file():
             raise UserError(f"pretrained weights file not found: {path}")
@@ -197,12 +157,12 @@ def fetch(location: str, *, file_name: str | None = None, progress: bool = True)
     if not file_name:
         raise UserError(f"cannot tell a file name from the URL {location}")
     match = _HASH_IN_NAME.search(file_name)
-    hash_prefix = match.group(1) if match else None
+    hash_prefix = sha256 or (match.group(1) if match else None)
     destination = Path(torch.hub.get_dir()) / "checkpoints" / file_name
     if not destination.is_file():
         destination.parent.mkdir(parents=True, exist_ok=True)
         if hash_prefix is None:
-            logger.warning("%s carries no SHA-256 in its name: downloading it unverified", location)
+            logger.warning("%s has no published SHA-256: downloading it unverified", location)
         logger.info("downloading %s to %s", location, destination)
         try:
             torch.hub.download_url_to_file(location, str(destination), hash_prefix=hash_prefix, progress=progress)
@@ -217,11 +177,7 @@ def fetch(location: str, *, file_name: str | None = None, progress: bool = True)
 
 def _read_peer_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from .io import read_safetensors
-
         return read_safetensors(path)[0]
-    from .io import load_checkpoint
-
     return load_checkpoint(path)
 
 
@@ -233,22 +189,21 @@ def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
 
 
-def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str, weights: Any = None) -> None:
+def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
+                    weights: LoadedWeights | None = None) -> None:
     """Load published (or local) weights into `model`, built with `pretrained_kwargs(model_name, pretrained)`.
 
     A different `num_classes` keeps the model's freshly initialised classifier; a different `in_chans`
     adapts the stem.  Sets `model.preprocessing` to the weights' preprocessing.  `weights`: as in
     `pretrained_kwargs`.
     """
-    from .io import load_state_dict_checked
-
     if isinstance(pretrained, str) and is_location(pretrained):
         weights = weights if weights is not None else read_location(pretrained)
         state_dict, preprocessing, label = weights.state_dict, weights.preprocessing, str(weights.path)
         weights_config = {**weights.model_kwargs, "arch": model.config["arch"]}
     else:
         source = resolve_source(model_name, pretrained)
-        path = fetch(source.url, file_name=source.file_name)
+        path = fetch(source.weights.url, file_name=source.weights.file_name, sha256=source.weights.sha256)
         converted = convert_state_dict(source.variant.peer, f"{source.variant.name}.{source.tag}",
                                        _read_peer_file(path))
         state_dict, preprocessing, label = converted.state_dict, converted.preprocessing, source.label
@@ -277,8 +232,5 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str, w
             del state_dict[key]
         state_dict.update({k: own[k] for k in classifier_keys})
     load_state_dict_checked(model, state_dict, source=label)
-    in_chans = int(model.config["in_chans"])
-    if preprocessing.in_chans != in_chans:
-        preprocessing = preprocessing.replace(in_chans=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
-    model.preprocessing = preprocessing
+    model.preprocessing = preprocessing.for_channels(int(model.config["in_chans"]))
     logger.info("loaded pretrained weights %s", label)
