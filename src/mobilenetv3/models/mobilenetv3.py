@@ -71,6 +71,51 @@ class FeatureInfo(list):
         return [info["module"] for info in self]
 
 
+def _check_arguments(config: dict[str, Any]) -> None:
+    """The constructor's limits, checked before anything is built (one-line errors naming the argument)."""
+    if config["arch"] not in NETWORK_SPECS:
+        raise UserError(f"unknown MobileNetV3 arch {config['arch']!r}; choose from {', '.join(NETWORK_SPECS)}")
+    if config["output_stride"] not in (8, 16, 32):
+        raise UserError(f"output_stride must be 8, 16 or 32, got {config['output_stride']}")
+    if config["stem_stride"] not in (1, 2):
+        raise UserError(f"stem_stride must be 1 or 2, got {config['stem_stride']}")
+    if config["num_classes"] < 0 or config["in_chans"] < 1:
+        raise UserError(f"num_classes must be >= 0 and in_chans >= 1, got {config['num_classes']} and "
+                        f"{config['in_chans']}")
+    if not 0.0 <= config["drop_rate"] < 1.0 or not 0.0 <= config["drop_path_rate"] < 1.0:
+        raise UserError("drop_rate and drop_path_rate must be in [0, 1)")
+    if config["final_conv_repeats"] < 1:
+        raise UserError(f"final_conv_repeats must be >= 1, got {config['final_conv_repeats']}")
+
+
+def _make_blocks(network: ResolvedNetwork, norm: NormLayer, padding: Padding, *, stem_stride: int,
+                 output_stride: int, drop_path_rate: float) -> tuple[list[nn.Module], list[int]]:
+    """The bneck blocks of a resolved network, and the running stride after the stem and after each block.
+
+    Once the running stride reaches `output_stride`, later strides become dilation (the block that would have
+    strided still uses the old dilation, as in the TF/timm builders).  Stochastic depth grows linearly with depth.
+    """
+    blocks: list[nn.Module] = []
+    reductions = [stem_stride]
+    stride_so_far, dilation = stem_stride, 1
+    for index, block in enumerate(network.blocks):
+        stride, next_dilation = block.stride, dilation
+        if stride > 1:
+            if stride_so_far * stride > output_stride:
+                next_dilation, stride = dilation * stride, 1
+            else:
+                stride_so_far *= stride
+        blocks.append(InvertedResidual(
+            block.in_channels, block.expanded_channels, block.out_channels, kernel_size=block.kernel_size,
+            stride=stride, dilation=dilation, squeeze_channels=block.squeeze_channels, activation=block.activation,
+            norm_layer=norm, padding=padding, drop_path_rate=drop_path_rate * index / len(network.blocks),
+            se_activation=block.se_activation, residual=block.residual,
+        ))
+        reductions.append(stride_so_far)
+        dilation = next_dilation
+    return blocks, reductions
+
+
 class MobileNetV3(nn.Module):
     """MobileNetV3-Large / -Small as in the paper, with timm's model contract.
 
@@ -129,16 +174,7 @@ class MobileNetV3(nn.Module):
         config = dict(locals())
         for key in ("self", "__class__"):
             config.pop(key, None)
-        if arch not in NETWORK_SPECS:
-            raise UserError(f"unknown MobileNetV3 arch {arch!r}; choose from {', '.join(NETWORK_SPECS)}")
-        if output_stride not in (8, 16, 32):
-            raise UserError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        if stem_stride not in (1, 2):
-            raise UserError(f"stem_stride must be 1 or 2, got {stem_stride}")
-        if num_classes < 0 or in_chans < 1:
-            raise UserError(f"num_classes must be >= 0 and in_chans >= 1, got {num_classes} and {in_chans}")
-        if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
-            raise UserError("drop_rate and drop_path_rate must be in [0, 1)")
+        _check_arguments(config)
         if not callable(norm_layer):
             config["norm_layer"] = norm_layer or "batchnorm"
         if block_repeats is not None:
@@ -161,41 +197,11 @@ class MobileNetV3(nn.Module):
             activation=self.spec.stem_activation, padding=options.padding,
         )
 
-        # Blocks; once the running stride reaches output_stride, later strides become dilation
-        # (the block that would have strided still uses the old dilation, as in the TF/timm builders).
-        blocks: list[nn.Module] = []
-        reductions = [stem_stride]
-        stride_so_far, dilation = stem_stride, 1
-        num_blocks = len(network.blocks)
-        for index, block in enumerate(network.blocks):
-            stride, next_dilation = block.stride, dilation
-            if stride > 1:
-                if stride_so_far * stride > output_stride:
-                    next_dilation, stride = dilation * stride, 1
-                else:
-                    stride_so_far *= stride
-            blocks.append(
-                InvertedResidual(
-                    block.in_channels,
-                    block.expanded_channels,
-                    block.out_channels,
-                    kernel_size=block.kernel_size,
-                    stride=stride,
-                    dilation=dilation,
-                    squeeze_channels=block.squeeze_channels,
-                    activation=block.activation,
-                    norm_layer=norm,
-                    padding=options.padding,
-                    drop_path_rate=drop_path_rate * index / num_blocks,
-                    se_activation=block.se_activation,
-                    residual=block.residual,
-                )
-            )
-            reductions.append(stride_so_far)
-            dilation = next_dilation
+        blocks, reductions = _make_blocks(network, norm, options.padding, stem_stride=stem_stride,
+                                          output_stride=output_stride, drop_path_rate=drop_path_rate)
         self.blocks = nn.Sequential(*blocks)
-        if final_conv_repeats < 1:
-            raise UserError(f"final_conv_repeats must be >= 1, got {final_conv_repeats}")
+        stride_so_far = reductions[-1]
+        num_blocks = len(network.blocks)
         final_convs = [
             ConvNormAct(
                 network.blocks[-1].out_channels if index == 0 else network.final_conv_channels,
