@@ -221,8 +221,8 @@ def batch_norm(norm: nn.Module, x: torch.Tensor, conv: nn.Module, conv_input: to
     before it is written, and the result is bit-identical.  Only on the CPU (CUDA's caching allocator makes
     allocation cheap), for a plain eval-mode `nn.BatchNorm2d` with running statistics and no forward hooks (a
     hooked BN is called as a module, so its hooks run).  Criterion: the eager network at batch 32 faster by more
-    than 5% with it than without, with and without `keep_freed_memory` (`benchmarks/eager_speed.py` times ours
-    against the peers; `docs/performance.md` says how to time it on and off).
+    than 5% with it than without, with and without `keep_freed_memory`, as `benchmarks/route_ablation.py` times it
+    (each inference route on against off, interleaved).
     """
     if (  # the cheap tests first: this runs for every BN of every forward
         not _settings.inplace_batchnorm
