@@ -1,4 +1,8 @@
-"""Parameters and multiply-adds, counted by torch's own flop counter, beside the paper's Table 9."""
+"""Parameters and multiply-adds, counted by torch's own flop counter, beside the paper's Table 9.
+
+Segmentation networks (LR-ASPP) are counted the same way, at any height x width; the paper's Table 7 numbers
+are not in `PAPER` (not confirmed from the paper's text here), so their paper columns are empty.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import UserError
 from .factory import create_model
 from .models.registry import get_entry
 
@@ -39,10 +44,22 @@ PAPER: dict[tuple[str, float, int], tuple[float | None, float | None]] = {
 }
 
 
+def parse_resolution(value: int | str | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from 224, "224", "512x1024" or (512, 1024)."""
+    if isinstance(value, tuple):
+        return int(value[0]), int(value[1])
+    text = str(value).lower()
+    try:
+        height, _, width = text.partition("x")
+        return int(height), int(width or height)
+    except ValueError:
+        raise UserError(f"resolution must be N or HEIGHTxWIDTH (e.g. 224, 512x1024), got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Profile:
     model: str
-    resolution: int
+    resolution: int | str  # an int for square inputs, "HxW" otherwise
     params: int
     macs: int
     paper_macs: float | None  # millions
@@ -52,21 +69,28 @@ class Profile:
         return asdict(self)
 
 
-def count_macs(model: torch.nn.Module, resolution: int, in_chans: int = 3) -> int:
+def count_macs(model: torch.nn.Module, resolution: int | str | tuple[int, int], in_chans: int = 3) -> int:
     """Multiply-adds of one forward pass at batch 1 (torch's flop counter counts 2 flops per MAC)."""
+    height, width = parse_resolution(resolution)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(torch.zeros(1, in_chans, resolution, resolution))
+        model(torch.zeros(1, in_chans, height, width))
     return counter.get_total_flops() // 2
 
 
-def profile_model(name: str, resolution: int = 224, **kwargs) -> Profile:
+def profile_model(name: str, resolution: int | str | tuple[int, int] = 224, **kwargs) -> Profile:
+    """Params and MACs of `create_model(name, **kwargs)` at `resolution` (N, "HxW" or (H, W)).
+
+    The paper's columns are filled for the classifiers at 1000 classes, 3 channels and a square input only.
+    """
+    height, width = parse_resolution(resolution)
     model = create_model(name, **kwargs).eval()
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(model, resolution, in_chans=model.config["in_chans"])
+    macs = count_macs(model, (height, width), in_chans=model.config["in_chans"])
     entry = get_entry(name)
-    width = float(model.config["width_mult"])
+    multiplier = float(model.config["width_mult"])
     paper = (None, None)
-    if model.config["num_classes"] == 1000 and model.config["in_chans"] == 3:
-        paper = PAPER.get((entry.arch, width, resolution), (None, None))
-    return Profile(name, resolution, params, macs, *paper)
+    if entry.task == "classification" and model.config["num_classes"] == 1000 and model.config["in_chans"] == 3 \
+            and height == width:
+        paper = PAPER.get((entry.arch, multiplier, height), (None, None))
+    return Profile(name, height if height == width else f"{height}x{width}", params, macs, *paper)

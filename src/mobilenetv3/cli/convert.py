@@ -3,6 +3,11 @@
   mobilenetv3 convert --from torchvision --arch mobilenet_v3_large IN.pth OUT.safetensors
   mobilenetv3 convert --from timm --arch tf_mobilenetv3_large_100 IN.pth OUT.safetensors --verify
   mobilenetv3 convert --to torchvision OURS.safetensors OUT.pth
+  mobilenetv3 convert --from torchvision --arch lraspp_mobilenet_v3_large IN.pth OUT.safetensors
+
+LR-ASPP segmentation networks convert too (torchvision's lraspp_mobilenet_v3_large <-> our
+lraspp_mobilenetv3_large_100 with reduced_tail=False); their class names (VOC's for the COCO_WITH_VOC_LABELS_V1
+tag) are written into the file.
 
 --arch is the peer's own model name, optionally with its weights tag (timm style, e.g.
 mobilenetv3_large_100.miil_in21k_ft_in1k or mobilenet_v3_large.IMAGENET1K_V1): the tag selects the
@@ -23,7 +28,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-HELP = "convert torchvision / timm MobileNetV3 weights to ours, and back"
+HELP = "convert torchvision / timm MobileNetV3 (and LR-ASPP) weights to ours, and back"
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ def _from_peer(args: argparse.Namespace) -> int:
         if _report_difference(peer_model, model, prep.input_size, args.tolerance) != 0:
             print(f"nothing was written to {args.output}")
             return 1
-    save_model(model, args.output, preprocessing=converted.preprocessing,
+    save_model(model, args.output, preprocessing=converted.preprocessing, class_names=converted.class_names,
                extra={"converted_from": converted.source})
     print(f"wrote {args.output}: {converted.model_name} from {args.from_peer} {converted.source['arch']}"
           f"{'.' + converted.source['tag'] if converted.source['tag'] else ''} "
@@ -122,6 +127,8 @@ def _to_peer(args: argparse.Namespace) -> int:
         atomic_write(args.output, lambda tmp: torch.save(state_dict, tmp))
     loader = (f"torchvision.models.{peer_arch}()" if args.to_peer == "torchvision"
               else f"timm.create_model({peer_arch!r})")
+    if peer_arch.startswith("lraspp_"):
+        loader = f"torchvision.models.segmentation.{peer_arch}(weights=None, weights_backbone=None)"
     print(f"wrote {args.output}: a {args.to_peer} {peer_arch} state dict (num_classes={model.num_classes}); "
           f"load it into {loader}; eval preprocessing: resize {prep.resize_size} {prep.interpolation}, "
           f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)}")
@@ -136,6 +143,8 @@ def _peer_model(peer: str, name: str, num_classes: int, in_chans: int):
 
             if in_chans != 3:
                 raise UserError("--verify: torchvision's MobileNetV3 takes 3 input channels only")
+            if name.startswith("lraspp_"):  # no backbone download: the converted tensors replace it
+                return torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes)
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         import timm  # the peer library, optional: --verify only
 
@@ -151,6 +160,8 @@ def _report_difference(peer_model, model, input_size: int, tolerance: float) -> 
     inputs = torch.randn(2, model.config["in_chans"], input_size, input_size, generator=generator)
     with torch.no_grad():
         expected, actual = peer_model.eval()(inputs), model.eval()(inputs)
+    if isinstance(expected, dict):  # segmentation networks: {"out": logits}
+        expected, actual = expected["out"], actual["out"]
     difference, largest = (expected - actual).abs().max().item(), expected.abs().max().item()
     # float32 rounding grows with the outputs' magnitude: the tolerance is absolute up to |output| 1.
     allowed = tolerance * max(1.0, largest)

@@ -1,6 +1,9 @@
 """Print parameters and multiply-adds (torch.utils.flop_counter) beside the paper's numbers.
 
 MACs are multiply-adds of one image; the paper's columns are millions, from Table 9 and its text.
+Segmentation models take any height x width, e.g.
+
+  mobilenetv3 profile --model lraspp_mobilenetv3_large_100 lraspp_mobilenetv3_small_100 --resolution 512x1024
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ DEFAULT_MODELS = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", default=None, metavar="NAME",
                         help="model names (default: every width of Large and Small, and the minimal ones)")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="R",
-                        help="input resolution(s) (default 224)")
-    parser.add_argument("--num-classes", type=int, default=1000, metavar="N",
-                        help="classifier outputs (default 1000, as the paper's ImageNet counts)")
+    parser.add_argument("--resolution", nargs="+", default=None, metavar="R",
+                        help="input resolution(s), each N (NxN) or HEIGHTxWIDTH, e.g. 224 160 or 512x1024 "
+                             "(default 224)")
+    parser.add_argument("--num-classes", type=int, default=None, metavar="N",
+                        help="classifier outputs (default: the model's own, 1000 as the paper's ImageNet counts, "
+                             "21 for the LR-ASPP segmentation models)")
     parser.add_argument("--in-chans", type=int, default=3, metavar="C",
                         help="input channels (default 3; 1 for greyscale)")
     output = parser.add_mutually_exclusive_group()
@@ -48,15 +53,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _resolutions(values: list[str] | None) -> list[tuple[int, int]]:
+    """(height, width) per requested input, each "N" or "HxW"."""
+    values = values or ["224"]
+    sizes = []
+    for value in values:
+        height, _, width = value.lower().partition("x")
+        if not height.isdigit() or not (width.isdigit() or not width):
+            raise UserError(f"--resolution takes N or HEIGHTxWIDTH (e.g. 224, 512x1024), got {value!r}")
+        sizes.append((int(height), int(width or height)))
+    if any(min(size) < 32 for size in sizes):
+        raise UserError("--resolution must be at least 32")
+    return sizes
+
+
 def run(args: argparse.Namespace) -> int:
     from ..profile import profile_model  # torch on use: `mobilenetv3 profile --help` stays torch-free
 
-    if any(r < 32 for r in args.resolution):
-        raise UserError("--resolution must be at least 32")
+    sizes = _resolutions(args.resolution)
+    heads = {} if args.num_classes is None else {"num_classes": args.num_classes}
     rows = [
-        profile_model(name, resolution, num_classes=args.num_classes, in_chans=args.in_chans)
+        profile_model(name, resolution, in_chans=args.in_chans, **heads)
         for name in (args.model or DEFAULT_MODELS)
-        for resolution in args.resolution
+        for resolution in sizes
     ]
     if args.json:
         for row in rows:
@@ -65,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table([row.to_dict() for row in rows]))
         return 0
-    print(f"{'model':32s} {'res':>4s} {'params':>11s} {'paper (M)':>9s} {'MACs (M)':>9s} {'paper (M)':>9s}")
+    print(f"{'model':32s} {'res':>9s} {'params':>11s} {'paper (M)':>9s} {'MACs (M)':>9s} {'paper (M)':>9s}")
     for row in rows:
         print(
-            f"{row.model:32s} {row.resolution:4d} {row.params:11,d} {_fmt(row.paper_params):>9s} "
+            f"{row.model:32s} {str(row.resolution):>9s} {row.params:11,d} {_fmt(row.paper_params):>9s} "
             f"{row.macs / 1e6:9.1f} {_fmt(row.paper_macs, 0):>9s}"
         )
     return 0

@@ -1,4 +1,5 @@
-"""Datasets for training and evaluation: an ImageNet-layout folder, Fashion-MNIST, or synthetic tensors.
+"""Datasets for training and evaluation: an ImageNet-layout folder, Fashion-MNIST, or synthetic tensors; for
+segmentation, a folder of images and masks, Pascal VOC 2012, or fashion-mnist-seg canvases (segmentation.py).
 
     from mobilenetv3.data import DataConfig, build_datasets, collate_skipping
 

@@ -13,15 +13,22 @@ from torch.utils.data import Dataset, default_collate
 
 from ..errors import UserError
 from ..preprocessing import Preprocessing
-from . import fashion_mnist
+from . import fashion_mnist, segmentation
 from .config import DataConfig
 from .folder import TolerantImageFolder, check_same_classes, split_dirs, typical_image_size
 from .synthetic import VAL_SPLIT, SyntheticImages
-from .transforms import SmallImageTrainTransform, check_transform_settings, imagenet_train_transform
+from .transforms import (
+    MASK_IGNORE,
+    SmallImageTrainTransform,
+    check_transform_settings,
+    imagenet_train_transform,
+    segmentation_eval_transform,
+    segmentation_train_transform,
+)
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("fashion-mnist", "synthetic")
+BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-seg", "synthetic")
 #: a folder's images count as "much smaller" than the input size when their typical short side is at most this
 #: fraction of it (upscaled at least 2x on a side, 4x the pixels): then a one-line warning names --input-size
 UPSCALE_WARNING_FRACTION = 0.5
@@ -38,12 +45,17 @@ class DatasetBundle:
     in_chans: int
     preprocessing: Preprocessing
     model_defaults: dict[str, Any] = field(default_factory=dict)
+    #: "classification" (items: image, label) or "segmentation" (items: image, mask; data/segmentation.py)
+    task: str = "classification"
+    #: the mask value that counts for nothing (segmentation: 255), else None
+    ignore_index: int | None = None
 
     def describe(self) -> str:
         train = f"{len(self.train)} train, " if self.train is not None else ""
+        task = "" if self.task == "classification" else f" ({self.task}, {self.ignore_index} = ignore)"
         return (
             f"{train}{len(self.val)} val samples, {self.num_classes} classes, {self.in_chans}x"
-            f"{self.preprocessing.input_size}x{self.preprocessing.input_size} input"
+            f"{self.preprocessing.input_size}x{self.preprocessing.input_size} input{task}"
         )
 
 
@@ -65,7 +77,8 @@ def same_dataset(a: str, b: str) -> bool:
 def check_data_config(cfg: DataConfig) -> None:
     """One-line UserError (naming the `data.` key) for a setting no dataset can use; build_datasets calls it too."""
     if not cfg.dataset:
-        raise UserError("data.dataset (--data) is empty: give 'fashion-mnist', 'synthetic' or a folder")
+        raise UserError("data.dataset (--data) is empty: give 'fashion-mnist', 'fashion-mnist-seg', 'synthetic', "
+                        "'voc:PATH' or a folder")
     if cfg.input_size is not None and cfg.input_size < 8:
         raise UserError(f"data.input_size must be >= 8, got {cfg.input_size}")
     if cfg.crop_pct is not None and not 0.0 < cfg.crop_pct <= 1.0:
@@ -80,7 +93,11 @@ def check_data_config(cfg: DataConfig) -> None:
         raise UserError(f"data.randaugment_magnitude must be in [0, 30], got {cfg.randaugment_magnitude}")
     if cfg.workers < 0:
         raise UserError(f"data.workers must be >= 0, got {cfg.workers}")
-    for name in ("synthetic_train_samples", "synthetic_val_samples", "synthetic_classes"):
+    if not 0.0 < cfg.seg_scale_min <= cfg.seg_scale_max:
+        raise UserError(f"data.seg_scale_min must be > 0 and <= data.seg_scale_max, got {cfg.seg_scale_min} and "
+                        f"{cfg.seg_scale_max}")
+    for name in ("synthetic_train_samples", "synthetic_val_samples", "synthetic_classes", "canvas_train_samples",
+                 "canvas_val_samples"):
         if getattr(cfg, name) < 1:
             raise UserError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
 
@@ -100,7 +117,9 @@ def _eval_preprocessing(default: Preprocessing, base: Preprocessing | None, cfg:
 def build_datasets(
     cfg: DataConfig, *, need_train: bool = True, preprocessing: Preprocessing | None = None
 ) -> DatasetBundle:
-    """Datasets for `cfg.dataset`: "fashion-mnist", "synthetic", or a folder in ImageNet layout.
+    """Datasets for `cfg.dataset`: "fashion-mnist", "synthetic", or a folder in ImageNet layout; for segmentation
+    "fashion-mnist-seg", "voc:PATH", a folder holding VOCdevkit/VOC2012, or a folder with {train,val}/images
+    and {train,val}/masks (data/segmentation.py).
 
     `preprocessing` (optional) is the eval preprocessing to start from instead of the dataset's default,
     e.g. a checkpoint's; `cfg.input_size` / `cfg.crop_pct` still override it when set.
@@ -110,6 +129,13 @@ def build_datasets(
         return _fashion_mnist(cfg, need_train, preprocessing)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg, need_train, preprocessing)
+    if cfg.dataset == "fashion-mnist-seg":
+        return _fashion_mnist_seg(cfg, need_train, preprocessing)
+    voc = segmentation.voc_root(cfg.dataset)
+    if voc is not None:
+        return _voc(voc, cfg, need_train, preprocessing)
+    if segmentation.is_segmentation_folder(cfg.dataset):
+        return _segmentation_folder(cfg, need_train, preprocessing)
     return _image_folder(cfg, need_train, preprocessing)
 
 
@@ -184,14 +210,78 @@ def _synthetic(cfg: DataConfig, need_train: bool, base: Preprocessing | None) ->
     return DatasetBundle(train, val, cfg.synthetic_classes, list(val.classes), prep.in_chans, prep, defaults)
 
 
+#: the eval preprocessing of segmentation folders and VOC: the short side resized to 512, nothing cropped
+SEGMENTATION_PREPROCESSING = Preprocessing(input_size=512, crop_pct=1.0)
+
+
+def _segmentation_bundle(train, val, prep: Preprocessing, defaults: dict[str, Any]) -> DatasetBundle:
+    return DatasetBundle(train, val, len(val.classes), list(val.classes), prep.in_chans, prep, defaults,
+                         task="segmentation", ignore_index=MASK_IGNORE)
+
+
+def _segmentation_transforms(cfg: DataConfig, prep: Preprocessing, need_train: bool):
+    return (segmentation_train_transform(cfg, prep) if need_train else None), segmentation_eval_transform(prep)
+
+
+def _segmentation_folder(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    # Any image mode is converted when read: follow the weights' channel count (grey canvases written by
+    # segmentation.write_folder train 1-channel models), else RGB.
+    default = SEGMENTATION_PREPROCESSING.for_channels(base.in_chans if base is not None else 3)
+    prep = _eval_preprocessing(default, base, cfg)
+    train, val = segmentation.segmentation_folders(
+        cfg.dataset, need_train=need_train, transforms=_segmentation_transforms(cfg, prep, need_train),
+        strict=cfg.strict_data, mode=prep.image_mode)
+    return _segmentation_bundle(train, val, prep, {} if prep.in_chans == 3 else {"in_chans": prep.in_chans})
+
+
+def _voc(root: Path, cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    prep = _eval_preprocessing(SEGMENTATION_PREPROCESSING, base, cfg)
+    train, val = segmentation.voc_datasets(root, need_train=need_train,
+                                           transforms=_segmentation_transforms(cfg, prep, need_train),
+                                           strict=cfg.strict_data)
+    return _segmentation_bundle(train, val, prep, {})
+
+
+def _fashion_mnist_seg(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    default = Preprocessing(input_size=segmentation.CANVAS_SIZE, crop_pct=1.0, mean=segmentation.CANVAS_MEAN,
+                            std=segmentation.CANVAS_STD, in_chans=1)
+    prep = _eval_preprocessing(default, base, cfg)
+    train_transform, val_transform = _segmentation_transforms(cfg, prep, need_train)
+    val = segmentation.fashion_mnist_canvases("val", cfg.canvas_val_samples, cfg.canvas_seed, cfg.data_dir,
+                                              val_transform)
+    train = None
+    if need_train:
+        train = segmentation.fashion_mnist_canvases("train", cfg.canvas_train_samples, cfg.canvas_seed, cfg.data_dir,
+                                                    train_transform)
+    return _segmentation_bundle(train, val, prep, {"in_chans": 1})
+
+
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     """default_collate of the items that are not None -> (images [B, C, H, W], targets [B] int64, skipped).
 
+    Segmentation items give targets [B, H, W] (masks); items of different sizes (a folder's eval images) are
+    padded at the bottom and right to the largest: images with 0 (the mean, once normalised), masks with 255.
     When every item of the batch is None, images and targets are empty (B = 0): skip the step.
     """
     kept = [item for item in batch if item is not None]
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    if isinstance(kept[0][1], torch.Tensor) and kept[0][1].dim() == 2:
+        kept = _padded_to_largest(kept)
     images, targets = default_collate(kept)
     return images, torch.as_tensor(targets, dtype=torch.long), skipped
+
+
+def _padded_to_largest(items: list) -> list:
+    """(image [C, H, W], mask [H, W]) pairs padded at the bottom and right to the largest H and W of the batch."""
+    height = max(mask.shape[0] for _, mask in items)
+    width = max(mask.shape[1] for _, mask in items)
+    padded = []
+    for image, mask in items:
+        extra = [0, width - mask.shape[1], 0, height - mask.shape[0]]
+        if any(extra):
+            image = torch.nn.functional.pad(image, extra, value=0.0)
+            mask = torch.nn.functional.pad(mask, extra, value=MASK_IGNORE)
+        padded.append((image, mask))
+    return padded

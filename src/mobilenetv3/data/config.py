@@ -27,7 +27,14 @@ Additions (backward compatible):
     A folder whose typical image (median of a few files' headers) has a short side at most half the input size
     gets one logging warning naming --input-size (rank 0 only); nothing else changes.
     All randomness of items comes from torch's RNG (v2 transforms, synthetic generators): seeding a worker's
-    torch RNG reproduces its samples; no Python `random` or NumPy RNG is used.
+    torch RNG reproduces its samples; no Python `random` or NumPy RNG is used.  (fashion-mnist-seg's canvases
+    are generated once, from data.canvas_seed, before any item is drawn: they are data, not augmentation.)
+
+Segmentation (bundle.task == "segmentation"; data/segmentation.py):
+    bundle.task: "classification" or "segmentation";  bundle.ignore_index: 255 for segmentation, else None
+    items are (image float32 [C,H,W] normalised, mask int64 [H,W] of class indices, 255 = ignore), or None
+    collate_skipping(batch) -> (images [B,C,H,W], masks [B,H,W] int64, skipped); items of different sizes
+        (a folder's eval images) are padded at the bottom and right to the largest: images 0, masks 255.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from typing import Any, Mapping
 
 @dataclass
 class DataConfig:
-    #: "fashion-mnist", "synthetic", or a folder in ImageNet layout (train/<class>/*, val/<class>/*).
+    #: "fashion-mnist", "synthetic", or a folder in ImageNet layout (train/<class>/*, val/<class>/*); for
+    #: segmentation "fashion-mnist-seg", "voc:PATH" (Pascal VOC 2012) or a folder with train/images + train/masks.
     dataset: str = "synthetic"
     #: where fashion-mnist is looked for (then $MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, download).
     data_dir: str | None = None
@@ -55,6 +63,13 @@ class DataConfig:
     #: loading (used by the training package's DataLoader)
     workers: int = 2
     strict_data: bool = False  # a broken image is an error instead of a skipped sample
+    #: segmentation: the short side is resized to input_size times a factor in [seg_scale_min, seg_scale_max]
+    seg_scale_min: float = 0.5
+    seg_scale_max: float = 2.0
+    #: fashion-mnist-seg: how many canvases, and the seed they are generated from (independent of the run's seed)
+    canvas_train_samples: int = 10000
+    canvas_val_samples: int = 1000
+    canvas_seed: int = 0
     #: synthetic data
     synthetic_train_samples: int = 256
     synthetic_val_samples: int = 64

@@ -61,19 +61,7 @@ class TolerantImageFolder(ImageFolder):
 
     def read_image(self, path: str):
         """The decoded image in `self.convert`'s mode, or None (after one warning) when it can't be decoded."""
-        try:
-            with open(path, "rb") as handle:
-                image = Image.open(handle)
-                image.load()  # decode now: truncation is only detected here
-            return self.convert(image)
-        except DECODE_ERRORS as error:
-            reason = describe_decode_error(path, error)
-            if self.strict:
-                raise UserError(f"unreadable image {path}: {reason} (drop --strict-data to skip such files)") from None
-            if path not in self.broken_files:
-                self.broken_files.add(path)
-                logger.warning("skipping unreadable image %s: %s", path, reason)
-            return None
+        return read_image(path, self.convert, strict=self.strict, broken_files=self.broken_files)
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
@@ -85,6 +73,25 @@ class TolerantImageFolder(ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
+
+
+def read_image(path: str, convert: Callable, *, strict: bool, broken_files: set[str]):
+    """`convert(decoded image)`, or None when `path` can't be decoded: one warning naming the file the first time
+    (it is added to `broken_files`), or a UserError with `strict`.  Shared by the classification and
+    segmentation folders."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.load()  # decode now: truncation is only detected here
+        return convert(image)
+    except DECODE_ERRORS as error:
+        reason = describe_decode_error(path, error)
+        if strict:
+            raise UserError(f"unreadable image {path}: {reason} (drop --strict-data to skip such files)") from None
+        if path not in broken_files:
+            broken_files.add(path)
+            logger.warning("skipping unreadable image %s: %s", path, reason)
+        return None
 
 
 def typical_image_size(folder: ImageFolder, count: int = 8) -> tuple[int, int] | None:

@@ -1,4 +1,5 @@
-"""Train-time transform presets (torchvision.transforms.v2); the eval transform is `Preprocessing.eval_transform()`.
+"""Train-time transform presets (torchvision.transforms.v2); the eval transform is `Preprocessing.eval_transform()`,
+except for segmentation, whose train and eval transforms (`SegmentationTransform`) take an image and its mask.
 
 Every random choice goes through torch's RNG (v2 transforms use torch.rand/randint only), so a DataLoader
 worker whose torch seed is known produces the same samples again: that is what bit-exact resume relies on.
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
@@ -233,3 +235,70 @@ class SmallImageTrainTransform(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}"
+
+
+# --- segmentation: the image and its mask move together ---------------------------------------------------------
+
+#: what padding writes into a mask: pixels that count for nothing in the loss and the metrics
+MASK_IGNORE = 255
+
+
+class SegmentationTransform(torch.nn.Module):
+    """(image, mask) -> (image float32 [C, H, W] normalised, mask int64 [H, W]) through one v2 pipeline.
+
+    The image is a uint8 tensor [C, H, W] (or `tv_tensors.Image`), the mask [H, W] of class indices (or
+    `tv_tensors.Mask`).  Both are wrapped as tv_tensors, so every geometric step of `steps` applies the same
+    draw to both, and masks are always resized with nearest interpolation (torchvision coerces it).  Then the
+    image alone is scaled to [0, 1] and normalised.  Randomness comes from torch's global RNG only, which is
+    what `SeededSamples` seeds per sample.
+    """
+
+    def __init__(self, steps: list, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.steps = v2.Compose(steps) if steps else None
+        self.mean, self.std = list(mean), list(std)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        if self.steps is not None:
+            image, mask = self.steps(image, mask)
+        image = F.normalize(F.to_dtype(image.as_subclass(torch.Tensor), torch.float32, scale=True), self.mean, self.std)
+        return image, mask.as_subclass(torch.Tensor).long()
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
+def padding_fill(preprocessing: Preprocessing) -> list[int]:
+    """The uint8 value per channel that normalises to 0 (the mean): what a crop pads the image with."""
+    return [round(255 * mean) for mean in preprocessing.mean]
+
+
+def segmentation_train_transform(cfg: DataConfig, preprocessing: Preprocessing) -> SegmentationTransform:
+    """Random scale, random crop, horizontal flip, as torchvision's segmentation references do.
+
+    The short side is resized to input_size times a factor uniform in [cfg.seg_scale_min, cfg.seg_scale_max]
+    (`v2.RandomResize`); then an input_size square is cropped at a random place (`v2.RandomCrop`), padding
+    the image with its mean and the mask with 255 (ignored) where the resized image is smaller; then a
+    horizontal flip with probability cfg.hflip.
+    """
+    size = preprocessing.input_size
+    low = max(1, int(cfg.seg_scale_min * size))
+    high = max(low + 1, int(cfg.seg_scale_max * size) + 1)  # RandomResize draws from [low, high)
+    steps = [
+        v2.RandomResize(low, high, interpolation=_interpolation(cfg), antialias=True),
+        v2.RandomCrop(size, pad_if_needed=True,
+                      fill={tv_tensors.Image: padding_fill(preprocessing), tv_tensors.Mask: MASK_IGNORE}),
+    ]
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    return SegmentationTransform(steps, preprocessing.mean, preprocessing.std)
+
+
+def segmentation_eval_transform(preprocessing: Preprocessing) -> SegmentationTransform:
+    """Resize the short side to `preprocessing.resize_size` (image and mask; nothing is cropped, so every
+    labelled pixel counts), then normalise: what torchvision's segmentation weights' transforms do.
+    Images already at that size are left as they are."""
+    interpolation = InterpolationMode(preprocessing.interpolation)
+    steps = [v2.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True)]
+    return SegmentationTransform(steps, preprocessing.mean, preprocessing.std)

@@ -49,6 +49,7 @@ def _layout(kwargs: dict[str, Any]) -> LayoutOptions:
         block_repeats=tuple(int(n) for n in kwargs["block_repeats"]) if kwargs.get("block_repeats") else None,
         se_activation_from_block=bool(kwargs.get("se_activation_from_block", False)),
         first_block_residual=bool(kwargs.get("first_block_residual", True)),
+        reduced_tail=bool(kwargs.get("reduced_tail", False)),
     )
 
 
@@ -89,25 +90,28 @@ def _check_arguments(config: dict[str, Any]) -> None:
 
 
 def _make_blocks(network: ResolvedNetwork, norm: NormLayer, padding: Padding, *, stem_stride: int,
-                 output_stride: int, drop_path_rate: float) -> tuple[list[nn.Module], list[int]]:
+                 output_stride: int, drop_path_rate: float,
+                 dilate_strided_block: bool = False) -> tuple[list[nn.Module], list[int]]:
     """The bneck blocks of a resolved network, and the running stride after the stem and after each block.
 
-    Once the running stride reaches `output_stride`, later strides become dilation (the block that would have
-    strided still uses the old dilation, as in the TF/timm builders).  Stochastic depth grows linearly with depth.
+    Once the running stride reaches `output_stride`, later strides become dilation.  The block that would have
+    strided still uses the old dilation, as in the TF/timm builders, or with `dilate_strided_block` already
+    the new one, as torchvision's `dilated=True` does.  Stochastic depth grows linearly with depth.
     """
     blocks: list[nn.Module] = []
     reductions = [stem_stride]
     stride_so_far, dilation = stem_stride, 1
     for index, block in enumerate(network.blocks):
-        stride, next_dilation = block.stride, dilation
+        stride, next_dilation, block_dilation = block.stride, dilation, dilation
         if stride > 1:
             if stride_so_far * stride > output_stride:
                 next_dilation, stride = dilation * stride, 1
+                block_dilation = next_dilation if dilate_strided_block else dilation
             else:
                 stride_so_far *= stride
         blocks.append(InvertedResidual(
             block.in_channels, block.expanded_channels, block.out_channels, kernel_size=block.kernel_size,
-            stride=stride, dilation=dilation, squeeze_channels=block.squeeze_channels, activation=block.activation,
+            stride=stride, dilation=block_dilation, squeeze_channels=block.squeeze_channels, activation=block.activation,
             norm_layer=norm, padding=padding, drop_path_rate=drop_path_rate * index / len(network.blocks),
             se_activation=block.se_activation, residual=block.residual,
         ))
@@ -138,6 +142,10 @@ class MobileNetV3(nn.Module):
             express the peers' variants exactly (see `spec.LayoutOptions`); the defaults are the paper's.
         block_repeats, se_activation_from_block, first_block_residual: further layout rules for timm's
             mobilenetv3_large_150d (depth multiplier) and mobilenetv3_rw (see `spec.LayoutOptions`).
+        reduced_tail: halve the last stage's channels (the paper's §6.1 for segmentation and detection;
+            `spec.halve_tail`).
+        dilate_strided_block: past `output_stride`, dilate the block whose stride was removed too
+            (torchvision's `dilated=True`); by default it keeps the previous dilation (TF, timm).
         final_conv_repeats: how many 1x1 convs end the features (timm's depth multiplier makes 2).
         zero_init_last: start every residual block's last BN at zero scale, so that each block begins as the
             identity (Goyal et al. 2017; timm's ResNet `zero_init_last`, torchvision's `zero_init_residual`).
@@ -169,6 +177,8 @@ class MobileNetV3(nn.Module):
         first_block_residual: bool = True,
         final_conv_repeats: int = 1,
         zero_init_last: bool = False,
+        reduced_tail: bool = False,
+        dilate_strided_block: bool = False,
     ) -> None:
         super().__init__()
         config = dict(locals())
@@ -198,7 +208,8 @@ class MobileNetV3(nn.Module):
         )
 
         blocks, reductions = _make_blocks(network, norm, options.padding, stem_stride=stem_stride,
-                                          output_stride=output_stride, drop_path_rate=drop_path_rate)
+                                          output_stride=output_stride, drop_path_rate=drop_path_rate,
+                                          dilate_strided_block=dilate_strided_block)
         self.blocks = nn.Sequential(*blocks)
         stride_so_far = reductions[-1]
         num_blocks = len(network.blocks)
@@ -217,10 +228,13 @@ class MobileNetV3(nn.Module):
 
         names = ["stem"] + [f"blocks.{i}" for i in range(num_blocks)] + ["final_conv"]
         channels = [network.stem_channels] + [b.out_channels for b in network.blocks] + [self.num_features]
+        # every layer of [stem, *blocks, final_conv]; feature_info is the last layer at each resolution
+        self.layer_info = FeatureInfo(
+            dict(num_chs=channels[i], reduction=reductions[i], module=names[i]) for i in range(len(names))
+        )
         self.feature_layer_ids = _feature_taps(network, stem_stride)
         self.feature_info = FeatureInfo(
-            dict(num_chs=channels[i], reduction=reductions[i], module=names[i], index=n)
-            for n, i in enumerate(self.feature_layer_ids)
+            dict(self.layer_info[i], index=n) for n, i in enumerate(self.feature_layer_ids)
         )
 
         # The "efficient last stage" (paper, figure 5): pool first, then a 1x1 conv without BN.
@@ -292,24 +306,43 @@ class MobileNetV3Features(nn.Module):
     Module names match `MobileNetV3`, so a classifier's state dict loads into it with
     `load_state_dict(state_dict, strict=False)` (the head keys are reported as unexpected and not used);
     layers after the deepest requested feature are dropped.
+
+    `layer_ids` instead taps any layers of [stem, *blocks, final_conv] (`model.layer_info`), e.g. the first
+    block at a stride rather than the last (what torchvision's LR-ASPP takes as its low-level features);
+    `out_indices` is then None.
     """
 
-    def __init__(self, model: MobileNetV3, out_indices: tuple[int, ...] | list[int] | None = None) -> None:
+    def __init__(self, model: MobileNetV3, out_indices: tuple[int, ...] | list[int] | None = None, *,
+                 layer_ids: tuple[int, ...] | list[int] | None = None) -> None:
         super().__init__()
         all_info = model.feature_info
+        if layer_ids is not None:
+            if out_indices is not None:
+                raise UserError("pass out_indices or layer_ids, not both")
+            bad = [i for i in layer_ids if not 0 <= i < len(model.layer_info)]
+            if bad:
+                raise UserError(f"layer_ids {bad} out of range: this model has {len(model.layer_info)} layers")
+            layer_ids = sorted(set(layer_ids))
+            self._setup(model, None, FeatureInfo(dict(model.layer_info[i], index=n) for n, i in enumerate(layer_ids)),
+                        layer_ids)
+            return
         if out_indices is None:
             out_indices = tuple(range(len(all_info)))
         bad = [i for i in out_indices if not -len(all_info) <= i < len(all_info)]
         if bad:
             raise UserError(f"out_indices {bad} out of range: this model has {len(all_info)} feature levels")
         out_indices = sorted({i % len(all_info) for i in out_indices})
+        self._setup(model, out_indices, FeatureInfo(dict(all_info[i]) for i in out_indices),
+                    [model.feature_layer_ids[i] for i in out_indices])
+
+    def _setup(self, model: MobileNetV3, out_indices: list[int] | None, feature_info: FeatureInfo,
+               layer_ids: list[int]) -> None:
         self.config = dict(model.config)
         self.model_name: str | None = model.model_name
         self.preprocessing: Preprocessing | None = model.preprocessing
         self.class_names: list[str] | None = model.class_names
-        self.feature_info = FeatureInfo(dict(all_info[i]) for i in out_indices)
+        self.feature_info = feature_info
         self.out_indices = out_indices
-        layer_ids = [model.feature_layer_ids[i] for i in out_indices]
         self.taps = layer_ids
         last = max(layer_ids)
         num_blocks = len(model.blocks)

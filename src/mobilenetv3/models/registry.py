@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UnknownModelError
+from ..errors import UnknownModelError, UserError
+from .heads.lraspp import LRASPP, LRASPP_BACKBONE
 from .mobilenetv3 import MobileNetV3, MobileNetV3Features
 
 _WIDTHS = {"035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25}
@@ -24,12 +25,31 @@ class ModelEntry:
     arch: str
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: "" for the classifier; "lraspp" for the segmentation network (`heads.LRASPP`)
+    head: str = ""
+
+    @property
+    def task(self) -> str:
+        return "segmentation" if self.head == "lraspp" else "classification"
 
     def build(
         self, *, features_only: bool = False, out_indices: tuple[int, ...] | list[int] | None = None, **kwargs: Any,
     ) -> nn.Module:
-        """This network with fresh weights: `MobileNetV3(arch, **defaults, **kwargs)`, or with `features_only`
-        its `MobileNetV3Features` backbone returning the `out_indices` levels of `feature_info` (default all)."""
+        """This network with fresh weights: `MobileNetV3(arch, **defaults, **kwargs)` (or `LRASPP(...)`), or with
+        `features_only` its `MobileNetV3Features` backbone returning the `out_indices` levels of `feature_info`
+        (default all)."""
+        if self.head == "lraspp" and not features_only:
+            if out_indices is not None:
+                raise UserError("out_indices goes with features_only=True")
+            model = LRASPP(self.arch, **{**self.defaults, **kwargs})
+            model.model_name = self.name
+            return model
+        if self.head == "lraspp":  # its backbone alone: reduced tail, dilated to output stride 16, no classifier
+            kwargs = {**LRASPP_BACKBONE, **self.defaults, **kwargs, "num_classes": 0}
+            kwargs.pop("inter_channels", None)
+            model = MobileNetV3(self.arch, **kwargs)
+            model.model_name = self.name
+            return MobileNetV3Features(model, out_indices)
         model = MobileNetV3(self.arch, **{**self.defaults, **kwargs})
         model.model_name = self.name
         return MobileNetV3Features(model, out_indices) if features_only else model
@@ -52,6 +72,12 @@ for _arch in ("large", "small"):
     register(ModelEntry(f"mobilenetv3_{_arch}", _arch, {}, f"MobileNetV3-{_arch.capitalize()}, any width_mult"))
     register(ModelEntry(f"mobilenetv3_{_arch}_minimal", f"{_arch}_minimal", {},
                         f"MobileNetV3-{_arch.capitalize()} minimalistic, any width_mult"))
+    # LR-ASPP segmentation (the paper's §6.3): reduced tail, output stride 16 unless given.
+    for _suffix, _width in _WIDTHS.items():
+        register(ModelEntry(f"lraspp_mobilenetv3_{_arch}_{_suffix}", _arch, {"width_mult": _width},
+                            f"LR-ASPP segmentation on MobileNetV3-{_arch.capitalize()} x{_width}", head="lraspp"))
+    register(ModelEntry(f"lraspp_mobilenetv3_{_arch}", _arch, {},
+                        f"LR-ASPP segmentation on MobileNetV3-{_arch.capitalize()}, any width_mult", head="lraspp"))
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -90,6 +90,9 @@ class LayoutOptions:
     se_activation_from_block: bool = False
     #: timm's mobilenetv3_rw has no residual around its first block ("noskip").
     first_block_residual: bool = True
+    #: The paper's §6.1 for dense tasks: the last stage's channels halved (its strided row's output, the
+    #: later rows' expansion and output, and the last 1x1 conv and head), as torchvision's `reduced_tail`.
+    reduced_tail: bool = False
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -208,6 +211,24 @@ class ResolvedNetwork:
     head_channels: int
 
 
+def halve_tail(spec: NetworkSpec) -> NetworkSpec:
+    """The paper's "reduced tail" (§6.1): every channel count of the last stage divided by 2.
+
+    The last stage starts at the last strided row; that row keeps its expansion (its input is not halved),
+    later rows halve expansion and output, and the last 1x1 conv and the pooled head are halved, as
+    torchvision's `_mobilenet_v3_conf(reduced_tail=True)` does before its width rounding.
+    """
+    start = max(i for i, row in enumerate(spec.blocks) if row.stride > 1)
+    blocks = tuple(
+        row if i < start else replace(
+            row, out_channels=row.out_channels // 2,
+            expanded_channels=row.expanded_channels if i == start else row.expanded_channels // 2)
+        for i, row in enumerate(spec.blocks)
+    )
+    return replace(spec, blocks=blocks, final_conv_channels=spec.final_conv_channels // 2,
+                   head_channels=spec.head_channels // 2)
+
+
 def _expanded_rows(spec: NetworkSpec, repeats: tuple[int, ...] | None) -> list[tuple[BlockSpec, int]]:
     """(row, the row's paper input width) for every block to build, extra copies after their row.
 
@@ -231,6 +252,8 @@ def _expanded_rows(spec: NetworkSpec, repeats: tuple[int, ...] | None) -> list[t
 def resolve(spec: NetworkSpec, options: LayoutOptions) -> ResolvedNetwork:
     """Apply width multiplier and rounding rules to the paper's table."""
     width, div = options.width_mult, options.divisor
+    if options.reduced_tail:
+        spec = halve_tail(spec)
 
     def scaled(channels: int) -> int:
         return make_divisible(channels * width, div)

@@ -12,6 +12,11 @@ tensors (one function per peer layout).
 
     peer_arch, peer_state_dict = to_peer("torchvision", model.config, model.state_dict())
 
+LR-ASPP is one more torchvision variant (`head="lraspp"`): torchvision's `lraspp_mobilenet_v3_large` is our
+`lraspp_mobilenetv3_large_100` with `reduced_tail=False`; its backbone keys are the classifier's map with
+`features.N` -> `backbone.N`, and its head (`classifier.*`) has our names.  `peer_variants()` lists the
+classifiers; `peer_variants(head=None)` all.
+
 Neither peer library is imported here: the tables carry their values.
 """
 
@@ -25,6 +30,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ..errors import UserError
+from ..models.heads.lraspp import LRASPP
 from ..models.mobilenetv3 import MobileNetV3, _layout
 from ..models.registry import get_entry, list_models
 from ..models.spec import NETWORK_SPECS, resolve
@@ -38,6 +44,7 @@ PEERS = ("torchvision", "timm")
 LAYOUT_KWARGS = (
     "width_mult", "expansion_rule", "fix_stem", "scale_head", "head_bias", "se_round_to_divisor",
     "padding", "block_repeats", "se_activation_from_block", "first_block_residual", "final_conv_repeats",
+    "reduced_tail", "dilate_strided_block",
 )
 
 # timm builds MobileNetV3 from stages of block definitions; each definition covers some rows of the
@@ -83,6 +90,8 @@ class PeerVariant:
     name: str
     model_name: str
     model_kwargs: dict[str, Any]
+    #: "" for a classifier, "lraspp" for a segmentation network (our `heads.LRASPP`)
+    head: str = ""
 
     @property
     def arch(self) -> str:
@@ -106,6 +115,15 @@ _TORCHVISION_LAYOUT = dict(
 def _torchvision(name: str, arch: str) -> PeerVariant:
     return PeerVariant("torchvision", name, f"mobilenetv3_{arch}_100", {"arch": arch, "width_mult": 1.0,
                        **_TORCHVISION_LAYOUT})
+
+
+def _torchvision_lraspp(name: str, arch: str) -> PeerVariant:
+    """torchvision's LR-ASPP: its MobileNetV3 with `dilated=True` (the strided block dilated too), no reduced
+    tail, and the stride-8 features of the first block at that stride (as our `LRASPP` always takes)."""
+    layout = {k: v for k, v in _TORCHVISION_LAYOUT.items() if k != "drop_rate"}  # no classifier, no dropout
+    return PeerVariant("torchvision", name, f"lraspp_mobilenetv3_{arch}_100",
+                       {"arch": arch, "width_mult": 1.0, **layout, "reduced_tail": False, "output_stride": 16,
+                        "dilate_strided_block": True}, head="lraspp")
 
 
 def _timm(name: str, arch: str, width: float, *, tf: bool = False, depth_multiplier: float = 1.0,
@@ -133,6 +151,7 @@ PEER_VARIANTS: dict[tuple[str, str], PeerVariant] = {
     for variant in (
         _torchvision("mobilenet_v3_large", "large"),
         _torchvision("mobilenet_v3_small", "small"),
+        _torchvision_lraspp("lraspp_mobilenet_v3_large", "large"),
         _timm("mobilenetv3_large_075", "large", 0.75),
         _timm("mobilenetv3_large_100", "large", 1.0),
         _timm("mobilenetv3_large_150d", "large", 1.5, depth_multiplier=1.2),
@@ -153,8 +172,9 @@ PEER_VARIANTS: dict[tuple[str, str], PeerVariant] = {
 }
 
 
-def peer_variants(peer: str | None = None) -> list[PeerVariant]:
-    return [v for v in PEER_VARIANTS.values() if peer is None or v.peer == peer]
+def peer_variants(peer: str | None = None, *, head: str | None = "") -> list[PeerVariant]:
+    """The peer's variants with this head: "" the classifiers (by default), "lraspp", or None for all."""
+    return [v for v in PEER_VARIANTS.values() if (peer is None or v.peer == peer) and (head is None or v.head == head)]
 
 
 def _check_peer(peer: str) -> None:
@@ -168,7 +188,7 @@ def get_variant(peer: str, peer_arch: str) -> tuple[PeerVariant, str | None]:
     name, _, tag = peer_arch.partition(".")
     variant = PEER_VARIANTS.get((peer, name))
     if variant is None:
-        names = ", ".join(v.name for v in peer_variants(peer))
+        names = ", ".join(v.name for v in peer_variants(peer, head=None))
         raise UserError(f"unknown {peer} MobileNetV3 {name!r}; choose from {names}")
     if tag and tag not in variant.tags:
         raise UserError(f"{peer} {name} has no weights tag {tag!r}; choose from {', '.join(variant.tags)}")
@@ -253,13 +273,35 @@ def _timm_module_map(model: MobileNetV3) -> Iterator[tuple[str, str]]:
     yield "classifier", "classifier"
 
 
+def _torchvision_lraspp_module_map(model: LRASPP) -> Iterator[tuple[str, str]]:
+    """torchvision's LRASPP: `backbone.N` is its MobileNetV3's `features.N`; the head has our names."""
+    for ours, theirs in _torchvision_module_map(model.backbone):
+        if theirs.startswith("features."):
+            yield f"backbone.{ours}", f"backbone.{theirs.removeprefix('features.')}"
+    for name, module in model.classifier.named_modules():
+        if name:
+            yield f"classifier.{name}", f"classifier.{name}"
+
+
 _MODULE_MAPS = {"torchvision": _torchvision_module_map, "timm": _timm_module_map}
+#: Peer layouts of the dense heads: (peer, head) -> module map.
+_HEAD_MODULE_MAPS = {("torchvision", "lraspp"): _torchvision_lraspp_module_map}
 
 
-def key_map(peer: str, model: MobileNetV3) -> dict[str, str]:
+def _head_of(model_or_config: Any) -> str:
+    """"lraspp" for an `LRASPP` model or its config (the only one with `inter_channels`), else ""."""
+    if isinstance(model_or_config, torch.nn.Module):
+        return "lraspp" if isinstance(model_or_config, LRASPP) else ""
+    return "lraspp" if "inter_channels" in model_or_config else ""
+
+
+def key_map(peer: str, model: MobileNetV3 | LRASPP) -> dict[str, str]:
     """Every state-dict key of `model` -> the peer's key holding the same tensor."""
     _check_peer(peer)
-    modules = dict(_MODULE_MAPS[peer](model))
+    head = _head_of(model)
+    if head and (peer, head) not in _HEAD_MODULE_MAPS:
+        raise UserError(f"{peer} has no {head} segmentation network to convert to or from")
+    modules = dict(_HEAD_MODULE_MAPS[peer, head](model) if head else _MODULE_MAPS[peer](model))
     out = {}
     for key in model.state_dict():
         module, _, leaf = key.rpartition(".")
@@ -267,11 +309,12 @@ def key_map(peer: str, model: MobileNetV3) -> dict[str, str]:
     return out
 
 
-def _template(model_kwargs: Mapping[str, Any], num_classes: int, in_chans: int) -> MobileNetV3:
-    """Our network on the meta device: names and shapes, no memory."""
+def _template(model_kwargs: Mapping[str, Any], heads: Mapping[str, Any], head: str = "") -> MobileNetV3 | LRASPP:
+    """Our network on the meta device: names and shapes, no memory.  `heads`: num_classes, in_chans (and
+    inter_channels for LR-ASPP), as `_infer_heads` reads them off a state dict."""
     kwargs = {k: v for k, v in model_kwargs.items() if k != "arch"}
     with torch.device("meta"):
-        return MobileNetV3(model_kwargs["arch"], **{**kwargs, "num_classes": num_classes, "in_chans": in_chans})
+        return (LRASPP if head == "lraspp" else MobileNetV3)(model_kwargs["arch"], **{**kwargs, **heads})
 
 
 def _pairs(peer: str, template: MobileNetV3) -> list[tuple[str, str, torch.Size]]:
@@ -327,28 +370,47 @@ def unwrap_state_dict(obj: Any, *, key: str | None = None, source: str = "checkp
     return state_dict
 
 
-def _infer_heads(peer: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """(num_classes, in_chans) of a peer state dict, read off its classifier and stem shapes."""
-    classifier, stem = {"torchvision": ("classifier.3.weight", "features.0.0.weight"),
-                        "timm": ("classifier.weight", "conv_stem.weight")}[peer]
+_STEMS = {("torchvision", ""): "features.0.0.weight", ("timm", ""): "conv_stem.weight",
+          ("torchvision", "lraspp"): "backbone.0.0.weight"}
+
+
+def _peer_name(peer: str, head: str) -> str:
+    return next(v.name for v in peer_variants(peer, head=None) if v.head == head)
+
+
+def _infer_heads(peer: str, state_dict: Mapping[str, torch.Tensor], head: str = "") -> dict[str, int]:
+    """num_classes and in_chans (and LR-ASPP's inter_channels) of a peer state dict, read off its shapes."""
+    stem = _STEMS.get((peer, head))
+    if stem is None:
+        raise UserError(f"{peer} has no {head} segmentation network to convert to or from")
     if stem not in state_dict:
-        other = next((p for p in PEERS if p != peer and _looks_like(p, state_dict)), None)
-        hint = f"; it looks like a {other} state dict (use --from {other})" if other else ""
-        raise UserError(f"missing key {stem!r}: not a {peer} MobileNetV3 state dict{hint}")
+        other = next(((p, h) for p, h in _STEMS if (p, h) != (peer, head) and _STEMS[p, h] in state_dict), None)
+        hint = ""
+        if other:
+            hint = f"; it looks like a {other[0]} {other[1].upper() + ' ' if other[1] else ''}state dict"
+            hint += f" (use --from {other[0]})" if other[0] != peer else f" (use --arch {_peer_name(*other)})"
+        raise UserError(f"missing key {stem!r}: not a {peer} {head.upper() or 'MobileNetV3'} state dict{hint}")
+    in_chans = int(state_dict[stem].shape[1])
+    if head == "lraspp":
+        low, cbr = "classifier.low_classifier.weight", "classifier.cbr.0.weight"
+        if low not in state_dict or cbr not in state_dict:
+            raise UserError(f"missing key {low if low not in state_dict else cbr!r}: not a {peer} LR-ASPP state dict")
+        return {"num_classes": int(state_dict[low].shape[0]), "in_chans": in_chans,
+                "inter_channels": int(state_dict[cbr].shape[0])}
+    classifier = {"torchvision": "classifier.3.weight", "timm": "classifier.weight"}[peer]
     num_classes = int(state_dict[classifier].shape[0]) if classifier in state_dict else 0
-    return num_classes, int(state_dict[stem].shape[1])
-
-
-def _looks_like(peer: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return {"torchvision": "features.0.0.weight", "timm": "conv_stem.weight"}[peer] in state_dict
+    return {"num_classes": num_classes, "in_chans": in_chans}
 
 
 def matching_variants(peer: str, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the peer's variants whose keys and shapes are exactly those of `state_dict`."""
-    num_classes, in_chans = _infer_heads(peer, state_dict)
+    if not any(_STEMS[p, h] in state_dict for p, h in _STEMS if p == peer):
+        _infer_heads(peer, state_dict)  # raises: names the missing stem key and the peer it looks like
     names = []
-    for variant in peer_variants(peer):
-        template = _template(variant.model_kwargs, num_classes, in_chans)
+    for variant in peer_variants(peer, head=None):
+        if _STEMS[peer, variant.head] not in state_dict:
+            continue
+        template = _template(variant.model_kwargs, _infer_heads(peer, state_dict, variant.head), variant.head)
         expected = {peer_key: _peer_shape(our_key, shape, peer) for our_key, peer_key, shape in _pairs(peer, template)}
         if expected == {k: tuple(v.shape) for k, v in state_dict.items()}:
             names.append(variant.name)
@@ -366,12 +428,15 @@ class ConvertedWeights:
     state_dict: dict[str, torch.Tensor]
     preprocessing: Preprocessing
     source: dict[str, str]
+    #: the published tag's class names (e.g. VOC's for torchvision's LR-ASPP), when its class count is kept
+    class_names: list[str] | None = None
 
-    def build(self) -> MobileNetV3:
+    def build(self) -> MobileNetV3 | LRASPP:
         """Our model with these weights loaded (strict), in eval mode."""
         model = get_entry(self.model_name).build(**self.model_kwargs)
         load_state_dict_checked(model, self.state_dict, source=f"{self.source['peer']} {self.source['arch']}")
         model.preprocessing = self.preprocessing
+        model.class_names = self.class_names
         return model.eval()
 
 
@@ -383,8 +448,8 @@ def convert_state_dict(peer: str, peer_arch: str, state_dict: Mapping[str, torch
     """
     variant, tag = get_variant(peer, peer_arch)
     state_dict = unwrap_state_dict(state_dict, source=f"the {peer} state dict")
-    num_classes, in_chans = _infer_heads(peer, state_dict)
-    template = _template(variant.model_kwargs, num_classes, in_chans)
+    heads = _infer_heads(peer, state_dict, variant.head)
+    template = _template(variant.model_kwargs, heads, variant.head)
     converted: dict[str, torch.Tensor] = {}
     pairs = _pairs(peer, template)
     for our_key, peer_key, shape in pairs:
@@ -405,11 +470,13 @@ def convert_state_dict(peer: str, peer_arch: str, state_dict: Mapping[str, torch
         raise UserError(f"unexpected key {leftover[0]!r} in the {peer} state dict for {variant.name} "
                         f"({len(leftover)} unused in all){_variant_hint(peer, state_dict, variant.name)}")
     kwargs = {k: v for k, v in variant.model_kwargs.items() if k != "arch"}
-    kwargs.update(num_classes=num_classes, in_chans=in_chans)
+    kwargs.update(heads)
     preprocessing = variant.tags[tag].preprocessing if tag else Preprocessing()
-    preprocessing = preprocessing.for_channels(in_chans)
+    preprocessing = preprocessing.for_channels(heads["in_chans"])
     source = {"peer": peer, "arch": variant.name, "tag": tag or ""}
-    return ConvertedWeights(variant.model_name, kwargs, converted, preprocessing, source)
+    names = variant.tags[tag].class_names if tag else None
+    class_names = list(names) if names and len(names) == heads["num_classes"] else None
+    return ConvertedWeights(variant.model_name, kwargs, converted, preprocessing, source, class_names)
 
 
 def _variant_hint(peer: str, state_dict: Mapping[str, torch.Tensor], wanted: str) -> str:
@@ -420,19 +487,22 @@ def _variant_hint(peer: str, state_dict: Mapping[str, torch.Tensor], wanted: str
     return f" (the tensors fit {peer} {' / '.join(matches)})" if matches else ""
 
 
-def _signature(config: Mapping[str, Any], *, strides: bool = True) -> tuple:
+def _signature(config: Mapping[str, Any], *, strides: bool = True, head: str | None = None) -> tuple:
     """What must agree for two configs to compute the same function from the same tensors (bar BN eps).
 
     `strides=False` leaves out stem_stride / output_stride: weights still fit a dilated or full-resolution
     copy of the network (e.g. a segmentation backbone), which computes something else on purpose.
     """
-    defaults = {name: p.default for name, p in inspect.signature(MobileNetV3.__init__).parameters.items()
+    head = _head_of(config) if head is None else head
+    defaults = {name: p.default for cls in ((MobileNetV3, LRASPP) if head else (MobileNetV3,))
+                for name, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     full = {**defaults, **config}
     options = _layout(full)
-    signature = (full["arch"], resolve(NETWORK_SPECS[full["arch"]], options), options.padding, options.head_bias,
-                 int(full["final_conv_repeats"]))
-    return signature + ((int(full["stem_stride"]), int(full["output_stride"])) if strides else ())
+    signature = (head, full["arch"], resolve(NETWORK_SPECS[full["arch"]], options), options.padding,
+                 options.head_bias, int(full["final_conv_repeats"]))
+    return signature + ((int(full["stem_stride"]), int(full["output_stride"]), bool(full["dilate_strided_block"]))
+                        if strides else ())
 
 
 def peer_variant_for(
@@ -444,14 +514,14 @@ def peer_variant_for(
     """
     _check_peer(peer)
     ours = _signature(config, strides=strides)
-    candidates = [get_variant(peer, peer_arch)[0]] if peer_arch else peer_variants(peer)
+    candidates = [get_variant(peer, peer_arch)[0]] if peer_arch else peer_variants(peer, head=None)
     for variant in candidates:
-        if _signature(variant.model_kwargs, strides=strides) == ours:
+        if _signature(variant.model_kwargs, strides=strides, head=variant.head) == ours:
             return variant
     described = ", ".join(f"{k}={config[k]}" for k in ("arch", *LAYOUT_KWARGS) if k in config)
     target = f"{peer} {peer_arch}" if peer_arch else f"any {peer} MobileNetV3"
     raise UserError(f"this model ({described}) has no equivalent in {target}; "
-                    f"{peer} defines {', '.join(v.name for v in peer_variants(peer))}")
+                    f"{peer} defines {', '.join(v.name for v in peer_variants(peer, head=None))}")
 
 
 def to_peer(
@@ -466,7 +536,10 @@ def to_peer(
     num_classes, in_chans = int(config.get("num_classes", 1000)), int(config.get("in_chans", 3))
     if peer == "torchvision" and num_classes == 0:
         raise UserError("torchvision's MobileNetV3 always has a classifier; this model has num_classes=0")
-    template = _template(variant.model_kwargs, num_classes, in_chans)
+    heads = {"num_classes": num_classes, "in_chans": in_chans}
+    if variant.head == "lraspp":
+        heads["inter_channels"] = int(config["inter_channels"])
+    template = _template(variant.model_kwargs, heads, variant.head)
     eps_shift = float(config.get("bn_eps", 1e-3)) - float(variant.model_kwargs["bn_eps"])
     out: dict[str, torch.Tensor] = {}
     for our_key, peer_key, shape in _pairs(peer, template):

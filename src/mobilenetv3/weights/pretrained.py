@@ -72,12 +72,14 @@ def _published(variant: PeerVariant, tag: str) -> PretrainedSource | None:
 
 def _candidates(model_name: str) -> list[PeerVariant]:
     """Peer variants with published weights for this model name, in the order `pretrained=True` tries them."""
-    arch = get_entry(model_name).arch
-    found = [v for v in PEER_VARIANTS.values() if any(_published(v, t) for t in v.tags)]
+    entry = get_entry(model_name)
+    arch = entry.arch
+    found = [v for v in PEER_VARIANTS.values() if v.head == entry.head and any(_published(v, t) for t in v.tags)]
     exact = [v for v in found if v.model_name == model_name]
     # Same name first (timm's mobilenetv3_large_100 before its mobilenetv3_rw), then by source kind.
     exact.sort(key=lambda v: (_SOURCE_ORDER.index(_kind(v)), v.name != model_name and v.name != f"tf_{model_name}"))
-    generic = [v for v in found if v.model_name != model_name and v.arch == arch and model_name == f"mobilenetv3_{arch}"]
+    generic = [v for v in found if v.model_name != model_name and v.arch == arch
+               and model_name == f"{entry.head + '_' if entry.head else ''}mobilenetv3_{arch}"]
     return exact + generic
 
 
@@ -200,6 +202,7 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
     if isinstance(pretrained, str) and is_location(pretrained):
         weights = weights if weights is not None else read_location(pretrained)
         state_dict, preprocessing, label = weights.state_dict, weights.preprocessing, str(weights.path)
+        source_class_names = weights.class_names
         weights_config = {**weights.model_kwargs, "arch": model.config["arch"]}
     else:
         source = resolve_source(model_name, pretrained)
@@ -207,6 +210,7 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
         converted = convert_state_dict(source.variant.peer, f"{source.variant.name}.{source.tag}",
                                        _read_peer_file(path))
         state_dict, preprocessing, label = converted.state_dict, converted.preprocessing, source.label
+        source_class_names = source.weights.class_names
         weights_config = {**converted.model_kwargs, "arch": source.variant.arch}
         try:
             peer_variant_for(source.variant.peer, model.config, source.variant.name, strides=False)
@@ -218,7 +222,7 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
                        model.config["bn_eps"])
     state_dict = dict(state_dict)
     own = model.state_dict()
-    stem_key = "stem.conv.weight"
+    stem_key = next(key for key in own if key.endswith("stem.conv.weight"))  # "backbone." in LR-ASPP
     if state_dict[stem_key].shape[1] != own[stem_key].shape[1]:
         logger.info("adapting the %d-channel stem of %s to in_chans=%d", state_dict[stem_key].shape[1], label,
                     own[stem_key].shape[1])
@@ -228,9 +232,12 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
     if {k: own[k].shape for k in classifier_keys} != {k: state_dict[k].shape for k in file_classifier}:
         logger.info("%s has another classifier; keeping this model's new one (num_classes=%d)", label,
                     model.num_classes)
-        for key in file_classifier:
-            del state_dict[key]
-        state_dict.update({k: own[k] for k in classifier_keys})
+        for key in file_classifier:  # LR-ASPP keeps its head's tensors of the same shape (all but the logits)
+            if key not in own or own[key].shape != state_dict[key].shape:
+                del state_dict[key]
+        state_dict.update({k: own[k] for k in classifier_keys if k not in state_dict})
     load_state_dict_checked(model, state_dict, source=label)
     model.preprocessing = preprocessing.for_channels(int(model.config["in_chans"]))
+    if source_class_names is not None and len(source_class_names) == model.num_classes:
+        model.class_names = list(source_class_names)
     logger.info("loaded pretrained weights %s", label)

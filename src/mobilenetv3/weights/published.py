@@ -2,8 +2,9 @@
 networks, like torchvision's `Weights` entries.
 
 Each row holds where the file is (`url`), the SHA-256 prefix the publisher gives for it, the preprocessing
-it was evaluated with, its class count, and the ImageNet-1k accuracy its publisher reports (torchvision's
-`Weights.meta["_metrics"]`; timm's `results/results-imagenet.csv` at the row's preprocessing).  The first
+it was evaluated with, its class count (and class names where they are not ImageNet's), and the accuracy its
+publisher reports (torchvision's `Weights.meta["_metrics"]`; timm's `results/results-imagenet.csv` at the
+row's preprocessing).  The first
 row of a network is its default tag.  How each network's tensors map onto ours is `weights.convert`'s
 business (`PeerVariant` and the key maps); downloading and loading is `weights.pretrained`'s.
 
@@ -43,8 +44,11 @@ class PublishedWeights:
     #: the preprocessing the weights were evaluated with
     preprocessing: Preprocessing
     num_classes: int = 1000
-    #: ImageNet-1k top-1 / top-5 (%) as the publisher reports them, at `preprocessing`
+    #: ImageNet-1k top-1 / top-5 (%), or a segmentation set's mIoU / pixel accuracy, as the publisher
+    #: reports them, at `preprocessing`
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the class names, where the publisher gives them and they are not ImageNet-1k's
+    class_names: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -68,9 +72,18 @@ def _imagenet(top1: float, top5: float) -> dict[str, float]:
     return {"imagenet1k_top1": top1, "imagenet1k_top5": top5}
 
 
-def _torchvision(name: str, tag: str, file: str, preprocessing: Preprocessing, metrics) -> PublishedWeights:
+def _torchvision(name: str, tag: str, file: str, preprocessing: Preprocessing, metrics,
+                 class_names: tuple[str, ...] | None = None) -> PublishedWeights:
     sha256 = file.rsplit("-", 1)[1].split(".")[0]
-    return PublishedWeights("torchvision", name, tag, _TORCHVISION + file, sha256, preprocessing, metrics=metrics)
+    return PublishedWeights("torchvision", name, tag, _TORCHVISION + file, sha256, preprocessing,
+                            len(class_names) if class_names else 1000, metrics, class_names)
+
+
+#: Pascal VOC's 20 classes and the background, as torchvision's `_VOC_CATEGORIES`.
+VOC_CLASSES = (
+    "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
 
 
 def _timm(name: str, tag: str, path: str | None, preprocessing: Preprocessing, metrics=None, *,
@@ -98,6 +111,11 @@ PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
                  _prep(), _imagenet(74.042, 91.340)),  # resize 256, crop 224
     _torchvision("mobilenet_v3_small", "IMAGENET1K_V1", "mobilenet_v3_small-047dcff4.pth",
                  _prep(), _imagenet(67.668, 87.402)),
+    # COCO val2017 images restricted to VOC's 20 classes; torchvision's SemanticSegmentation(resize_size=520):
+    # the short side resized to 520, not cropped (crop_pct 1.0 here), ImageNet mean/std.
+    _torchvision("lraspp_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1", "lraspp_mobilenet_v3_large-d234d4ea.pth",
+                 _prep(crop_pct=1.0, input_size=520), {"coco_val2017_voc_labels_miou": 57.9,
+                                                       "coco_val2017_voc_labels_pixel_acc": 91.2}, VOC_CLASSES),
     _timm("mobilenetv3_large_075", "untrained", None, _prep()),
     _timm("mobilenetv3_large_100", "ra_in1k", "v0.1-weights/mobilenetv3_large_100_ra-f55367f5.pth",
           _TIMM_BICUBIC, _imagenet(75.784, 92.528)),
