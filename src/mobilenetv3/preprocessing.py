@@ -26,6 +26,10 @@ class Preprocessing:
 
     Eval transform: resize the short side to `resize_size`, centre-crop `input_size`, scale to [0, 1],
     normalise with mean/std.  `resize_size` defaults to floor(input_size / crop_pct).
+
+    Segmentation (`eval_transform(crop=False)`): the short side resized to `resize_size` and nothing cropped,
+    so the whole image is labelled (torchvision's `SemanticSegmentation` transform); `resized_size` gives
+    that size, or with `square=True` (a program of one fixed size, ExecuTorch) input_size x input_size.
     """
 
     input_size: int = 224
@@ -66,6 +70,16 @@ class Preprocessing:
     def resize_size(self) -> int:
         return int(math.floor(self.input_size / self.crop_pct))
 
+    def resized_size(self, width: int, height: int, *, square: bool = False) -> tuple[int, int]:
+        """(width, height) after the resize: torchvision's Resize(resize_size) (the short side becomes
+        resize_size, the long side is floored), or with `square` (input_size, input_size)."""
+        if square:
+            return self.input_size, self.input_size
+        size = self.resize_size
+        if width <= height:
+            return size, int(size * height / width)
+        return int(size * width / height), size
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
@@ -84,8 +98,9 @@ class Preprocessing:
     def replace(self, **changes: Any) -> "Preprocessing":
         return Preprocessing.from_dict({**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
 
-    def eval_transform(self):
-        """torchvision.transforms.v2 pipeline: PIL image (any mode) -> normalised float tensor."""
+    def eval_transform(self, *, crop: bool = True):
+        """torchvision.transforms.v2 pipeline: PIL image (any mode) -> normalised float tensor; `crop=False`:
+        resize only (segmentation)."""
         # torch and torchvision stay off `import mobilenetv3` (predict on a cached ONNX export runs without them)
         import torch
         from torchvision.transforms import InterpolationMode, v2
@@ -94,7 +109,7 @@ class Preprocessing:
         return v2.Compose([
             ConvertMode(self.image_mode),
             v2.Resize(self.resize_size, interpolation=mode, antialias=True),
-            v2.CenterCrop(self.input_size),
+            *([v2.CenterCrop(self.input_size)] if crop else []),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(self.mean, self.std),

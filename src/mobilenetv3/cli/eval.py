@@ -1,13 +1,15 @@
-"""Evaluate a training checkpoint, a weights file or an ExecuTorch .pte program: top-1 / top-5 / loss.
+"""Evaluate a training checkpoint, a weights file or an ExecuTorch .pte program: top-1 / top-5 / loss, or for a
+segmentation model (LR-ASPP) mIoU / pixel accuracy / per-class IoU / pixel loss.
 
 On a training checkpoint it uses the run's preprocessing, data settings, precision (amp) and memory
 layout, and reproduces the validation numbers training logged for that checkpoint; on a weights file it
 uses the stored preprocessing in full precision.  --input-size / --crop-pct / --amp override.  With
 --json the last line is {"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the
 logits of each image and its mirror image (two forward passes; training's logged numbers are single-view)
-and adds "tta": "flip" to that line.  Beside a checkpoint's logged numbers it shows their sample count, and a
-note when this evaluation's data, sample count (e.g. --limit-batches) or preprocessing differs from what
-training validated on: then the numbers are not comparable.
+and adds "tta": "flip" to that line; a segmentation model's line is {"miou": ..., "pixel_acc": ...,
+"iou": [per class, null where absent], "loss": ..., "samples": ...}.  Beside a checkpoint's logged numbers it
+shows their sample count, and a note when this evaluation's data, sample count (e.g. --limit-batches) or
+preprocessing differs from what training validated on: then the numbers are not comparable.
 
 A .pte (`export --format executorch`, or an int8 program from `quantize`; needs pip install
 'mobilenetv3[mobile]') is evaluated itself, in ExecuTorch's runtime on the CPU, with the preprocessing
@@ -17,6 +19,7 @@ examples:
   mobilenetv3 eval --checkpoint runs/fm/checkpoints/best.pt --data fashion-mnist
   mobilenetv3 eval --checkpoint mobilenetv3_large_100.safetensors --data /data/imagenet --json
   mobilenetv3 eval --checkpoint small_int8.pte --data fashion-mnist
+  mobilenetv3 eval --checkpoint runs/seg/checkpoints/best.pt --data fashion-mnist-seg
 """
 
 from __future__ import annotations
@@ -68,25 +71,34 @@ def run(args: argparse.Namespace) -> int:
     prep = result["preprocessing"]
     used = (("EMA", args.ema), ("flip TTA", args.tta), (result["amp"], result["amp"] != "none"))
     labels = [label for label, on in used if on]
+    segmentation = result.get("task") == "segmentation"
     print(f"{args.checkpoint}{' (%s)' % ', '.join(labels) if labels else ''} on {args.data} "
-          f"({prep['input_size']}px, crop {prep['crop_pct']}): top-1 {result['top1']:.2f}%  "
-          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  ({result['samples']} samples"
-          f"{', %d unreadable skipped' % result['skipped'] if result['skipped'] else ''})")
+          f"({prep['input_size']}px, crop {prep['crop_pct']}): {_scores(result, '', segmentation)}  "
+          f"({result['samples']} samples{', %d unreadable skipped' % result['skipped'] if result['skipped'] else ''})")
     logged = result.get("logged")
     if logged:
-        prefix = "ema_" if args.ema else ""
+        prefix = "ema_val_" if args.ema else "val_"
         trained = result["logged_data"]
         samples = f"  ({trained['samples']} samples)" if trained["samples"] is not None else ""
         print(f"training logged for this checkpoint (epoch {logged['epoch']}{', single view' if args.tta else ''}): "
-              f"top-1 {logged[prefix + 'val_top1']:.2f}%  "
-              f"top-5 {logged[prefix + 'val_top5']:.2f}%  loss {logged[prefix + 'val_loss']:.4f}{samples}")
+              f"{_scores(logged, prefix, segmentation)}{samples}")
         if result["logged_differs"]:
             print(_not_comparable_note(trained, result, args))
     if args.json:
         # "tta" only appears with --tta, so single-view output keeps the four documented keys
-        print(json.dumps({key: result[key] for key in ("top1", "top5", "loss", "samples")}
-                         | ({"tta": args.tta} if args.tta else {})))
+        keys = ("miou", "pixel_acc", "iou", "loss", "samples") if segmentation else ("top1", "top5", "loss", "samples")
+        print(json.dumps({key: result[key] for key in keys} | ({"tta": args.tta} if args.tta else {})))
     return 0
+
+
+def _scores(values: dict, prefix: str, segmentation: bool) -> str:
+    """'top-1 91.20%  top-5 99.80%  loss 0.3010', or 'mIoU 71.30%  pixel acc 95.10%  loss 0.1200' (a
+    segmentation model's), from an evaluation result (prefix '') or a logged metrics row ('val_', 'ema_val_')."""
+    if segmentation:
+        return (f"mIoU {values[prefix + 'miou']:.2f}%  pixel acc {values[prefix + 'pixel_acc']:.2f}%  "
+                f"loss {values[prefix + 'loss']:.4f}")
+    return (f"top-1 {values[prefix + 'top1']:.2f}%  top-5 {values[prefix + 'top5']:.2f}%  "
+            f"loss {values[prefix + 'loss']:.4f}")
 
 
 def _not_comparable_note(trained: dict, result: dict, args: argparse.Namespace) -> str:

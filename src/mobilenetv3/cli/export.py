@@ -13,6 +13,11 @@ i.e. the artifact may be as inexact as float32 itself is on these inputs (the 4x
 benchmarks/export_verification.py on several kinds of input; docs/results.md), and
 is always allowed --tolerance (1e-4) in units of the logits' scale.
 
+Segmentation models (LR-ASPP): the artifact's one output is the logits tensor (N, classes, H, W), named
+"logits" (not torchvision's {"out": ...} dict); onnx and exported-program exports have a dynamic batch,
+height and width (32 to 8192 px), torchscript takes any size, and each is verified at the square
+--input-size and at a wide and a tall size besides.  An executorch program has one fixed size (--input-size).
+
 Without --format, the format follows --output: .onnx, .pt2 (exported-program), .torchscript.pt or .ts
 (torchscript), .pte (executorch).  A --format that contradicts the output's name is refused.
 
@@ -123,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
     else:
         sizes = ", ".join(str(b) for b in report.checked_batch_sizes)
-        print(f"wrote {report.path} ({fmt.value}, input {report.input_size}, batch "
+        if len(report.checked_sizes) > 1:  # segmentation: dynamic height and width
+            sizes += " and at " + ", ".join(f"{h}x{w}" for h, w in report.checked_sizes)
+        input_desc = (f"input HxW dynamic, checked from {report.input_size}" if len(report.checked_sizes) > 1
+                      else f"input {report.input_size}")
+        print(f"wrote {report.path} ({fmt.value}, {input_desc}, batch "
               f"{'dynamic' if report.batch is None else report.batch}, {report.batchnorms_folded} BatchNorms folded)")
         print(f"verified against float64 at batch {sizes}: max abs diff {report.max_abs_diff:.3g}, float32 eager's "
               f"own {report.eager_float32_diff:.3g} (max |output| {report.output_scale:.3g}, "

@@ -1,4 +1,4 @@
-"""Classify images with a weights file, a training checkpoint, an exported .onnx file or a .pte program.
+"""Classify or segment images with a weights file, a training checkpoint, an exported .onnx file or a .pte program.
 
 Each INPUT is an image file or a folder (scanned recursively).  The resize / crop / normalisation
 and the class names come from the weights' metadata (ImageNet's names for a 1000-class model without
@@ -11,6 +11,13 @@ A .pte (ExecuTorch program, from `export --format executorch` or `quantize`; nee
 'mobilenetv3[mobile]') runs in ExecuTorch's runtime, with the preprocessing and class names embedded in
 it; its fixed batch size is padded to.
 
+Segmentation models (LR-ASPP; told by the weights' metadata): each image is resized (short side to the
+weights' resize size, nothing cropped; a .pte program: to its fixed size), and per image a class-index mask
+PNG (NAME_mask.png, 8-bit, at the image's own size: the logits are resized back before the argmax) and an
+overlay PNG (NAME_overlay.png, the classes drawn over the image, the background left clear) are written
+under --output-dir, mirroring the inputs' folders.  Each printed line (or --json object) gives the per-class
+pixel fractions, which sum to 1.
+
 Unreadable images are reported on stderr and skipped.  Exit status: 0 all images classified,
 1 some were skipped, 2 usage error (no images, bad weights file, ...).
 
@@ -18,6 +25,7 @@ examples:
   mobilenetv3 predict --checkpoint large.safetensors photos/ cat.jpg
   mobilenetv3 predict --checkpoint large.safetensors --topk 1 --json photos/ > predictions.jsonl
   mobilenetv3 predict --checkpoint large_int8.pte photos/
+  mobilenetv3 predict --checkpoint seg.safetensors --output-dir masks/ --json street/ > fractions.jsonl
 """
 
 from __future__ import annotations
@@ -29,11 +37,11 @@ from pathlib import Path
 
 from ..deploy.engines import make_engine
 from ..deploy.executorch import require_executorch
-from ..deploy.predict import Skipped, find_images, predict_files
-from ..deploy.runtime import check_weights_file, class_names_for, metadata_preprocessing, split_threads
+from ..deploy.predict import Skipped, find_images, predict_files, predict_segmentation_files
+from ..deploy.runtime import check_weights_file, class_names_for, metadata_preprocessing, split_threads, task_for
 from ..errors import UserError
 
-HELP = "classify image files and folders (top-k, JSON lines)"
+HELP = "classify image files and folders (top-k, JSON lines), or segment them (mask and overlay PNGs)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine threads (default: the CPUs not decoding; oversubscribing is slow)")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: a quarter of the CPUs, >= 1)")
     parser.add_argument("--json", action="store_true",
-                        help='one JSON object per image: {"path", "topk": [{"index", "label", "prob"}]}')
+                        help='one JSON object per image: {"path", "topk": [{"index", "label", "prob"}]}; '
+                             'segmentation: {"path", "mask", "overlay", "fractions": {class: fraction}}')
+    parser.add_argument("--output-dir", default="predictions", metavar="DIR",
+                        help="segmentation models: where the mask and overlay PNGs go (default predictions/)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(args.engine, args.checkpoint, threads=threads, images=paths)
     metadata = engine.metadata
     preprocessing = metadata_preprocessing(metadata, args.checkpoint)
-    results = predict_files(paths, engine, preprocessing, class_names=class_names_for(metadata), topk=args.topk,
-                            batch_size=args.batch_size, workers=workers)
+    if task_for(metadata) == "segmentation":
+        # a .pte program has one fixed input size: images are resized to it rather than by their short side
+        results = predict_segmentation_files(paths, engine, preprocessing, args.output_dir,
+                                             class_names=class_names_for(metadata), workers=workers,
+                                             square=getattr(engine, "name", "") == "executorch")
+    else:
+        results = predict_files(paths, engine, preprocessing, class_names=class_names_for(metadata),
+                                topk=args.topk, batch_size=args.batch_size, workers=workers)
     skipped = 0
     for result in results:
         if isinstance(result, Skipped):

@@ -78,7 +78,10 @@ class TorchEngine:
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            return self.model(batch).float().cpu().numpy()
+            output = self.model(batch)
+            if isinstance(output, dict):  # a segmentation model: {"out": logits (N, classes, H, W)}
+                output = output["out"]
+            return output.float().cpu().numpy()
 
 
 def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None = None, *,

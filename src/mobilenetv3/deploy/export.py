@@ -35,6 +35,13 @@ ONNX notes: the batch axis is dynamic unless a fixed batch is asked for.  h-swis
 `HardSigmoid` with alpha=1/6, beta=0.5 written out explicitly: ONNX's default alpha for HardSigmoid is
 0.2, which is *not* the paper's hard sigmoid and is what some converters silently produce.
 
+Segmentation models (LR-ASPP, `{"out": logits}` in eager PyTorch) are exported through `SegmentationLogits`:
+the artifact's one output is the plain logits tensor (N, classes, H, W), named "logits" as a classifier's, and
+the metadata says "task": "segmentation".  ONNX and ExportedProgram exports have a dynamic batch AND a dynamic
+height and width (the gate pools globally, so no traced size is baked in), and are verified at the square
+input size and at two more sizes of other shapes (`segmentation_check_sizes`).  TorchScript is scripted,
+hence size-free; it is checked at the same sizes.  ExecuTorch programs are fixed in batch and size.
+
 ExecuTorch notes (`.pte`, the optional `[mobile]` extra, see `deploy.executorch`): a float32 program
 with every supported operator delegated to XNNPACK, at a fixed batch size (1 unless one is asked for:
 ExecuTorch plans its buffers for one size, and its dynamic-batch bounds were not reliable here).  The
@@ -61,6 +68,7 @@ from torch import nn
 from ..errors import UserError
 from ..files import missing_folders, remove_empty_folders
 from ..preprocessing import Preprocessing
+from ..models.heads.lraspp import LRASPP
 from ..weights.io import atomic_write, model_metadata
 from . import executorch  # our .pte module: the ExecuTorch package itself is imported only by its functions
 from .fuse import count_batchnorms, fuse_batchnorm
@@ -86,6 +94,9 @@ EXECUTORCH_DEFAULT_BATCH = 1
 #: `dynamic_shapes` of every graph exported with a dynamic batch axis (ONNX, ExportedProgram, and the PT2E
 #: programs `quantize` prepares): the one input's dimension 0.
 DYNAMIC_BATCH = ({0: torch.export.Dim("batch", min=1, max=65536)},)
+#: `dynamic_shapes` of a segmentation export: batch, height and width (from 32 px: the smallest size the
+#: stride-32 stem-to-tail path of a classifier-sized backbone is meant for; smaller ones also run in eager).
+SPATIAL_DIMS = {2: torch.export.Dim("height", min=32, max=8192), 3: torch.export.Dim("width", min=32, max=8192)}
 
 
 class ExportFormat(str, enum.Enum):
@@ -135,6 +146,29 @@ class ExportFormat(str, enum.Enum):
         return fmt
 
 
+def model_task(model: nn.Module) -> str:
+    """"segmentation" for an LR-ASPP model (a `{"out": logits}` output), else "classification"."""
+    return "segmentation" if isinstance(model, LRASPP) else "classification"
+
+
+class SegmentationLogits(nn.Module):
+    """A segmentation model's `{"out": logits}` as the plain tensor an export returns (N, classes, H, W)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def segmentation_check_sizes(input_size: int) -> tuple[tuple[int, int], ...]:
+    """The (height, width) pairs a segmentation export is checked at besides the square input size: a wide and
+    a tall one, neither square nor the traced size, so a baked-in height or width is caught."""
+    small, large = max(32, input_size // 2 + 8), input_size + input_size // 2
+    return ((small, large), (large, small))
+
+
 class ExportVerificationError(RuntimeError):
     """The exported artifact does not reproduce the model (see the module docstring for the rule)."""
 
@@ -153,13 +187,17 @@ class ExportReport:
     metadata: dict[str, str] = field(default_factory=dict)
     eager_float32_diff: float = 0.0  # max |float32 eager - float64 eager|: float32's own error
     real_images: int = 0  # how many of the checked inputs were real images (the rest: random_fields)
+    task: str = "classification"
+    #: (height, width) of every checked input size (segmentation: the square size and `segmentation_check_sizes`)
+    checked_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def allowed_diff(self) -> float:
         return allowed_difference(self.tolerance, self.output_scale, self.eager_float32_diff)
 
     def to_dict(self) -> dict[str, Any]:
-        checked = sum(self.checked_batch_sizes)
+        # segmentation: one more batch of random fields (of the smallest checked batch size) per further size
+        checked = sum(self.checked_batch_sizes) + max(0, len(self.checked_sizes) - 1) * min(self.checked_batch_sizes)
         return {
             "path": str(self.path), "format": self.format.value, "input_size": self.input_size,
             "batch": "dynamic" if self.batch is None else self.batch,
@@ -168,6 +206,7 @@ class ExportReport:
             "max_abs_diff": self.max_abs_diff, "eager_float32_diff": self.eager_float32_diff,
             "tolerance": self.tolerance, "eager_multiple": EAGER_ERROR_MULTIPLE, "output_scale": self.output_scale,
             "allowed_diff": self.allowed_diff, "batchnorms_folded": self.batchnorms_folded,
+            "task": self.task, "checked_sizes": [list(size) for size in self.checked_sizes],
         }
 
 
@@ -180,15 +219,18 @@ def artifact_metadata(
     """String metadata in the weights-file vocabulary (`weights.io.model_metadata`), stored inside every artifact."""
     metadata = {"format": "mobilenetv3-export", "export_version": EXPORT_VERSION,
                 **model_metadata(model, preprocessing, class_names)}
+    if model_task(model) == "segmentation":
+        metadata["task"] = "segmentation"  # predict writes masks (runtime.task_for)
     if weights_sha256:
         metadata["weights_sha256"] = weights_sha256
     return metadata
 
 
-def _example_input(in_chans: int, input_size: int, batch: int, seed: int = 0) -> torch.Tensor:
+def _example_input(in_chans: int, input_size: int, batch: int, seed: int = 0,
+                   width: int | None = None) -> torch.Tensor:
     """The tracing example (only its shape and dtype matter)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, in_chans, input_size, input_size, generator=generator)
+    return torch.randn(batch, in_chans, input_size, width or input_size, generator=generator)
 
 
 @contextlib.contextmanager
@@ -205,11 +247,17 @@ def _quiet_loggers(*names: str, level: int = logging.WARNING):
             lg.setLevel(old)
 
 
+def _dynamic_shapes(dynamic: bool, spatial: bool):
+    """None (all fixed), the batch axis, and (segmentation) the height and width."""
+    dims = {**(DYNAMIC_BATCH[0] if dynamic else {}), **(SPATIAL_DIMS if spatial else {})}
+    return (dims,) if dims else None
+
+
 def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool, opset: int,
-                metadata: dict[str, str]) -> None:
+                metadata: dict[str, str], spatial: bool = False) -> None:
     import onnx  # the optional [onnx] extra: only for an ONNX export
 
-    dynamic_shapes = DYNAMIC_BATCH if dynamic else None
+    dynamic_shapes = _dynamic_shapes(dynamic, spatial)
     with _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
         program = torch.onnx.export(
             model, (example,), None, input_names=["input"], output_names=["logits"], opset_version=opset,
@@ -250,8 +298,8 @@ def _write_torchscript(model: nn.Module, path: Path, metadata: dict[str, str]) -
 
 
 def _write_exported_program(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool,
-                            metadata: dict[str, str]) -> None:
-    dynamic_shapes = DYNAMIC_BATCH if dynamic else None
+                            metadata: dict[str, str], spatial: bool = False) -> None:
+    dynamic_shapes = _dynamic_shapes(dynamic, spatial)
     program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes, strict=False)
     # Through a file object: torch.export wants a ".pt2" name, and the temporary file has another.
     with open(path, "wb") as handle:
@@ -319,16 +367,17 @@ def allowed_difference(tolerance: float, output_scale: float, eager_diff: float 
     return max(tolerance * max(1.0, output_scale), EAGER_ERROR_MULTIPLE * eager_diff)
 
 
-def random_fields(count: int, channels: int, input_size: int, generator: torch.Generator) -> torch.Tensor:
+def random_fields(count: int, channels: int, input_size: int | tuple[int, int],
+                  generator: torch.Generator) -> torch.Tensor:
     """Smooth random colour fields in [0, 1]: uniform pixels on a coarse grid (2 to 8 cells a side),
     interpolated bilinearly (convex weights: the values stay in [0, 1]) to the input size."""
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     fields = []
     for _ in range(count):
         rows, cols = (int(v) for v in torch.randint(2, 9, (2,), generator=generator))
         coarse = torch.rand(1, channels, rows, cols, generator=generator)
-        fields.append(nn.functional.interpolate(coarse, size=(input_size, input_size), mode="bilinear",
-                                                align_corners=False))
-    return torch.cat(fields) if fields else torch.empty(0, channels, input_size, input_size)
+        fields.append(nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False))
+    return torch.cat(fields) if fields else torch.empty(0, channels, *size)
 
 
 def verification_inputs(
@@ -353,6 +402,16 @@ def verification_inputs(
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, channels, 1, 1)
     std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, channels, 1, 1)
     return list(torch.cat([real, (pixels - mean) / std]).split(list(batch_sizes)))
+
+
+def spatial_verification_inputs(preprocessing: Preprocessing, sizes: Sequence[tuple[int, int]], batch: int,
+                                seed: int = 2) -> list[torch.Tensor]:
+    """One batch of `random_fields` per (height, width) in `sizes`, through the stored mean/std."""
+    generator = torch.Generator().manual_seed(seed)
+    channels = preprocessing.in_chans
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, channels, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, channels, 1, 1)
+    return [(random_fields(batch, channels, size, generator) - mean) / std for size in sizes]
 
 
 @dataclass(frozen=True)
@@ -446,13 +505,24 @@ def export_model(
         metadata = artifact_metadata(model, preprocessing.replace(input_size=input_size), model.class_names)
     if fmt is ExportFormat.EXECUTORCH:
         metadata = {"quantization": "none", **metadata}  # what write_pte stores: a float32 program
+    task = model_task(model)
     # A CPU eval-mode copy: the caller's model keeps its mode and device (the example inputs are CPU tensors).
     reference = copy.deepcopy(model).cpu().eval()
     fused = fuse_batchnorm(reference)
     folded = count_batchnorms(reference) - count_batchnorms(fused)  # those fuse_batchnorm could fold
-    example = _example_input(in_chans, input_size, batch or 2)
+    # A segmentation model's size is dynamic where the format allows it (not ExecuTorch): a non-square example,
+    # so that neither the traced height nor width equals the other or a checked size.
+    spatial = task == "segmentation" and fmt is not ExportFormat.EXECUTORCH
+    example = _example_input(in_chans, input_size, batch or 2, width=input_size + 8 if spatial else None)
     batch_sizes = verification_batch_sizes(batch)
     batches = verification_inputs(preprocessing, input_size, batch_sizes, images)
+    checked_sizes: tuple[tuple[int, int], ...] = ((input_size, input_size),)
+    if spatial:
+        extra = segmentation_check_sizes(input_size)
+        batches += spatial_verification_inputs(preprocessing, extra, batch or 1)
+        checked_sizes += extra
+    if task == "segmentation":  # the artifact returns the logits tensor, not {"out": logits}
+        reference, fused = SegmentationLogits(reference).eval(), SegmentationLogits(fused).eval()
     real_images = min(len(images) if images is not None else 0, sum(batch_sizes))
     output = Path(output)
     created = missing_folders(output.parent)  # removed again if the export fails: a failed command leaves nothing
@@ -462,13 +532,13 @@ def export_model(
     def write_and_verify(tmp: str) -> None:
         tmp_path = Path(tmp)
         if fmt is ExportFormat.ONNX:
-            _write_onnx(fused, tmp_path, example, batch is None, opset, metadata)
+            _write_onnx(fused, tmp_path, example, batch is None, opset, metadata, spatial)
         elif fmt is ExportFormat.TORCHSCRIPT:
             _write_torchscript(fused, tmp_path, metadata)
         elif fmt is ExportFormat.EXECUTORCH:
             _write_executorch(fused, tmp_path, example, metadata)
         else:
-            _write_exported_program(fused, tmp_path, example, batch is None, metadata)
+            _write_exported_program(fused, tmp_path, example, batch is None, metadata, spatial)
         try:
             result.append(verify_artifact(reference, load_artifact(tmp_path, fmt), batches, tolerance=tolerance,
                                           name=f"the {fmt.value} export"))
@@ -483,7 +553,7 @@ def export_model(
     comparison = result[0]
     report = ExportReport(output, fmt, input_size, batch, batch_sizes, comparison.artifact_diff, tolerance,
                           comparison.scale, folded, metadata, eager_float32_diff=comparison.eager_diff,
-                          real_images=real_images)
+                          real_images=real_images, task=task, checked_sizes=checked_sizes)
     logger.debug("wrote %s (%s, batch %s, %d BatchNorms folded)", output, fmt.value,
                  "dynamic" if batch is None else batch, folded)
     return report

@@ -1,4 +1,5 @@
-"""Classify image files with the preprocessing stored alongside the weights.
+"""Classify image files with the preprocessing stored alongside the weights; segment them (class-index mask
+and overlay PNGs at each image's own size, per-class pixel fractions: `predict_segmentation_files`).
 
 Decoding runs in a thread pool that stays ahead of the engine (PIL decodes and resizes with the GIL
 released, and so does ONNX Runtime), so reading images overlaps with inference.  The image pipeline
@@ -76,10 +77,15 @@ _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampli
 
 
 class ImageLoader:
-    """path -> normalised float32 array (C, H, W), exactly `Preprocessing.eval_transform()` for PIL inputs."""
+    """path -> normalised float32 array (C, H, W), exactly `Preprocessing.eval_transform()` for PIL inputs.
 
-    def __init__(self, preprocessing: Preprocessing) -> None:
+    `crop=False` (segmentation): `eval_transform(crop=False)`, the short side resized and nothing cropped;
+    `square=True` with it: resized to input_size x input_size (for programs of one fixed size).
+    """
+
+    def __init__(self, preprocessing: Preprocessing, *, crop: bool = True, square: bool = False) -> None:
         self.preprocessing = preprocessing
+        self.crop, self.square = crop, square
         self.convert = ConvertMode(preprocessing.image_mode)
         channels = preprocessing.in_chans
         self.mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(channels, 1, 1)
@@ -87,21 +93,26 @@ class ImageLoader:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """torchvision's Resize(int): the short side becomes resize_size, the long side is floored."""
-        size = self.preprocessing.resize_size
-        if width <= height:
-            return size, int(size * height / width)
-        return int(size * width / height), size
+        return self.preprocessing.resized_size(width, height, square=self.square and not self.crop)
 
     def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        return self.load(path)[0]
+
+    def load(self, path: str | os.PathLike) -> tuple[np.ndarray, Image.Image]:
+        """(the normalised array, the decoded image in the model's mode at its original size)."""
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()
-        image = self.convert(image)
+        original = image = self.convert(image)
         image = image.resize(self.resized_size(*image.size), resample=_PIL_FILTERS[self.preprocessing.interpolation])
+        if not self.crop:
+            return self.normalise(image), original
         crop = self.preprocessing.input_size
         width, height = image.size
         top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))  # as torchvision
-        image = image.crop((left, top, left + crop, top + crop))
+        return self.normalise(image.crop((left, top, left + crop, top + crop))), original
+
+    def normalise(self, image: Image.Image) -> np.ndarray:
         array = np.asarray(image, dtype=np.uint8)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return (array.astype(np.float32) / np.float32(255.0) - self.mean) / self.std
@@ -198,3 +209,149 @@ def predict_files(
                 yield from run_group(group)
                 group, images_in_group = [], 0
         yield from run_group(group)
+
+
+# --- segmentation: masks and overlays --------------------------------------------------------------------
+
+#: Class names that mean "nothing here": not drawn on the overlay.
+BACKGROUND_NAMES = ("background", "__background__", "_background_")
+
+
+@dataclass(frozen=True)
+class SegmentationPrediction:
+    path: str
+    mask: str  # the class-index PNG (at the image's own size)
+    overlay: str  # the image with the classes drawn over it
+    fractions: dict[str, float]  # class name -> fraction of the image's pixels, every class, summing to 1
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "mask": self.mask, "overlay": self.overlay, "fractions": self.fractions}
+
+    def to_text(self) -> str:
+        present = sorted(((f, name) for name, f in self.fractions.items() if f > 0), reverse=True)
+        return f"{self.path}\t{self.mask}\t" + " | ".join(f"{name} {f:.3f}" for f, name in present)
+
+
+def palette(count: int) -> list[tuple[int, int, int]]:
+    """Pascal VOC's colour map (the bits of the class index spread over R, G, B): class i's overlay colour."""
+    colours = []
+    for index in range(count):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colours.append((r, g, b))
+    return colours
+
+
+def output_names(paths: Sequence[Path], output_dir: Path) -> dict[Path, Path]:
+    """Each image's output stem under `output_dir`: its path relative to the images' common folder without the
+    extension (photos/a/x.jpg and photos/b/x.jpg -> a/x and b/x), so outputs never collide."""
+    if not paths:
+        return {}
+    resolved = [path.resolve() for path in paths]
+    root = Path(os.path.commonpath([path.parent for path in resolved]))
+    return {path: output_dir / full.relative_to(root).with_suffix("") for path, full in zip(paths, resolved)}
+
+
+class SegmentationWriter:
+    """Logits at the model's input size -> the mask at the image's own size (bilinear logits, then argmax),
+    written as a class-index PNG (`NAME_mask.png`, 8-bit, or 16-bit past 256 classes) and an overlay PNG
+    (`NAME_overlay.png`, `torchvision.utils.draw_segmentation_masks`, the background not drawn)."""
+
+    def __init__(self, class_names: Sequence[str], alpha: float = 0.5) -> None:
+        # torch and torchvision only for segmentation outputs: classification on a cached ONNX export stays torch-free
+        import torch
+        from torchvision.utils import draw_segmentation_masks
+
+        self.torch, self.draw = torch, draw_segmentation_masks
+        self.class_names = list(class_names)
+        self.colours = palette(len(self.class_names))
+        self.alpha = alpha
+        self.drawn = [i for i, name in enumerate(self.class_names) if name.lower() not in BACKGROUND_NAMES]
+
+    def mask(self, logits: np.ndarray, width: int, height: int) -> np.ndarray:
+        """(classes, h, w) logits -> (height, width) int64 class indices."""
+        torch = self.torch
+        scores = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[None]
+        if scores.shape[-2:] != (height, width):
+            scores = torch.nn.functional.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        return scores[0].argmax(0).numpy()
+
+    def write(self, path: Path, stem: Path, logits: np.ndarray, image: Image.Image) -> SegmentationPrediction:
+        width, height = image.size
+        mask = self.mask(logits, width, height)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        mask_path, overlay_path = Path(f"{stem}_mask.png"), Path(f"{stem}_overlay.png")
+        if len(self.class_names) <= 256:
+            Image.fromarray(mask.astype(np.uint8), mode="L").save(mask_path)
+        else:
+            Image.fromarray(mask.astype(np.uint16)).save(mask_path)
+        torch = self.torch
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        indices = torch.from_numpy(mask)
+        overlay = pixels
+        if self.drawn:  # one boolean mask per drawn class, in its palette colour
+            masks = torch.stack([indices == i for i in self.drawn])
+            overlay = self.draw(pixels, masks, alpha=self.alpha, colors=[self.colours[i] for i in self.drawn])
+        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(overlay_path)
+        counts = np.bincount(mask.ravel(), minlength=len(self.class_names)).astype(np.float64)
+        fractions = {name: float(count) / mask.size for name, count in zip(self.class_names, counts)}
+        return SegmentationPrediction(str(path), str(mask_path), str(overlay_path), fractions)
+
+
+def predict_segmentation_files(
+    paths: Sequence[Path],
+    engine: Callable[[np.ndarray], np.ndarray],
+    preprocessing: Preprocessing,
+    output_dir: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    square: bool = False,
+    workers: int | None = None,
+) -> Iterator[SegmentationPrediction | Skipped]:
+    """Yield a `SegmentationPrediction` (mask and overlay PNGs written under `output_dir`) or a `Skipped` for every
+    path, in input order.  Each image is resized (short side to `resize_size`, not cropped; `square`: to
+    input_size x input_size) and run alone: images of different shapes do not stack into one batch."""
+    loader = ImageLoader(preprocessing, crop=False, square=square)
+    names = output_names(list(paths), Path(output_dir))
+    writer: SegmentationWriter | None = None
+    if workers is None:
+        workers = split_threads()[1]
+
+    def load(path: Path):
+        try:
+            return loader.load(path)
+        except DECODE_ERRORS as error:
+            return Skipped(str(path), describe_decode_error(path, error))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: collections.deque[tuple[Path, Future]] = collections.deque()
+        path_iter = iter(paths)
+
+        def refill() -> None:  # keep a few images decoding ahead of the engine
+            while len(pending) < 2 * max(1, workers):
+                path = next(path_iter, None)
+                if path is None:
+                    return
+                pending.append((path, pool.submit(load, path)))
+
+        refill()
+        while pending:
+            path, future = pending.popleft()
+            refill()
+            item = future.result()
+            if isinstance(item, Skipped):
+                logger.warning("skipping unreadable image %s: %s", item.path, item.reason)
+                yield item
+                continue
+            array, image = item
+            logits = np.asarray(engine(array[None]), dtype=np.float32)[0]
+            if writer is None:
+                count = logits.shape[0]
+                known = class_names and len(class_names) == count
+                writer = SegmentationWriter(list(class_names) if known else [str(i) for i in range(count)])
+            yield writer.write(path, names[path], logits, image)

@@ -171,6 +171,14 @@ def metadata_preprocessing(metadata: dict[str, str], source: str | os.PathLike) 
     return Preprocessing.from_dict(json.loads(metadata["preprocessing"]))
 
 
+def task_for(metadata: dict[str, str]) -> str:
+    """"segmentation" or "classification": the export's "task", else told by the model name (LR-ASPP models
+    are named lraspp_*), so that weights files and exports made before the key existed are read right."""
+    if metadata.get("task"):
+        return metadata["task"]
+    return "segmentation" if metadata.get("model_name", "").startswith("lraspp_") else "classification"
+
+
 def imagenet_class_names() -> list[str]:
     """ImageNet-1k's 1000 class names, in the standard index order (shipped with the package)."""
     # Through the top-level package: resolving "mobilenetv3.data" would import that package (and torchvision).

@@ -181,13 +181,15 @@ def checkpoint_payload(
     class_names: list[str],
     metrics: dict[str, Any] | None,
     qat: dict[str, Any] | None,
+    best_metric: str | None = None,
 ) -> dict[str, Any]:
     """Everything needed to continue exactly (the inverse of `restore_modules` + `restore_rng`); a collective
     call under DDP (every rank's RNG states and running sums are gathered).
 
     `config` is the run's TrainConfig, `state` its TrainState (position, running sums, best so far);
     `model_state` the model's state dict (the fake-quantized graph's under QAT); `ema` / `swa` the averages
-    (ModelEma / StochasticWeightAverage) or None; `qat` the checkpoint entry of a QAT run, else None.
+    (ModelEma / StochasticWeightAverage) or None; `qat` the checkpoint entry of a QAT run, else None;
+    `best_metric` the metric `checkpoint.best_metric` resolved to (its "auto": the task's).
     """
     rng = distributed.all_gather_objects(capture_rng())
     return {
@@ -200,7 +202,8 @@ def checkpoint_payload(
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
         "epoch_totals": distributed.all_gather_objects(vars(state.totals).copy()),
-        "best": {"metric": config.checkpoint.best_metric, "value": state.best_value, "epoch": state.best_epoch},
+        "best": {"metric": best_metric or config.checkpoint.best_metric, "value": state.best_value,
+                 "epoch": state.best_epoch},
         "rng": rng,
         "sampler": {"seed": config.seed, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                     "batch_size": config.batch_size, "world_size": world_size,

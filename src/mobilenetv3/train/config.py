@@ -43,7 +43,10 @@ CyclicMode = Literal["triangular", "triangular2", "exp_range"]
 AmpMode = Literal["none", "bf16", "fp16"]
 
 #: The metrics `checkpoint.best_metric` can follow -> True when larger is better.
-BEST_METRICS = {"val_top1": True, "ema_val_top1": True, "val_loss": False, "ema_val_loss": False}
+#: ("auto": the task's own, val_top1 for classification and val_miou for segmentation; see `train/tasks.py`)
+BEST_METRICS = {"val_top1": True, "ema_val_top1": True, "val_loss": False, "ema_val_loss": False,
+                "val_miou": True, "ema_val_miou": True, "val_pixel_acc": True, "ema_val_pixel_acc": True}
+TaskName = Literal["auto", "classification", "segmentation"]
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, gt: float | None = None,
@@ -188,7 +191,7 @@ class CheckpointConfig:
     every_steps: int = setting(0, ge=0)
     #: the metric `best.pt` follows: val_top1, ema_val_top1, val_loss or ema_val_loss (an SWA run's
     #: result is checkpoints/swa.safetensors, the final average).
-    best_metric: str = setting("val_top1", choices=tuple(BEST_METRICS))
+    best_metric: str = setting("auto", choices=(*BEST_METRICS, "auto"))
     #: keep weights-only checkpoints/epoch_NNNN.pt of the last K epochs (for `mobilenetv3 average --last K`).
     keep_last_epochs: int = setting(0, ge=0)
     #: and of the K best epochs by `best_metric` (for `mobilenetv3 average --best K`).
@@ -226,6 +229,8 @@ class TrainConfig:
     swa: SWAConfig = field(default_factory=SWAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    #: "auto": the data's (a segmentation dataset trains a segmentation model); the model must be of the task
+    task: TaskName = "auto"
     epochs: int = setting(10, gt=0)
     #: per process (per GPU); the global batch is batch_size * world_size * accumulation_steps.
     batch_size: int = setting(64, gt=0)

@@ -30,9 +30,11 @@ from ..data import DataConfig, build_datasets, collate_skipping, same_dataset
 from ..deploy.engines import check_weights_file
 from ..deploy.executorch import load_pte, pte_module, pte_weights, require_executorch
 from ..errors import UserError
+from ..models.registry import get_entry
 from ..weights.io import build_model, read_weights
 from .distributed import DistEnv, resolve_device
 from .loop import AMP_DTYPES, StepSettings, evaluate
+from .tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ def evaluate_file(
         model = pte_module(program)
     else:
         model = build_model(weights)
+    task = get_task(get_entry(weights.model_name).task if weights.model_name else "classification")
+    if bundle.task != task.name:
+        raise UserError(f"{path} holds a {task.name} model but {dataset!r} is a {bundle.task} dataset")
+    if tta is not None and task.name != "classification":
+        raise UserError(f"--tta {tta} is for classification models; {path} holds a {task.name} model")
     num_classes = int(weights.model_kwargs.get("num_classes", 1000))
     if num_classes != bundle.num_classes:
         raise UserError(f"{path} predicts {num_classes} classes but {dataset!r} has {bundle.num_classes}")
@@ -111,11 +118,12 @@ def evaluate_file(
                         collate_fn=collate_skipping, pin_memory=env.device.type == "cuda")
     settings = StepSettings(device=env.device, amp_dtype=AMP_DTYPES[amp], channels_last=channels_last,
                             accumulation_steps=1, grad_clip_norm=None, label_smoothing=0.0,
-                            num_classes=bundle.num_classes)
+                            num_classes=bundle.num_classes, task=task)
     with torch.inference_mode(False):
         result = evaluate(model, loader, settings, num_batches=limit_batches, env=env, progress_label="eval")
     logged = weights.extra.get("metrics")
-    result.update(checkpoint=str(path), ema=ema, tta=tta, amp=amp, preprocessing=bundle.preprocessing.to_dict(),
+    result.update(task=task.name, checkpoint=str(path), ema=ema, tta=tta, amp=amp,
+                  preprocessing=bundle.preprocessing.to_dict(),
                   logged=logged)
     if logged:
         trained = {

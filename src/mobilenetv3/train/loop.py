@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from .distributed import DistEnv, all_reduce_sum_, group_size, unwrap
 from .regularization import DropBlockSchedule, ModelEma
+from .tasks import ClassificationTask
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class StepSettings:
     grad_clip_norm: float | None
     label_smoothing: float
     num_classes: int
+    #: the run's task (`tasks.py`): output -> logits, loss, training accuracy, validation metric
+    task: ClassificationTask = field(default_factory=ClassificationTask)
 
 
 def progress_enabled(progress: bool | None = None, stream: Any = None) -> bool:
@@ -106,15 +108,6 @@ def to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSetting
     return images, targets.to(settings.device, non_blocking=non_blocking)
 
 
-def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
-    """On the device: the number of samples whose target is in the top-k logits, for each k (capped at the
-    class count)."""
-    maxk = min(max(ks), logits.shape[1])
-    predicted = logits.topk(maxk, dim=1).indices
-    hits = predicted.eq(targets[:, None])
-    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
-
-
 class DeviceSums:
     """The running loss and top-1 sums of an epoch, kept on the device between reads, and the first
     non-finite loss (its step and value).
@@ -130,11 +123,12 @@ class DeviceSums:
         self.loss_sum, self.correct = scalar(totals.loss_sum), scalar(totals.correct)
         self.bad_step, self.bad_loss = scalar(-1.0), scalar(0.0)  # bad_step -1: every loss so far was finite
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, hard_targets: torch.Tensor, step: int) -> None:
-        """One micro-batch's mean loss and logits, at optimizer step `step` (1-based); queues device work only."""
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, batch: int, step: int) -> None:
+        """One micro-batch's mean loss and summed accuracy (`Task.train_correct`) over `batch` samples, at
+        optimizer step `step` (1-based); queues device work only."""
         loss = loss.detach().double()
-        self.loss_sum += loss * logits.shape[0]
-        self.correct += topk_hits(logits.detach(), hard_targets, (1,))[0]
+        self.loss_sum += loss * batch
+        self.correct += correct
         first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
         self.bad_step = torch.where(first_bad, float(step), self.bad_step)
         self.bad_loss = torch.where(first_bad, loss, self.bad_loss)
@@ -159,7 +153,7 @@ def join_gradient_all_reduce(model: nn.Module, example: torch.Tensor, scaler: to
         return
     model.eval()
     with autocast(settings):
-        zero = model(torch.zeros_like(example)).float().sum() * 0.0
+        zero = settings.task.logits(model(torch.zeros_like(example))).float().sum() * 0.0
     scaler.scale(zero).backward()
     model.train()
 
@@ -244,12 +238,13 @@ class TrainStep:
         no_sync = not last_micro_batch and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(settings):
-                logits = model(images)
+                logits = settings.task.logits(model(images))
                 # Mean over the micro-batch, divided by the group size: the accumulated gradient is the
                 # gradient of the mean loss over the whole group, as with one big batch.
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
+                loss = settings.task.loss(logits, targets, settings.label_smoothing)
             self.scaler.scale(loss / settings.accumulation_steps).backward()
-        self.sums.add(loss, logits, hard_targets, step=self.state.step + 1)
+        self.sums.add(loss, settings.task.train_correct(logits.detach(), hard_targets), images.shape[0],
+                      step=self.state.step + 1)
         self.state.totals.samples += images.shape[0]
         return images[:1].detach()
 
@@ -306,17 +301,20 @@ def evaluate(
     progress_label: str | None = None,
     progress: bool | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 (percent) and mean cross-entropy (no label smoothing) over the whole set.
+    """The task's validation metric over the whole set (`settings.task.metric`: classification's mean
+    cross-entropy without label smoothing, top-1 / top-5 in percent; segmentation's pixel loss, mIoU, pixel
+    accuracy and per-class IoU), with `samples` and `skipped`.
 
     A bar labelled `progress_label` is drawn on rank 0 when `progress_enabled(progress)` (by default only
     on a terminal).
 
     Under DDP each rank sees a disjoint shard (`data.samplers.ShardSampler`) and the sums are all-reduced: every
-    sample is counted exactly once, whatever len(val) % world_size is; `samples` shows it.
+    sample (and every pixel) is counted exactly once, whatever len(val) % world_size is; `samples` shows it.
     """
     model.eval()
-    # Loss, top-1 and top-5 sums stay on the device until the end (no host sync per batch).
-    sums = torch.zeros(3, dtype=torch.float64, device=settings.device)
+    task = settings.task
+    # The metric's sums stay on the device until the end (no host sync per batch).
+    metric = task.metric(settings.num_classes, settings.device)
     samples = skipped = 0
     total = len(loader) if num_batches is None else min(num_batches, len(loader))
     show = env.is_main and progress_label is not None and progress_enabled(progress)
@@ -329,21 +327,13 @@ def evaluate(
             continue
         images, targets = to_device(images, targets, settings)
         with autocast(settings):
-            logits = model(images)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, targets, reduction="sum")
-        sums += torch.stack([loss.double(), *(hits.double() for hits in topk_hits(logits, targets, (1, 5)))])
+            logits = task.logits(model(images))
+        metric.update(logits.float(), targets)
         samples += images.shape[0]
         bar.update(1)
     bar.close()
     counts = torch.tensor([samples, skipped], dtype=torch.float64, device=settings.device)
-    loss_sum, correct1, correct5, samples, skipped = all_reduce_sum_(torch.cat([sums, counts])).tolist()
+    samples, skipped = all_reduce_sum_(counts).tolist()
     if samples == 0:
         raise UserError("validation saw no samples (every file unreadable, or limit_val_batches=0?)")
-    return {
-        "loss": loss_sum / samples,
-        "top1": 100.0 * correct1 / samples,
-        "top5": 100.0 * correct5 / samples,
-        "samples": int(samples),
-        "skipped": int(skipped),
-    }
+    return {**metric.compute(int(samples)), "samples": int(samples), "skipped": int(skipped)}

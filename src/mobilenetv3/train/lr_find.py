@@ -17,16 +17,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import build_datasets
 from ..errors import UserError
+from ..models.registry import get_entry
 from .config import TrainConfig
 from .distributed import DistEnv, resolve_device
 from .loop import AMP_DTYPES, StepSettings, autocast, progress_enabled, to_device
 from .optim import build_optimizer
 from .run import build_loaders, create_run_model, model_kwargs_for, setup_runtime
+from .tasks import get_task, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,13 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
     bundle = build_datasets(config.data)
     loader, sampler, _ = build_loaders(config, bundle, env)
     model = create_run_model(config.model, model_kwargs_for(config, bundle)).to(env.device)
+    task = get_task(resolve_task(config.task, data_task=bundle.task, model_task=get_entry(config.model.name).task,
+                                 dataset=config.data.dataset, model=config.model.name))
     optimizer = build_optimizer(model, config.optim, start_lr)
     settings = StepSettings(device=env.device, amp_dtype=AMP_DTYPES[config.amp],
                             channels_last=config.channels_last, accumulation_steps=1, grad_clip_norm=None,
-                            label_smoothing=config.regularization.label_smoothing, num_classes=bundle.num_classes)
+                            label_smoothing=config.regularization.label_smoothing, num_classes=bundle.num_classes,
+                            task=task)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
     lrs, raw, smoothed = [], [], []
     average, best = 0.0, math.inf
@@ -84,7 +88,7 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
                     group["lr"] = lr
                 images, targets = to_device(images, targets, settings)
                 with autocast(settings):
-                    loss = F.cross_entropy(model(images).float(), targets, label_smoothing=settings.label_smoothing)
+                    loss = task.loss(task.logits(model(images)), targets, settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

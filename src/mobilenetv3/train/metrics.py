@@ -108,7 +108,8 @@ class MetricsWriter:
 
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1: float | None = None,
                 reference_label: str | None = None, title: str = "") -> Path | None:
-    """Loss (train, val) and top-1 / top-5 (val, and EMA / SWA when present) per epoch, with the claimed top-1."""
+    """Loss (train, val) and top-1 / top-5, or a segmentation run's mIoU / pixel accuracy (val, and EMA / SWA when
+    present) per epoch, with the claimed top-1."""
     if not rows:
         return None
     # Here, not at the top: the file-only Agg backend must be chosen before pyplot is first imported.
@@ -129,6 +130,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1:
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend()
     for key, style in (("val_top1", "-"), ("val_top5", "-"), ("ema_val_top1", "--"), ("swa_val_top1", "--"),
+                       ("val_miou", "-"), ("val_pixel_acc", "-"), ("ema_val_miou", "--"), ("swa_val_miou", "--"),
                        ("train_top1", ":")):
         plot(acc_axes, key, style)
     if reference_top1 is not None:

@@ -33,6 +33,7 @@ from ..deploy.quantize import describe_bytes, loader_batches, top1_line
 from ..errors import UserError, first_line
 from ..factory import create_model
 from ..files import is_url, missing_folders, remove_empty_folders
+from ..models.heads.lraspp import LRASPP
 from ..models.mobilenetv3 import MobileNetV3
 from ..models.registry import get_entry
 from ..weights import io as weights_io
@@ -46,6 +47,7 @@ from .loop import AMP_DTYPES, EpochTotals, StepSettings, TrainState, TrainStep, 
 from .metrics import MetricsWriter
 from .optim import Schedule, build_optimizer, build_scheduler, scaled_lr
 from .regularization import DropBlockSchedule, ModelEma, StochasticWeightAverage, build_mix
+from .tasks import get_task, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +145,18 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
                         f"continue its run with --resume {model_config.pretrained}, or start from float weights")
     build_model(weights)  # the file must first be what it says it is: its tensors all fit its own network
     found, wanted = weights.model_name, model_config.name
-    arches = get_entry(found).arch, get_entry(wanted).arch
-    generic = {f"mobilenetv3_{arch}" for arch in arches}
-    if arches[0] != arches[1] or (found != wanted and not {found, wanted} & generic):
+    entries = get_entry(found), get_entry(wanted)
+    arches = entries[0].arch, entries[1].arch
+    prefix = "lraspp_" if entries[1].head == "lraspp" else ""
+    generic = {f"{prefix}mobilenetv3_{arch}" for arch in arches}
+    if (arches[0] != arches[1] or entries[0].head != entries[1].head
+            or (found != wanted and not {found, wanted} & generic)):
         raise UserError(f"{model_config.pretrained} holds a {found} ({arches[0]}), but the config trains a "
                         f"{wanted} ({arches[1]}); set model.name={found} (--model {found}) to start from it")
-    defaults = inspect.signature(MobileNetV3).parameters
+    # the constructor's defaults: LR-ASPP's own (num_classes, output_stride 16, ...), then its backbone's
+    defaults = dict(inspect.signature(MobileNetV3).parameters)
+    if entries[1].head == "lraspp":
+        defaults.update(inspect.signature(LRASPP).parameters)
     kwargs = {key: defaults[key].default for key in RUN_MODEL_KWARGS}
     kwargs.update(model_kwargs)
     return create_model(model_config.name, pretrained=location, loaded_weights=weights, **kwargs)
@@ -294,6 +302,17 @@ class Trainer:
         synthetic = " (synthetic: random tensors, not real images)" if config.data.dataset == "synthetic" else ""
         self.log("data: %s%s", bundle.describe(), synthetic)
         model_kwargs = model_kwargs_for(config, bundle)  # class / channel mismatches fail before any work
+        task_name = resolve_task(config.task, data_task=bundle.task, model_task=get_entry(config.model.name).task,
+                                 dataset=config.data.dataset, model=config.model.name)
+        #: what the task contributes (train/tasks.py): logits, loss, training accuracy, validation metric, columns
+        self.task = get_task(task_name)
+        self.task.check_config(config)
+        best = config.checkpoint.best_metric
+        #: `checkpoint.best_metric`, its "auto" resolved to the task's metric
+        self.best_metric = self.task.best_metric if best == "auto" else best
+        if self.best_metric.split("_val_")[-1].removeprefix("val_") not in self.task.columns:
+            raise UserError(f"checkpoint.best_metric={best} is not a {task_name} metric; use "
+                            f"{self.task.best_metric} (or auto)")
         self.train_loader, self.train_sampler, self.val_loader = build_loaders(config, bundle, env)
         size = bundle.preprocessing.input_size  # train crops are square, input_size on a side
         self.input_shape = (bundle.in_chans, size, size)
@@ -349,6 +368,7 @@ class Trainer:
             device=env.device, amp_dtype=AMP_DTYPES[config.amp], channels_last=config.channels_last,
             accumulation_steps=accumulate, grad_clip_norm=config.optim.grad_clip_norm,
             label_smoothing=config.regularization.label_smoothing, num_classes=self.bundle.num_classes,
+            task=self.task,
         )
         self.log("model %s (%s params), global batch %d, lr %.4g (%s at %s images), %d steps/epoch",
                  self.model_name, f"{sum(p.numel() for p in model.parameters()):,}", self.global_batch,
@@ -454,7 +474,7 @@ class Trainer:
             model_state=qat.state_dict(self.model) if config.qat.enabled else ckpt.cpu_state_dict(self.model),
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=self.ema, swa=self.swa,
             preprocessing=bundle.preprocessing.to_dict(), class_names=list(bundle.class_names), metrics=metrics,
-            qat=qat.checkpoint_entry(self.input_shape) if config.qat.enabled else None)
+            qat=qat.checkpoint_entry(self.input_shape) if config.qat.enabled else None, best_metric=self.best_metric)
 
     def _save_mid_epoch(self, state: TrainState) -> None:
         every = self.config.checkpoint.every_steps
@@ -472,7 +492,7 @@ class Trainer:
     def _is_better(self, value: float) -> bool:
         if self.state.best_value is None:
             return True
-        larger_is_better = BEST_METRICS[self.config.checkpoint.best_metric]
+        larger_is_better = BEST_METRICS[self.best_metric]
         return value > self.state.best_value if larger_is_better else value < self.state.best_value
 
     def _write_int8_program(self) -> str | None:
@@ -497,10 +517,11 @@ class Trainer:
         return str(report.path)
 
     def _validate_average(self, module: nn.Module, prefix: str) -> dict[str, float]:
-        """{prefix}_val_loss / _top1 / _top5 of an averaged copy (EMA or SWA) on the validation set."""
+        """{prefix}_val_loss / _top1 / _top5 (the task's columns) of an averaged copy (EMA or SWA) on the
+        validation set."""
         result = evaluate(module, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
                           env=self.env, progress_label=f"validate {prefix.upper()}", progress=self.progress)
-        return {f"{prefix}_val_{key}": result[key] for key in ("loss", "top1", "top5")}
+        return {f"{prefix}_val_{key}": result[key] for key in self.task.columns}
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -562,7 +583,7 @@ class Trainer:
             "epoch": epoch + 1, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss_sum / max(train_samples, 1),
             "train_top1": 100.0 * train_correct / max(train_samples, 1),
-            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"], "val_samples": val["samples"],
+            **{f"val_{key}": val[key] for key in self.task.columns}, "val_samples": val["samples"],
             **averages,
             "world_size": self.env.world_size, "global_batch": self.global_batch, "epoch_time_s": totals.seconds,
             "train_images_per_s": train_samples / max(totals.seconds, 1e-9),
@@ -582,12 +603,12 @@ class Trainer:
             logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (gradients overflowed); "
                            "loss scale now %g", epoch + 1, totals.amp_skipped_steps, self.steps_per_epoch,
                            self.scaler.get_scale())
-        self.log("epoch %d/%d: train loss %.4f | val loss %.4f top1 %.2f top5 %.2f (%d samples)%s%s | "
-                 "%.0f img/s | %.0fs",
-                 epoch + 1, config.epochs, row["train_loss"], row["val_loss"], row["val_top1"], row["val_top5"],
+        summary = self.task.summary
+        self.log("epoch %d/%d: train loss %.4f | val loss %.4f %s (%d samples)%s%s | %.0f img/s | %.0fs",
+                 epoch + 1, config.epochs, row["train_loss"], row["val_loss"], summary(row, "val_"),
                  row["val_samples"],
-                 f" | EMA top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else "",
-                 f" | SWA top1 {row['swa_val_top1']:.2f}" if "swa_val_top1" in row else "",
+                 f" | EMA {summary(row, 'ema_val_')}" if "ema_val_loss" in row else "",
+                 f" | SWA {summary(row, 'swa_val_')}" if "swa_val_loss" in row else "",
                  row["train_images_per_s"], totals.seconds)
 
     def _save_epoch(self, epoch: int, row: dict[str, Any]) -> None:
@@ -595,7 +616,7 @@ class Trainer:
         config, state = self.config, self.state
         # The next resume point is the start of the next epoch.
         state.epoch, state.batch_in_epoch, state.totals = epoch + 1, 0, EpochTotals()
-        metric = config.checkpoint.best_metric
+        metric = self.best_metric
         improved = self._is_better(row[metric])
         if improved:
             state.best_value, state.best_epoch = row[metric], epoch + 1
@@ -637,13 +658,15 @@ class Trainer:
         summary = {
             "output": str(self.output), "model": self.model_name, "dataset": config.data.dataset,
             "epochs": state.epoch, "steps": state.step, "world_size": env.world_size,
-            "best_metric": config.checkpoint.best_metric, "best_value": state.best_value, "best_epoch": state.best_epoch,
+            "task": self.task.name, "best_metric": self.best_metric, "best_value": state.best_value,
+            "best_epoch": state.best_epoch,
             "final": row, "wall_time_s": time.perf_counter() - started,
         }
         if int8_program is not None:
             summary["int8_pte"] = int8_program
         if row:
+            headline = self.task.best_metric
             self.log("done: %s %.2f%% (best %s %.4g at epoch %s), %d steps in %.0fs -> %s",
-                     "val_top1", row["val_top1"], summary["best_metric"], state.best_value, state.best_epoch,
+                     headline, row[headline], summary["best_metric"], state.best_value, state.best_epoch,
                      state.step, summary["wall_time_s"], self.output / "checkpoints")
         return summary

@@ -217,9 +217,9 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
         except UserError as error:
             raise UserError(f"{error}; build it with create_model({model_name!r}, pretrained=...) so the "
                             f"layout kwargs of {label} are applied") from None
-    if float(weights_config.get("bn_eps", model.config["bn_eps"])) != float(model.config["bn_eps"]):
-        logger.warning("%s was trained with BN eps %s; this model uses %s", label, weights_config["bn_eps"],
-                       model.config["bn_eps"])
+    own_eps = model.config.get("bn_eps", weights_config.get("bn_eps"))  # LR-ASPP's config: only the kwargs given
+    if own_eps is not None and float(weights_config.get("bn_eps", own_eps)) != float(own_eps):
+        logger.warning("%s was trained with BN eps %s; this model uses %s", label, weights_config["bn_eps"], own_eps)
     state_dict = dict(state_dict)
     own = model.state_dict()
     stem_key = next(key for key in own if key.endswith("stem.conv.weight"))  # "backbone." in LR-ASPP

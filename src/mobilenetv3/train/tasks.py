@@ -1,0 +1,183 @@
+"""What a task contributes to the one trainer: how to read the network's output, its loss, its training
+accuracy, its validation metric (reduced across ranks so every sample counts once) and its metrics columns.
+
+The loop (`loop.py`) and the trainer (`run.py`) call these and do not branch on the task otherwise.
+
+- classification: cross-entropy on the logits; top-1 / top-5 (percent).
+- segmentation (LR-ASPP, `{"out": logits}`): cross-entropy over the pixels with `ignore_index` (255) left
+  out; a confusion matrix (rows: target class, columns: predicted class; int64, `torch.bincount`) summed over
+  the validation set and all-reduced once, from which come the pixel accuracy, the per-class IoU and mIoU.
+  mIoU is the mean IoU over the classes present in the target or the prediction (union > 0), torchvision's
+  reference-script and mmsegmentation's convention (a class absent from both has no IoU: None in the rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .distributed import all_reduce_sum_
+
+TASKS = ("classification", "segmentation")
+
+#: the mask value that marks pixels outside every class (not counted by the loss or the metrics)
+IGNORE_INDEX = 255
+
+
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
+    """On the device: the number of samples whose target is in the top-k logits, for each k (capped at the
+    class count)."""
+    maxk = min(max(ks), logits.shape[1])
+    predicted = logits.topk(maxk, dim=1).indices
+    hits = predicted.eq(targets[:, None])
+    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """[num_classes, num_classes] int64 counts on the tensors' device: entry (t, p) = pixels of target class t
+    predicted as p; pixels whose target is `ignore_index` are not counted."""
+    valid = target != ignore_index
+    index = target[valid].long() * num_classes + predicted[valid].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict[str, Any]:
+    """Pixel accuracy, per-class IoU and mIoU (percent) from a confusion matrix (see the module docstring for
+    the mIoU convention); `iou[c]` is None for a class in neither the target nor the prediction."""
+    confusion = confusion.double().cpu()
+    hits = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = union > 0
+    iou = torch.where(present, hits / union.clamp(min=1), torch.zeros_like(hits))
+    total = confusion.sum()
+    return {
+        "miou": 100.0 * float(iou[present].mean()) if present.any() else 0.0,
+        "pixel_acc": 100.0 * float(hits.sum() / total) if total > 0 else 0.0,
+        "iou": [100.0 * float(value) if ok else None for value, ok in zip(iou.tolist(), present.tolist())],
+        "pixels": int(total),
+    }
+
+
+class ClassificationMetric:
+    """Loss, top-1 and top-5 sums of a validation pass (on the device until `compute`)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        self.sums += torch.stack([loss.double(), *(hits.double() for hits in topk_hits(logits, targets, (1, 5)))])
+
+    def compute(self, samples: int) -> dict[str, Any]:
+        """The rank-summed results (a collective call under DDP)."""
+        loss_sum, correct1, correct5 = all_reduce_sum_(self.sums).tolist()
+        return {"loss": loss_sum / samples, "top1": 100.0 * correct1 / samples, "top5": 100.0 * correct5 / samples}
+
+
+class SegmentationMetric:
+    """The confusion matrix (int64) and the pixel loss sum of a validation pass, on the device until `compute`."""
+
+    def __init__(self, num_classes: int, device: torch.device, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss_sum += F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum").double()
+        self.confusion += confusion_matrix(logits.argmax(dim=1), targets, self.num_classes, self.ignore_index)
+
+    def compute(self, samples: int) -> dict[str, Any]:
+        """The rank-summed results (collective calls under DDP): every pixel of every sample counts once."""
+        confusion = all_reduce_sum_(self.confusion)
+        loss_sum = float(all_reduce_sum_(self.loss_sum))
+        scores = segmentation_scores(confusion)
+        return {"loss": loss_sum / max(scores["pixels"], 1), **scores}
+
+
+class ClassificationTask:
+    name = "classification"
+    #: `checkpoint.best_metric: auto` follows this column (larger is better)
+    best_metric = "val_top1"
+    #: result keys that become `{prefix}_val_{key}` columns
+    columns = ("loss", "top1", "top5")
+
+    def logits(self, output: Any) -> torch.Tensor:
+        return output
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        """The mean loss of a micro-batch (targets: class indices, or mixup / cutmix's soft targets)."""
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+    def train_correct(self, logits: torch.Tensor, hard_targets: torch.Tensor) -> torch.Tensor:
+        """The batch's summed training accuracy (a count of samples; `train_top1` is it over the samples)."""
+        return topk_hits(logits, hard_targets, (1,))[0]
+
+    def metric(self, num_classes: int, device: torch.device) -> ClassificationMetric:
+        return ClassificationMetric(num_classes, device)
+
+    def summary(self, result: dict[str, Any], prefix: str = "") -> str:
+        """One log fragment, e.g. "top1 91.20 top5 99.80"."""
+        return f"top1 {result[prefix + 'top1']:.2f} top5 {result[prefix + 'top5']:.2f}"
+
+    def check_config(self, config) -> None:
+        pass
+
+
+class SegmentationTask(ClassificationTask):
+    name = "segmentation"
+    best_metric = "val_miou"
+    columns = ("loss", "miou", "pixel_acc", "iou")
+
+    def logits(self, output: Any) -> torch.Tensor:
+        return output["out"]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+    def train_correct(self, logits: torch.Tensor, hard_targets: torch.Tensor) -> torch.Tensor:
+        """The sum over the batch of each image's pixel accuracy (ignored pixels left out): `train_top1` is the
+        mean per-image pixel accuracy."""
+        valid = hard_targets != IGNORE_INDEX
+        correct = (logits.argmax(dim=1) == hard_targets) & valid
+        return (correct.sum(dim=(1, 2)).double() / valid.sum(dim=(1, 2)).clamp(min=1)).sum()
+
+    def metric(self, num_classes: int, device: torch.device) -> SegmentationMetric:
+        return SegmentationMetric(num_classes, device)
+
+    def summary(self, result: dict[str, Any], prefix: str = "") -> str:
+        return f"mIoU {result[prefix + 'miou']:.2f} pixel acc {result[prefix + 'pixel_acc']:.2f}"
+
+    def check_config(self, config) -> None:
+        regularization = config.regularization
+        if regularization.mixup_alpha > 0 or regularization.cutmix_alpha > 0:
+            raise UserError("mixup and cutmix blend image labels, not masks: set regularization.mixup_alpha=0 and "
+                            "regularization.cutmix_alpha=0 for segmentation")
+        if config.qat.enabled:
+            raise UserError("quantization-aware training is for classification models; train the segmentation "
+                            "model in float (--no-qat)")
+
+
+TASK_CLASSES = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+
+
+def get_task(name: str) -> ClassificationTask:
+    if name not in TASK_CLASSES:
+        raise UserError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASK_CLASSES[name]()
+
+
+def resolve_task(configured: str, *, data_task: str, model_task: str, dataset: str, model: str) -> str:
+    """The run's task: `configured` unless "auto", else the data's; the data and the model must agree with it."""
+    task = data_task if configured == "auto" else configured
+    if data_task != task:
+        raise UserError(f"task={task} but the dataset {dataset!r} is a {data_task} dataset")
+    if model_task != task:
+        raise UserError(f"the model {model} is a {model_task} model but the run's task is {task} (from "
+                        f"{'the data' if configured == 'auto' else 'task'}); choose a "
+                        f"{'lraspp_mobilenetv3_*' if task == 'segmentation' else 'mobilenetv3_*'} model "
+                        f"(--model)")
+    return task
