@@ -382,6 +382,46 @@ def _quantization(metrics: dict) -> str:
          for r in metrics["rows"]])
 
 
+#: fashion-mnist-seg's classes, in its masks' order (background first), for the per-class IoU columns
+_SEG_CLASSES = ("background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                "Bag", "Ankle boot")
+
+
+@renderer("segmentation", "python benchmarks/segmentation.py --variant NAME", "Segmentation on fashion-mnist-seg", """
+    A segmentation recipe (`fashion-mnist-seg`: LR-ASPP Large 1.0 on our 128x128 canvases of Fashion-MNIST items,
+    not a public benchmark) trained to the end, one variant at a time with nothing else running: mIoU and pixel
+    accuracy on the 1000 test canvases at the last epoch, per-class IoU, and the wall time. The target: >= 70%
+    mIoU within 30 minutes on 2 CPU cores. `large-conv1x1` is the same backbone and schedule with a plain 1x1-conv
+    head instead of LR-ASPP (the paper's claim that the head earns its place).""",
+          key=lambda rec: rec["metrics"]["variant"])
+def _segmentation(metrics: dict) -> str:
+    m = metrics
+    overrides = " ".join(f"`{o}`" for o in m["overrides"]) or "—"
+    summary = _table(
+        ["variant", "overrides", "model", "params", "epochs", "mIoU", "pixel acc", "best mIoU (epoch)", "img/s",
+         "wall min", "minutes to 70%"],
+        [[m["variant"], overrides, m["model"] or "—", _opt(m["params"], ",d"), str(m["epochs"]),
+          f"{m['last_miou']:.2f}%", f"{m['last_pixel_acc']:.2f}%", f"{m['best_miou']:.2f}% ({m['best_epoch']})",
+          f"{m['train_images_per_s']:.0f}", f"{m['wall_time_s'] / 60:.1f}", _opt(m["minutes_to_70"], ".1f")]])
+    names = _SEG_CLASSES if len(m["last_iou"]) == len(_SEG_CLASSES) else [str(i) for i in range(len(m["last_iou"]))]
+    per_class = _table(list(names), [[_opt(v, ".1f") for v in m["last_iou"]]])
+    return summary + "\n\nIoU per class (%), last epoch:\n\n" + per_class
+
+
+@renderer("segmentation_latency", "python benchmarks/segmentation.py --latency", "Segmentation predict latency", """
+    `predict` on a segmentation model, one image at a time, with its ONNX Runtime fp32 engine (the verified export
+    with dynamic height and width): the engine call alone (median and p90 of repeated calls on one input) and the
+    whole command's work per image (PNG decode, preprocessing, the engine, the mask and overlay PNGs written),
+    at our 128x128 canvases and at 512x1024 (half of Cityscapes' 1024x2048).""")
+def _segmentation_latency(metrics: dict) -> str:
+    return _table(
+        ["input", "size", "model", "weights", "engine median ms", "engine p90 ms", "predict ms per image",
+         "images"],
+        [[r["setting"], f"{r['height']}x{r['width']}x{r['in_chans']}", r["model"], r["weights"],
+          f"{r['engine_ms_median']:.2f}", f"{r['engine_ms_p90']:.2f}", f"{r['predict_ms_per_image']:.1f}",
+          str(r["images"])] for r in metrics["rows"]])
+
+
 @renderer("fashion_mnist", "python benchmarks/fashion_mnist.py", "Fashion-MNIST runs", """
     A Fashion-MNIST recipe trained on this machine (the 10,000 official test images are the validation split):
     test top-1/top-5 and loss of the last epoch, the averaged models where the run kept them, flip-TTA top-1 with

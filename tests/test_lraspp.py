@@ -81,6 +81,31 @@ def test_options_in_chans_inter_channels_and_errors():
         create_model("lraspp_mobilenetv3_small_100", num_classes=0)
 
 
+def test_the_plain_1x1_head_for_the_ablation(tmp_path):
+    # head="conv1x1": the same backbone, one 1x1 conv from the stride-16 features; kept through save / load, and
+    # refused by the torchvision conversion (torchvision has no such network)
+    plain = create_model("lraspp_mobilenetv3_small_050", num_classes=3, in_chans=1, head="conv1x1").eval()
+    full = create_model("lraspp_mobilenetv3_small_050", num_classes=3, in_chans=1).eval()
+    assert [name for name, _ in plain.classifier.named_children()] == ["high_classifier"]
+    assert plain.classifier.high_classifier.in_channels == full.classifier.cbr[0].in_channels
+    assert {k for k in plain.state_dict() if not k.startswith("classifier.")} == \
+        {k for k in full.state_dict() if not k.startswith("classifier.")}
+    assert plain.config["head"] == "conv1x1" and "head" not in full.config
+    with torch.no_grad():
+        assert plain(torch.randn(2, 1, 40, 56))["out"].shape == (2, 3, 40, 56)
+    save_model(plain, tmp_path / "plain.safetensors")
+    again = load_model(tmp_path / "plain.safetensors").eval()
+    inputs = torch.randn(1, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(again(inputs)["out"], plain(inputs)["out"])
+    large = create_model("lraspp_mobilenetv3_large_100", reduced_tail=False, head="conv1x1")  # else torchvision's
+    with pytest.raises(UserError, match=r"dilate_strided_block=True, head=conv1x1\) has no equivalent in any "
+                                        r"torchvision MobileNetV3"):
+        to_peer("torchvision", large.config, large.state_dict())
+    with pytest.raises(UserError, match="head must be one of lraspp, conv1x1, got 'aspp'"):
+        create_model("lraspp_mobilenetv3_small_100", head="aspp")
+
+
 def _channels(model) -> list[tuple[int, int, int]]:
     """(expanded, out) per block of the last stage, and the last 1x1 conv's width."""
     blocks = model.backbone.blocks
@@ -247,6 +272,31 @@ def test_profile_takes_height_by_width(capsys):
     assert rows[0]["macs"] > 1.9 * rows[1]["macs"]  # twice the pixels (the gate's pooled branch is tiny)
     assert main(["profile", "--model", "lraspp_mobilenetv3_small_100", "--resolution", "64by128"]) != 0
     assert "--resolution takes N or HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_profile_puts_the_papers_table_7_beside_ours():
+    # Cityscapes' 19 classes at 1024x2048: ours has 0.24M / 0.05M more parameters than Table 7, all of them in
+    # the last stage's first block, whose expansion torchvision's reduced tail (and so ours) keeps at 672 / 288
+    from mobilenetv3.profile import profile_model
+
+    for arch, paper_params, kept, halved in (("large", 1.51, 672, 336), ("small", 0.47, 288, 144)):
+        row = profile_model(f"lraspp_mobilenetv3_{arch}_100", (1024, 2048), num_classes=19)
+        assert (row.paper_params, row.resolution) == (paper_params, "1024x2048") and row.paper_macs is not None
+        model = create_model(f"lraspp_mobilenetv3_{arch}_100", num_classes=19)
+        first = model.backbone.blocks[-3]
+        assert first.depthwise.conv.out_channels == kept
+        se_squeeze = {672: 168, 336: 88, 288: 72, 144: 40}  # make_divisible(expanded / 4, 8)
+        inputs, outputs = first.expand.conv.in_channels, first.project.conv.out_channels
+
+        def block_params(expanded: int) -> int:  # expand + BN, depthwise 5x5 + BN, SE (with biases), project + BN
+            squeeze = se_squeeze[expanded]
+            return (inputs * expanded + 2 * expanded + 25 * expanded + 2 * expanded
+                    + 2 * expanded * squeeze + squeeze + expanded + expanded * outputs + 2 * outputs)
+
+        assert block_params(kept) == sum(p.numel() for p in first.parameters())
+        assert round((row.params - block_params(kept) + block_params(halved)) / 1e6, 2) == paper_params
+    # another class count or head is not the paper's row
+    assert profile_model("lraspp_mobilenetv3_small_100", (1024, 2048)).paper_params is None
 
 
 def test_list_shows_the_segmentation_models(capsys):

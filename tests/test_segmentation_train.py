@@ -216,7 +216,25 @@ def test_killed_segmentation_run_resumes_bit_identically_and_eval_reproduces_its
     assert "training logged for this checkpoint" in out and "mIoU" in out
 
 
+def test_torchrun_two_ranks_train_a_segmentation_run_counting_every_canvas_once(fashion_dir, tmp_path):
+    # torchrun (gloo on CPU): 11 validation canvases over 2 ranks are 6 + 5, each counted once; the plain
+    # 1x1-conv head (model.head) trains through the same path
+    output = tmp_path / "ddp"
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+            *seg_train(fashion_dir, "--batch-size", "4", "--epochs", "1", "--seed", "3", "--output", str(output),
+                       "--set", "model.head=conv1x1")[2:]])
+    row, = read_rows(output / "metrics.jsonl")
+    assert (row["world_size"], row["val_samples"], row["global_batch"], row["step"]) == (2, 11, 8, 3)
+    assert 0.0 <= row["val_miou"] <= 100.0 and len(row["val_iou"]) == 11
+    saved = torch.load(output / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["model_kwargs"]["head"] == "conv1x1"
+    assert set(k.split(".")[1] for k in saved["model"] if k.startswith("classifier.")) == {"high_classifier"}
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--set", "model.head=conv1x1", "--model", "mobilenetv3_small_035", "--task", "classification",
+      "--data", "fashion-mnist"], "model.head=conv1x1 is an option of the segmentation models, not of "
+     "mobilenetv3_small_035"),
     (["--set", "regularization.mixup_alpha=0.2"], "mixup and cutmix blend image labels, not masks"),
     (["--task", "classification"], "task=classification but the dataset 'fashion-mnist-seg' is a segmentation"),
     (["--model", "mobilenetv3_small_035"], "is a classification model but the run's task is segmentation"),

@@ -514,3 +514,21 @@ def test_resume_refuses_another_model(ema_run, capsys):
     assert main(["train", "--output", str(ema_run), "--resume", "--model", "mobilenetv3_small_050"]) == 2
     error = capsys.readouterr().err.strip()
     assert "cannot resume from" in error and "the model differs" in error and "width_mult" in error
+
+
+def test_a_checkpoint_from_before_the_dense_task_options_resumes(ema_run, tmp_path, capsys):
+    # checkpoints written before `reduced_tail` / `dilate_strided_block` existed lack them in model_kwargs: they
+    # built the network those options' defaults build, so they resume (and a real difference is still refused)
+    from mobilenetv3.models.mobilenetv3 import ADDED_CONFIG_KEYS
+
+    payload = torch.load(ema_run / "checkpoints" / "last.pt", weights_only=True)
+    for key in ADDED_CONFIG_KEYS:
+        assert payload["model_kwargs"].pop(key) == ADDED_CONFIG_KEYS[key]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    epochs = payload["config"]["epochs"]
+    assert main(["train", "--resume", str(old), "--output", str(tmp_path / "run"), "--epochs", str(epochs + 1)]) == 0
+    payload["model_kwargs"]["width_mult"] = 0.75
+    torch.save(payload, old)
+    assert main(["train", "--resume", str(old), "--output", str(tmp_path / "run2"), "--epochs", str(epochs + 1)]) == 2
+    assert "the model differs (width_mult: checkpoint 0.75" in capsys.readouterr().err

@@ -120,6 +120,11 @@ def _make_blocks(network: ResolvedNetwork, norm: NormLayer, padding: Padding, *,
     return blocks, reductions
 
 
+#: `MobileNetV3.config` keys added after checkpoints and weights files were first written, with the value that
+#: gives the network older files describe (a file without the key was written before it existed).
+ADDED_CONFIG_KEYS = {"reduced_tail": False, "dilate_strided_block": False}
+
+
 class MobileNetV3(nn.Module):
     """MobileNetV3-Large / -Small as in the paper, with timm's model contract.
 

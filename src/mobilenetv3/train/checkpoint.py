@@ -31,6 +31,7 @@ from torch import nn
 
 from ..data import same_dataset
 from ..errors import UserError
+from ..models.mobilenetv3 import ADDED_CONFIG_KEYS
 from ..weights.io import atomic_write, load_checkpoint, load_state_with_own_versions
 from . import distributed
 from .config import flatten, to_dict
@@ -155,9 +156,11 @@ def resume_after_restart(resume: str | None, output: str | Path) -> str | None:
 
 
 def check_compatible(payload: dict[str, Any], model_name: str, model_kwargs: dict[str, Any], path: Path) -> None:
-    """A checkpoint resumes only into the same network (anything else is a new run, not a resume)."""
-    if payload["model_name"] != model_name or dict(payload["model_kwargs"]) != dict(model_kwargs):
-        theirs = {**payload["model_kwargs"], "name": payload["model_name"]}
+    """A checkpoint resumes only into the same network (anything else is a new run, not a resume).  A key the
+    checkpoint's version did not have yet stands for the network it built (`ADDED_CONFIG_KEYS`)."""
+    saved = {**{k: v for k, v in ADDED_CONFIG_KEYS.items() if k in model_kwargs}, **payload["model_kwargs"]}
+    if payload["model_name"] != model_name or saved != dict(model_kwargs):
+        theirs = {**saved, "name": payload["model_name"]}
         ours = {**model_kwargs, "name": model_name}
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}" for k in diff[:3])

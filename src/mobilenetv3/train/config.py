@@ -74,6 +74,8 @@ class ModelConfig:
     output_stride: int | None = setting(None, choices=(8, 16, 32))
     #: None: the registered name's width (only needed for the generic builders, e.g. "mobilenetv3_large").
     width_mult: float | None = None
+    #: segmentation models: None (LR-ASPP) or "conv1x1", the plain 1x1-conv head on the same backbone.
+    head: str | None = setting(None, choices=("lraspp", "conv1x1"))
     drop_rate: float = setting(0.2, ge=0.0, le=0.99)
     #: stochastic depth of the last block, linearly scaled from 0 at the first (torchvision.ops.StochasticDepth).
     drop_path_rate: float = setting(0.0, ge=0.0, le=0.99)

@@ -104,8 +104,10 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
         )
     if cfg.in_chans is not None and cfg.in_chans != bundle.in_chans:
         raise UserError(f"model.in_chans={cfg.in_chans} but the dataset has {bundle.in_chans}-channel images")
+    if cfg.head is not None and get_entry(cfg.name).task != "segmentation":
+        raise UserError(f"model.head={cfg.head} is an option of the segmentation models, not of {cfg.name}")
     kwargs = dict(bundle.model_defaults)
-    for key in ("in_chans", "stem_stride", "output_stride", "width_mult", "bn_eps", "bn_momentum"):
+    for key in ("in_chans", "stem_stride", "output_stride", "width_mult", "bn_eps", "bn_momentum", "head"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
     kwargs.update(num_classes=bundle.num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,

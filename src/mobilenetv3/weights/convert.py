@@ -289,10 +289,11 @@ _HEAD_MODULE_MAPS = {("torchvision", "lraspp"): _torchvision_lraspp_module_map}
 
 
 def _head_of(model_or_config: Any) -> str:
-    """"lraspp" for an `LRASPP` model or its config (the only one with `inter_channels`), else ""."""
+    """An `LRASPP` model's or config's head ("lraspp" or "conv1x1"; the config is the only one with
+    `inter_channels`), else ""."""
     if isinstance(model_or_config, torch.nn.Module):
-        return "lraspp" if isinstance(model_or_config, LRASPP) else ""
-    return "lraspp" if "inter_channels" in model_or_config else ""
+        return model_or_config.config.get("head", "lraspp") if isinstance(model_or_config, LRASPP) else ""
+    return model_or_config.get("head", "lraspp") if "inter_channels" in model_or_config else ""
 
 
 def key_map(peer: str, model: MobileNetV3 | LRASPP) -> dict[str, str]:
@@ -518,7 +519,7 @@ def peer_variant_for(
     for variant in candidates:
         if _signature(variant.model_kwargs, strides=strides, head=variant.head) == ours:
             return variant
-    described = ", ".join(f"{k}={config[k]}" for k in ("arch", *LAYOUT_KWARGS) if k in config)
+    described = ", ".join(f"{k}={config[k]}" for k in ("arch", *LAYOUT_KWARGS, "head") if k in config)
     target = f"{peer} {peer_arch}" if peer_arch else f"any {peer} MobileNetV3"
     raise UserError(f"this model ({described}) has no equivalent in {target}; "
                     f"{peer} defines {', '.join(v.name for v in peer_variants(peer, head=None))}")

@@ -63,6 +63,22 @@ class LRASPPHead(nn.Module):
         return self.low_classifier(low) + self.high_classifier(x)
 
 
+class Conv1x1Head(nn.Module):
+    """The plain baseline LR-ASPP is measured against (`head="conv1x1"`): one 1x1 conv from the stride-16
+    features to the class logits, no gate and no low-level branch."""
+
+    def __init__(self, high_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.high_classifier = nn.Conv2d(high_channels, num_classes, 1)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return self.high_classifier(high)
+
+
+#: `LRASPP(head=...)`: the paper's head, or the 1x1-conv baseline on the same backbone (for the ablation).
+HEADS = ("lraspp", "conv1x1")
+
+
 class LRASPP(nn.Module):
     """MobileNetV3 + LR-ASPP: `forward(x)` returns `{"out": logits}` at `x`'s height and width (torchvision's
     segmentation contract).
@@ -77,6 +93,8 @@ class LRASPP(nn.Module):
         reduced_tail: halve the last stage's channels (the paper's §6.1; torchvision's weights have it off).
         output_stride: 16 (the paper) or 8; the strides past it become dilation.
         inter_channels: the head's width (128 in the paper and torchvision).
+        head: "lraspp", or "conv1x1" for the plain 1x1-conv head on the same backbone (the baseline of the
+            head's ablation in benchmarks/segmentation.py; not convertible to torchvision).
         **backbone_kwargs: further `MobileNetV3` arguments (layout rules, BN settings, drop_path_rate, ...).
     """
 
@@ -91,9 +109,12 @@ class LRASPP(nn.Module):
         output_stride: int = 16,
         inter_channels: int = 128,
         dilate_strided_block: bool = True,
+        head: str = "lraspp",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
+        if head not in HEADS:
+            raise UserError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if output_stride not in (8, 16):
             raise UserError(f"LR-ASPP needs output_stride 16 or 8, got {output_stride}")
         if num_classes < 1 or inter_channels < 1:
@@ -111,6 +132,8 @@ class LRASPP(nn.Module):
             "reduced_tail": bool(reduced_tail), "output_stride": int(output_stride),
             "inter_channels": int(inter_channels), "dilate_strided_block": bool(dilate_strided_block),
         }
+        if head != "lraspp":  # kept only when set: files written before the option rebuild the same network
+            self.config["head"] = head
         self.model_name: str | None = None
         self.preprocessing: Preprocessing | None = None
         self.class_names: list[str] | None = None
@@ -124,7 +147,8 @@ class LRASPP(nn.Module):
         self.feature_info = self.backbone.feature_info
         low_channels, high_channels = self.backbone.feature_info.channels()
         norm = partial_norm(network)
-        self.classifier = LRASPPHead(low_channels, high_channels, num_classes, inter_channels, norm)
+        self.classifier = (LRASPPHead(low_channels, high_channels, num_classes, inter_channels, norm)
+                           if head == "lraspp" else Conv1x1Head(high_channels, num_classes))
         init_weights(self.classifier)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
