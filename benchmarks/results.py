@@ -125,15 +125,24 @@ class Section(NamedTuple):  # (a NamedTuple: tests load this file without regist
     intro: str  # what it measures and the criterion, for docs/results.md
     body: Callable[[dict], str]  # metrics -> markdown
     key: Callable[[dict], object] | None = None  # record -> setting: docs shows the latest record of each setting
+    #: several records' metrics -> one markdown body (one table for all settings), instead of one body each
+    combined: Callable[[list[dict]], str] | None = None
 
     def render(self, rec: dict | None) -> str:
         """One record (or None) as markdown, with the no-data line or the provenance line."""
         if rec is None:
             return f"No results yet: run `{self.command}`."
-        flags = ", ".join(rec["cpu_flags"]) or "no AVX2/AVX-512"
-        return (self.body(rec["metrics"]).rstrip("\n") + "\n\n"
-                f"_Measured {rec['date']} on {rec['cpu']} ({rec['cores']} cores; {flags}), torch {rec['torch']}, "
-                f"commit {rec['commit']}, by `{rec['command']}`._")
+        return self.body(rec["metrics"]).rstrip("\n") + "\n\n" + _provenance(rec)
+
+    def render_all(self, shown: list[dict]) -> str:
+        """The records `shown` picks, as markdown: one body each, or one `combined` body and their provenance."""
+        if not shown:
+            return self.render(None)
+        if self.combined is None:
+            return "\n\n".join(self.render(rec) for rec in shown)
+        lines = "\n".join(f"- {_provenance(rec)}" for rec in shown)
+        return self.combined([rec["metrics"] for rec in shown]).rstrip("\n") + "\n\n" + lines
+
 
     def shown(self, found: list[dict]) -> list[dict]:
         """The records docs/results.md shows: the latest one, or the latest of each setting (by first run)."""
@@ -148,13 +157,21 @@ class Section(NamedTuple):  # (a NamedTuple: tests load this file without regist
         return list(by_setting.values())
 
 
+def _provenance(rec: dict) -> str:
+    flags = ", ".join(rec["cpu_flags"]) or "no AVX2/AVX-512"
+    return (f"_Measured {rec['date']} on {rec['cpu']} ({rec['cores']} cores; {flags}), torch {rec['torch']}, "
+            f"commit {rec['commit']}, by `{rec['command']}`._")
+
+
 SECTIONS: dict[str, Section] = {}
 
 
-def renderer(name: str, command: str, title: str, intro: str, key: Callable[[dict], object] | None = None):
-    """Register `body(metrics) -> markdown` as benchmark NAME's section (in docs/results.md, in this order)."""
+def renderer(name: str, command: str, title: str, intro: str, key: Callable[[dict], object] | None = None,
+             combined: Callable[[list[dict]], str] | None = None):
+    """Register `body(metrics) -> markdown` as benchmark NAME's section (in docs/results.md, in this order);
+    with `combined`, the records of all its settings render as one body."""
     def register(body: Callable[[dict], str]):
-        SECTIONS[name] = Section(name, title, command, " ".join(intro.split()), body, key)
+        SECTIONS[name] = Section(name, title, command, " ".join(intro.split()), body, key, combined)
         return body
     return register
 
@@ -393,18 +410,23 @@ _SEG_CLASSES = ("background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Co
     accuracy on the 1000 test canvases at the last epoch, per-class IoU, and the wall time. The target: >= 70%
     mIoU within 30 minutes on 2 CPU cores. `large-conv1x1` is the same backbone and schedule with a plain 1x1-conv
     head instead of LR-ASPP (the paper's claim that the head earns its place).""",
-          key=lambda rec: rec["metrics"]["variant"])
+          key=lambda rec: rec["metrics"]["variant"], combined=lambda runs: _segmentation_runs(runs))
 def _segmentation(metrics: dict) -> str:
-    m = metrics
-    overrides = " ".join(f"`{o}`" for o in m["overrides"]) or "—"
+    return _segmentation_runs([metrics])
+
+
+def _segmentation_runs(runs: list[dict]) -> str:
+    """One row per variant, then the per-class IoU of each."""
     summary = _table(
         ["variant", "overrides", "model", "params", "epochs", "mIoU", "pixel acc", "best mIoU (epoch)", "img/s",
          "wall min", "minutes to 70%"],
-        [[m["variant"], overrides, m["model"] or "—", _opt(m["params"], ",d"), str(m["epochs"]),
-          f"{m['last_miou']:.2f}%", f"{m['last_pixel_acc']:.2f}%", f"{m['best_miou']:.2f}% ({m['best_epoch']})",
-          f"{m['train_images_per_s']:.0f}", f"{m['wall_time_s'] / 60:.1f}", _opt(m["minutes_to_70"], ".1f")]])
-    names = _SEG_CLASSES if len(m["last_iou"]) == len(_SEG_CLASSES) else [str(i) for i in range(len(m["last_iou"]))]
-    per_class = _table(list(names), [[_opt(v, ".1f") for v in m["last_iou"]]])
+        [[m["variant"], " ".join(f"`{o}`" for o in m["overrides"]) or "—", m["model"] or "—",
+          _opt(m["params"], ",d"), str(m["epochs"]), f"{m['last_miou']:.2f}%", f"{m['last_pixel_acc']:.2f}%",
+          f"{m['best_miou']:.2f}% ({m['best_epoch']})", f"{m['train_images_per_s']:.0f}",
+          f"{m['wall_time_s'] / 60:.1f}", _opt(m["minutes_to_70"], ".1f")] for m in runs])
+    count = len(runs[0]["last_iou"])
+    names = _SEG_CLASSES if count == len(_SEG_CLASSES) else tuple(str(i) for i in range(count))
+    per_class = _table(["variant", *names], [[m["variant"], *(_opt(v, ".1f") for v in m["last_iou"])] for m in runs])
     return summary + "\n\nIoU per class (%), last epoch:\n\n" + per_class
 
 
@@ -515,12 +537,7 @@ def render_docs_text() -> str:
     for section in SECTIONS.values():
         parts += ["", f"## {section.title}", "", section.intro, ""]
         shown = [rec for name in recorded_names(section.name) for rec in section.shown(records(name))]
-        if not shown:
-            parts.append(section.render(None))
-        for index, rec in enumerate(shown):
-            if index:
-                parts.append("")
-            parts.append(section.render(rec))
+        parts.append(section.render_all(shown))
     return "\n".join(parts) + "\n"
 
 
@@ -561,7 +578,8 @@ def render_readme(readme_path: str | Path, check: bool = False) -> list[str]:
     stale = []
 
     def replace(m: re.Match) -> str:
-        content = "\n" + section_for(m.group(2)).render(latest(m.group(2))).strip("\n") + "\n\n"
+        section = section_for(m.group(2))
+        content = "\n" + section.render_all(section.shown(records(m.group(2)))).strip("\n") + "\n\n"
         if content != m.group(3):
             stale.append(m.group(2))
         return m.group(1) + content + m.group(4)

@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import results as recorded  # benchmarks/results.py: this script's folder is on sys.path
 from recipe_sweep import parse_variant, read_metrics
@@ -106,7 +107,7 @@ def measure_latency(model_name: str, checkpoint: str | None, work: str, images: 
         for index in range(images):  # smooth random pictures: what a PNG decoder sees in photos, roughly
             small = rng.integers(0, 256, (height // 16, width // 16, in_chans), dtype=np.uint8)
             picture = Image.fromarray(small.squeeze(-1) if in_chans == 1 else small).resize((width, height))
-            paths.append(os.path.join(folder, "images", f"{index:03d}.png"))
+            paths.append(Path(folder, "images", f"{index:03d}.png"))
             picture.save(paths[-1])
         engine = make_engine("onnxruntime", weights, images=paths[:4])
         array = np.zeros((1, in_chans, height, width), dtype=np.float32)

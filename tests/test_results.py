@@ -188,3 +188,37 @@ def test_timing_renderers_read_what_the_scripts_record():
              "ratio_plain_over_route": 5.0}
     table = results.SECTIONS["small_conv_speed"].body({"rows": [layer]})
     assert "| blocks.5.0.conv_dw | 960x2x2 | 960x2x2 | 5x5 | 1x1 | taps | 1.00 | 5.00 | 5.00x |" in table
+
+
+def test_segmentation_variants_render_as_one_table_in_docs_and_readme(folder):
+    # one record per variant (separate runs of benchmarks/segmentation.py); docs and the README block show the
+    # latest of each variant in one table, each record's provenance below it
+    run = {"overrides": [], "recipe": "fashion-mnist-seg", "model": "lraspp_mobilenetv3_large_100",
+           "params": 1745230, "epochs": 14, "wall_time_s": 1227.7, "train_time_s": 1197.1,
+           "train_images_per_s": 116.8, "last_miou": 62.06, "last_pixel_acc": 92.7, "last_iou": [97.7] + [50.0] * 10,
+           "best_miou": 62.06, "best_epoch": 14, "val_samples": 1000, "minutes_to_70": None}
+    (folder / "results").mkdir()
+    lines = [
+        _record_line("segmentation", {**run, "variant": "large-lraspp", "last_miou": 55.0},
+                     "python benchmarks/segmentation.py --variant large-lraspp", "2026-12-01T00:00:00+00:00"),
+        _record_line("segmentation", {**run, "variant": "large-conv1x1", "overrides": ["model.head=conv1x1"],
+                                      "last_miou": 57.66, "minutes_to_70": 12.5},
+                     "python benchmarks/segmentation.py --variant 'large-conv1x1 model.head=conv1x1'",
+                     "2026-12-02T00:00:00+00:00"),
+        _record_line("segmentation", {**run, "variant": "large-lraspp"},
+                     "python benchmarks/segmentation.py --variant large-lraspp", "2026-12-03T00:00:00+00:00"),
+    ]
+    (folder / "results" / "segmentation.jsonl").write_text("\n".join(lines) + "\n")
+    readme = folder / "README.md"
+    readme.write_text("x\n<!-- results:segmentation -->\n<!-- /results:segmentation -->\n")
+    assert results.render_readme(readme) == ["segmentation"]
+    block = readme.read_text()
+    assert block.count("| variant | overrides |") == 1 and block.count("| variant | background | T-shirt/top |") == 1
+    assert "| large-lraspp | — | lraspp_mobilenetv3_large_100 | 1,745,230 | 14 | 62.06% |" in block
+    assert "| large-conv1x1 | `model.head=conv1x1` |" in block and "| 57.66% |" in block and "| 12.5 |" in block
+    assert "55.00%" not in block and block.index("large-lraspp |") < block.index("large-conv1x1 |")
+    assert block.count("- _Measured 2026-12-0") == 2 and "2026-12-01" not in block
+    docs = folder / "docs" / "results.md"
+    results.render_docs(docs)
+    section = docs.read_text().split("## Segmentation on fashion-mnist-seg")[1].split("\n## ")[0]
+    assert section.count("| variant | overrides |") == 1 and "| large-conv1x1 |" in section

@@ -16,7 +16,7 @@ from mobilenetv3 import Preprocessing, UserError
 from mobilenetv3.data import DataConfig, build_datasets, check_data_config, collate_skipping
 from mobilenetv3.data import fashion_mnist, segmentation
 from mobilenetv3.data.samplers import SeededSamples
-from mobilenetv3.data.transforms import MASK_IGNORE, segmentation_eval_transform, segmentation_train_transform
+from mobilenetv3.data.transforms import IGNORE_INDEX, segmentation_eval_transform, segmentation_train_transform
 
 SIZE = 16  # crop size of the folder tests: tiny, for 2 shared CPU cores
 PREP = Preprocessing(input_size=SIZE, crop_pct=1.0, mean=(0.25,), std=(0.5,), in_chans=1)
@@ -61,7 +61,7 @@ def test_train_transform_keeps_the_mask_on_its_image(scale):
         rect = _is(out_image[0], RECT_VALUE)
         assert torch.equal(out_mask == RECT_CLASS, rect), seed
         assert torch.equal(out_mask == 0, _is(out_image[0], 0)), seed
-        assert set(out_mask.unique().tolist()) <= {0, RECT_CLASS, MASK_IGNORE}
+        assert set(out_mask.unique().tolist()) <= {0, RECT_CLASS, IGNORE_INDEX}
         columns = rect.any(0).nonzero()
         if len(columns) and scale == (1.0, 1.0):  # a 5-wide rectangle 2 from the left, or mirrored
             flipped.add(bool(columns.min() > SIZE - 1 - int(columns.max())))
@@ -77,7 +77,7 @@ def test_train_padding_marks_the_mask_ignored():
     mask = torch.full((SIZE, SIZE), 2, dtype=torch.uint8)
     torch.manual_seed(0)
     out_image, out_mask = transform(image, mask)
-    ignored = out_mask == MASK_IGNORE
+    ignored = out_mask == IGNORE_INDEX
     assert int(ignored.sum()) == SIZE * SIZE - (SIZE // 2) ** 2  # the image shrank to 8x8
     assert torch.equal(ignored | (out_mask == 2), torch.ones_like(ignored))
     assert torch.equal(_is(out_image[0], RECT_VALUE), ~ignored)
@@ -154,6 +154,18 @@ def test_folder_without_classes_txt_counts_classes_from_masks(seg_root):
     assert bundle.num_classes == 3 and bundle.class_names == ["class_0", "class_1", "class_2"]
 
 
+def test_a_checkpoints_classes_stand_in_for_a_missing_classes_txt(seg_root):
+    # eval of a checkpoint: a validation split may lack the class training saw last, so the checkpoint's class
+    # list wins over counting the masks (a mask past it is still refused); classes.txt wins over both
+    (seg_root / "classes.txt").unlink()
+    cfg = DataConfig(dataset=str(seg_root), input_size=SIZE)
+    assert build_datasets(cfg).num_classes == 3
+    bundle = build_datasets(cfg, need_train=False, class_names=["a", "b", "c", "d"])
+    assert bundle.class_names == ["a", "b", "c", "d"] and bundle.val_batch_size == 1  # images keep their sizes
+    with pytest.raises(UserError, match=r"c\.png"):
+        build_datasets(cfg, need_train=False, class_names=["a", "b"]).val[0]
+
+
 def test_folder_skips_and_names_broken_images(seg_root, caplog):
     (seg_root / "train" / "images" / "broken.png").write_bytes(b"not an image")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(seg_root / "train" / "masks" / "broken.png")
@@ -208,6 +220,9 @@ def test_bad_masks_give_one_line_naming_the_file(seg_root, breaks):
 def test_bad_classes_txt_and_settings_are_named(seg_root):
     (seg_root / "classes.txt").write_text("road\n\nsky\n")
     with pytest.raises(UserError, match=r"classes\.txt line 2 is empty"):
+        build_datasets(DataConfig(dataset=str(seg_root)))
+    (seg_root / "classes.txt").write_text("road\ncar\nroad\n")
+    with pytest.raises(UserError, match=r"classes\.txt names 'road' on lines 1 and 3 \(each class once\)"):
         build_datasets(DataConfig(dataset=str(seg_root)))
     with pytest.raises(UserError, match="data.seg_scale_min must be > 0 and <= data.seg_scale_max, got 2.0 and 1.0"):
         check_data_config(DataConfig(seg_scale_min=2.0, seg_scale_max=1.0))

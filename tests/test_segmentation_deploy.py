@@ -192,6 +192,9 @@ def test_output_names_mirror_the_input_folders(tmp_path):
     assert output_names([a, b], tmp_path / "out") == {a: tmp_path / "out" / "a" / "img",
                                                        b: tmp_path / "out" / "b" / "img"}
     assert palette(3) == [(0, 0, 0), (128, 0, 0), (0, 128, 0)]  # Pascal VOC's colours
+    c, d = tmp_path / "x" / "a" / "img.png", tmp_path / "x" / "a" / "other.jpg"  # only the extension differs: kept
+    assert output_names([a, c, d], tmp_path / "out") == {a: tmp_path / "out" / "img.jpg", c: tmp_path / "out" / "img.png",
+                                                          d: tmp_path / "out" / "other"}
 
 
 def test_executorch_program_has_one_size_and_predict_resizes_to_it(model, weights, images, tmp_path, capsys):
@@ -201,6 +204,27 @@ def test_executorch_program_has_one_size_and_predict_resizes_to_it(model, weight
     report = json.loads(capsys.readouterr().out)
     assert report["checked_sizes"] == [[SIZE, SIZE]] and report["batch"] == 1  # fixed batch and size
     out_dir = tmp_path / "out"
+    # eval runs the program on images of its size, and refuses others in one line
+    rng = np.random.default_rng(1)
+    for root, stems, (height, width) in ((tmp_path / "data", ("a", "b"), (SIZE, SIZE)),
+                                         (tmp_path / "wide", ("c",), (45, 77))):
+        for kind in ("images", "masks"):
+            (root / "val" / kind).mkdir(parents=True)
+        for stem in stems:
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+                root / "val" / "images" / f"{stem}.png")
+            Image.fromarray(rng.integers(0, 3, (height, width), dtype=np.uint8)).save(root / "val" / "masks" / f"{stem}.png")
+        (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    results = []
+    for checkpoint in (pte, weights):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--json",
+                     "--workers", "0"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["samples"] == results[1]["samples"] == 2
+    assert abs(results[0]["pixel_acc"] - results[1]["pixel_acc"]) < 0.5  # the program vs eager: argmax ties only
+    assert main(["eval", "--checkpoint", str(pte), "--data", str(tmp_path / "wide"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"takes {SIZE}x{SIZE} images, got 64x109" in err[0], err
     assert main(["predict", "--checkpoint", str(pte), "--json", "--output-dir", str(out_dir),
                  str(images / "wide.png")]) == 0
     (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

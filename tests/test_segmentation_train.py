@@ -56,6 +56,20 @@ def test_a_class_only_predicted_counts_with_iou_zero():
     assert scores["iou"] == [0.0, 0.0] and scores["miou"] == 0.0 and scores["pixel_acc"] == 0.0
 
 
+def test_a_batch_of_only_ignored_pixels_has_loss_zero_not_nan():
+    # a random crop can leave a micro-batch with no labelled pixel; NaN would stop the run as a diverged loss
+    task = SegmentationTask()
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    loss = task.loss(logits, torch.full((2, 4, 5), IGNORE_INDEX), label_smoothing=0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    targets = torch.randint(0, 3, (2, 4, 5))
+    targets[0] = IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    assert torch.allclose(task.loss(logits, targets, label_smoothing=0.0), expected)
+
+
 def test_ignored_pixels_change_neither_the_loss_nor_the_metric():
     """The same logits, with pixels marked 255 where the prediction is wrong: those pixels are not counted."""
     torch.manual_seed(0)
@@ -236,6 +250,7 @@ def test_torchrun_two_ranks_train_a_segmentation_run_counting_every_canvas_once(
       "--data", "fashion-mnist"], "model.head=conv1x1 is an option of the segmentation models, not of "
      "mobilenetv3_small_035"),
     (["--set", "regularization.mixup_alpha=0.2"], "mixup and cutmix blend image labels, not masks"),
+    (["--set", "data.random_erasing=0.2"], "data.random_erasing=0.2 is for classification (segmentation augments"),
     (["--task", "classification"], "task=classification but the dataset 'fashion-mnist-seg' is a segmentation"),
     (["--model", "mobilenetv3_small_035"], "is a classification model but the run's task is segmentation"),
     (["--set", "checkpoint.best_metric=val_top1"], "checkpoint.best_metric=val_top1 is not a segmentation metric"),

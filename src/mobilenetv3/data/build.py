@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from .config import DataConfig
 from .folder import TolerantImageFolder, check_same_classes, split_dirs, typical_image_size
 from .synthetic import VAL_SPLIT, SyntheticImages
 from .transforms import (
-    MASK_IGNORE,
+    IGNORE_INDEX,
     SmallImageTrainTransform,
     check_transform_settings,
     imagenet_train_transform,
@@ -49,6 +49,10 @@ class DatasetBundle:
     task: str = "classification"
     #: the mask value that counts for nothing (segmentation: 255), else None
     ignore_index: int | None = None
+    #: validation's batch size when it must not be the run's: 1 where validation images differ in size
+    #: (segmentation folders, VOC), since padding them to one batch would change what the network sees (the
+    #: gate's global pooling and the border convolutions), as torchvision's reference evaluates one at a time
+    val_batch_size: int | None = None
 
     def describe(self) -> str:
         train = f"{len(self.train)} train, " if self.train is not None else ""
@@ -115,14 +119,17 @@ def _eval_preprocessing(default: Preprocessing, base: Preprocessing | None, cfg:
 
 
 def build_datasets(
-    cfg: DataConfig, *, need_train: bool = True, preprocessing: Preprocessing | None = None
+    cfg: DataConfig, *, need_train: bool = True, preprocessing: Preprocessing | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> DatasetBundle:
     """Datasets for `cfg.dataset`: "fashion-mnist", "synthetic", or a folder in ImageNet layout; for segmentation
     "fashion-mnist-seg", "voc:PATH", a folder holding VOCdevkit/VOC2012, or a folder with {train,val}/images
     and {train,val}/masks (data/segmentation.py).
 
     `preprocessing` (optional) is the eval preprocessing to start from instead of the dataset's default,
-    e.g. a checkpoint's; `cfg.input_size` / `cfg.crop_pct` still override it when set.
+    e.g. a checkpoint's; `cfg.input_size` / `cfg.crop_pct` still override it when set.  `class_names` (e.g. a
+    checkpoint's): the classes of a segmentation folder without classes.txt, instead of counting them from the
+    masks (a validation split may lack the last class that training saw).
     """
     check_data_config(cfg)
     if cfg.dataset == "fashion-mnist":
@@ -135,7 +142,7 @@ def build_datasets(
     if voc is not None:
         return _voc(voc, cfg, need_train, preprocessing)
     if segmentation.is_segmentation_folder(cfg.dataset):
-        return _segmentation_folder(cfg, need_train, preprocessing)
+        return _segmentation_folder(cfg, need_train, preprocessing, class_names)
     return _image_folder(cfg, need_train, preprocessing)
 
 
@@ -214,23 +221,25 @@ def _synthetic(cfg: DataConfig, need_train: bool, base: Preprocessing | None) ->
 SEGMENTATION_PREPROCESSING = Preprocessing(input_size=512, crop_pct=1.0)
 
 
-def _segmentation_bundle(train, val, prep: Preprocessing, defaults: dict[str, Any]) -> DatasetBundle:
+def _segmentation_bundle(train, val, prep: Preprocessing, defaults: dict[str, Any], *,
+                         one_size: bool = False) -> DatasetBundle:
     return DatasetBundle(train, val, len(val.classes), list(val.classes), prep.in_chans, prep, defaults,
-                         task="segmentation", ignore_index=MASK_IGNORE)
+                         task="segmentation", ignore_index=IGNORE_INDEX, val_batch_size=None if one_size else 1)
 
 
 def _segmentation_transforms(cfg: DataConfig, prep: Preprocessing, need_train: bool):
     return (segmentation_train_transform(cfg, prep) if need_train else None), segmentation_eval_transform(prep)
 
 
-def _segmentation_folder(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+def _segmentation_folder(cfg: DataConfig, need_train: bool, base: Preprocessing | None,
+                         class_names: Sequence[str] | None = None) -> DatasetBundle:
     # Any image mode is converted when read: follow the weights' channel count (grey canvases written by
     # segmentation.write_folder train 1-channel models), else RGB.
     default = SEGMENTATION_PREPROCESSING.for_channels(base.in_chans if base is not None else 3)
     prep = _eval_preprocessing(default, base, cfg)
     train, val = segmentation.segmentation_folders(
         cfg.dataset, need_train=need_train, transforms=_segmentation_transforms(cfg, prep, need_train),
-        strict=cfg.strict_data, mode=prep.image_mode)
+        strict=cfg.strict_data, mode=prep.image_mode, class_names=class_names)
     return _segmentation_bundle(train, val, prep, {} if prep.in_chans == 3 else {"in_chans": prep.in_chans})
 
 
@@ -253,7 +262,7 @@ def _fashion_mnist_seg(cfg: DataConfig, need_train: bool, base: Preprocessing | 
     if need_train:
         train = segmentation.fashion_mnist_canvases("train", cfg.canvas_train_samples, cfg.canvas_seed, cfg.data_dir,
                                                     train_transform)
-    return _segmentation_bundle(train, val, prep, {"in_chans": 1})
+    return _segmentation_bundle(train, val, prep, {"in_chans": 1}, one_size=True)
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -282,6 +291,6 @@ def _padded_to_largest(items: list) -> list:
         extra = [0, width - mask.shape[1], 0, height - mask.shape[0]]
         if any(extra):
             image = torch.nn.functional.pad(image, extra, value=0.0)
-            mask = torch.nn.functional.pad(mask, extra, value=MASK_IGNORE)
+            mask = torch.nn.functional.pad(mask, extra, value=IGNORE_INDEX)
         padded.append((image, mask))
     return padded

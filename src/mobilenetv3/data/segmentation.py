@@ -45,20 +45,19 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import UserError, first_line
 from ..preprocessing import DECODE_ERRORS, ConvertMode, describe_decode_error
+from ..weights import published
 from . import fashion_mnist
 from .folder import read_image
+from .transforms import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 #: a mask may name classes 0..254: 255 is the ignore value
 MAX_CLASSES = 255
 SEGMENTATION_HINT = ("expected DIR/train/images/*.jpg|png with DIR/train/masks/<same name>.png of class indices "
                      "(255 = ignore), the same under DIR/val/, and optionally DIR/classes.txt")
-VOC_CLASSES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]
+#: Pascal VOC's 21 classes, as torchvision's weights name them (one list: the published-weights table's)
+VOC_CLASSES = list(published.VOC_CLASSES)
 CANVAS_CLASSES = ["background", *fashion_mnist.CLASS_NAMES]
 CANVAS_SIZE = 128
 CANVAS_MAX_ITEMS = 4
@@ -91,6 +90,10 @@ def read_class_names(path: Path) -> list[str]:
         raise UserError(f"{path} line {names.index('') + 1} is empty (one class name per line, line k names class k)")
     if len(names) > MAX_CLASSES:
         raise UserError(f"{path} names {len(names)} classes; masks hold at most {MAX_CLASSES} (255 means ignore)")
+    repeated = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    if repeated is not None:
+        raise UserError(f"{path} names {repeated!r} on lines {names.index(repeated) + 1} and "
+                        f"{names.index(repeated, names.index(repeated) + 1) + 1} (each class once)")
     return names
 
 
@@ -214,8 +217,10 @@ def scan_class_count(samples: Sequence[tuple[str, str]]) -> int:
 
 
 def segmentation_folders(root: str | os.PathLike, *, need_train: bool, transforms: tuple[Callable | None, Callable],
-                         strict: bool = False, mode: str = "RGB") -> tuple[MaskedImages | None, MaskedImages]:
-    """(train or None, val) of a segmentation folder; transforms = (train transform, val transform)."""
+                         strict: bool = False, mode: str = "RGB", class_names: Sequence[str] | None = None,
+                         ) -> tuple[MaskedImages | None, MaskedImages]:
+    """(train or None, val) of a segmentation folder; transforms = (train transform, val transform).  The classes
+    come from classes.txt, else `class_names` (a checkpoint's), else the masks' largest class index."""
     root = Path(root).expanduser()
     wanted = ("train", "val") if need_train else ("val",)
     missing = [split for split in wanted if not (root / split).is_dir()]
@@ -224,6 +229,8 @@ def segmentation_folders(root: str | os.PathLike, *, need_train: bool, transform
     samples = {split: folder_samples(root / split) for split in wanted}
     if (root / "classes.txt").is_file():
         classes = read_class_names(root / "classes.txt")
+    elif class_names is not None:
+        classes = list(class_names)
     else:
         count = scan_class_count([pair for pairs in samples.values() for pair in pairs])
         logger.info("%s has no classes.txt: %d classes, from the largest class index in its masks", root, count)

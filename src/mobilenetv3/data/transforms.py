@@ -239,8 +239,9 @@ class SmallImageTrainTransform(torch.nn.Module):
 
 # --- segmentation: the image and its mask move together ---------------------------------------------------------
 
-#: what padding writes into a mask: pixels that count for nothing in the loss and the metrics
-MASK_IGNORE = 255
+#: the mask value of pixels outside every class: not counted by the loss or the metrics, and what padding writes
+#: into a mask (the one definition; data.segmentation and train.tasks import it)
+IGNORE_INDEX = 255
 
 
 class SegmentationTransform(torch.nn.Module):
@@ -288,7 +289,7 @@ def segmentation_train_transform(cfg: DataConfig, preprocessing: Preprocessing) 
     steps = [
         v2.RandomResize(low, high, interpolation=_interpolation(cfg), antialias=True),
         v2.RandomCrop(size, pad_if_needed=True,
-                      fill={tv_tensors.Image: padding_fill(preprocessing), tv_tensors.Mask: MASK_IGNORE}),
+                      fill={tv_tensors.Image: padding_fill(preprocessing), tv_tensors.Mask: IGNORE_INDEX}),
     ]
     if cfg.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(cfg.hflip))

@@ -280,6 +280,10 @@ def pte_module(program: PteProgram):
             self.program = program
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
+            size, given = tuple(program.input_shape[-2:]), tuple(images.shape[-2:])
+            if given != size:  # e.g. a segmentation folder's images, which keep their own sizes
+                raise UserError(f"{program.path} takes {size[0]}x{size[1]} images, got {given[0]}x{given[1]}: "
+                                "evaluate the weights it was exported from instead")
             logits = program(images.detach().float().cpu().contiguous().numpy())
             return torch.from_numpy(logits).to(images.device)
 

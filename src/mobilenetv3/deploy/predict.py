@@ -144,6 +144,38 @@ def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top, np.take_along_axis(probs, top, axis=1)
 
 
+def decoded_ahead(paths: Iterable[Path], load: Callable[[Path], object], *, workers: int,
+                  ahead: int) -> Iterator[tuple[Path, object]]:
+    """(path, `load(path)` or a `Skipped`) for every path, in input order, with up to `ahead` images decoding on
+    `workers` threads ahead of the consumer; an unreadable image becomes a `Skipped` and one warning."""
+
+    def safe_load(path: Path):
+        try:
+            return load(path)
+        except DECODE_ERRORS as error:
+            return Skipped(str(path), describe_decode_error(path, error))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: collections.deque[tuple[Path, Future]] = collections.deque()
+        path_iter = iter(paths)
+
+        def refill() -> None:
+            while len(pending) < ahead:
+                path = next(path_iter, None)
+                if path is None:
+                    return
+                pending.append((path, pool.submit(safe_load, path)))
+
+        refill()
+        while pending:
+            path, future = pending.popleft()
+            refill()
+            item = future.result()
+            if isinstance(item, Skipped):
+                logger.warning("skipping unreadable image %s: %s", item.path, item.reason)
+            yield path, item
+
+
 def predict_files(
     paths: Iterable[Path],
     engine: Callable[[np.ndarray], np.ndarray],
@@ -161,12 +193,6 @@ def predict_files(
     if workers is None:
         workers = split_threads()[1]
 
-    def load(path: Path) -> np.ndarray | Skipped:
-        try:
-            return loader(path)
-        except DECODE_ERRORS as error:
-            return Skipped(str(path), describe_decode_error(path, error))
-
     def run_group(group: list[tuple[Path, np.ndarray | Skipped]]) -> Iterator[Prediction | Skipped]:
         images = [item for _, item in group if not isinstance(item, Skipped)]
         if images:
@@ -182,33 +208,16 @@ def predict_files(
                              tuple(float(p) for p in probs[row]))
             row += 1
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: collections.deque[tuple[Path, Future]] = collections.deque()
-        path_iter = iter(paths)
-
-        def refill() -> None:  # keep two batches of decoding in flight ahead of the engine
-            while len(pending) < 2 * batch_size:
-                path = next(path_iter, None)
-                if path is None:
-                    return
-                pending.append((path, pool.submit(load, path)))
-
-        group: list[tuple[Path, np.ndarray | Skipped]] = []  # one batch of images, plus skips among them
-        images_in_group = 0
-        refill()
-        while pending:
-            path, future = pending.popleft()
-            refill()
-            item = future.result()
-            if isinstance(item, Skipped):
-                logger.warning("skipping unreadable image %s: %s", item.path, item.reason)
-            else:
-                images_in_group += 1
-            group.append((path, item))
-            if images_in_group == batch_size:
-                yield from run_group(group)
-                group, images_in_group = [], 0
-        yield from run_group(group)
+    group: list[tuple[Path, np.ndarray | Skipped]] = []  # one batch of images, plus skips among them
+    images_in_group = 0
+    # two batches of decoding in flight ahead of the engine
+    for path, item in decoded_ahead(paths, loader, workers=workers, ahead=2 * batch_size):
+        images_in_group += not isinstance(item, Skipped)
+        group.append((path, item))
+        if images_in_group == batch_size:
+            yield from run_group(group)
+            group, images_in_group = [], 0
+    yield from run_group(group)
 
 
 # --- segmentation: masks and overlays --------------------------------------------------------------------
@@ -249,12 +258,16 @@ def palette(count: int) -> list[tuple[int, int, int]]:
 
 def output_names(paths: Sequence[Path], output_dir: Path) -> dict[Path, Path]:
     """Each image's output stem under `output_dir`: its path relative to the images' common folder without the
-    extension (photos/a/x.jpg and photos/b/x.jpg -> a/x and b/x), so outputs never collide."""
+    extension (photos/a/x.jpg and photos/b/x.jpg -> a/x and b/x), or with it where two images differ only in
+    their extension (x.jpg and x.png -> x.jpg and x.png), so outputs never collide."""
     if not paths:
         return {}
     resolved = [path.resolve() for path in paths]
     root = Path(os.path.commonpath([path.parent for path in resolved]))
-    return {path: output_dir / full.relative_to(root).with_suffix("") for path, full in zip(paths, resolved)}
+    relative = [full.relative_to(root) for full in resolved]
+    stems = collections.Counter(path.with_suffix("") for path in relative)
+    return {path: output_dir / (rel.with_suffix("") if stems[rel.with_suffix("")] == 1 else rel)
+            for path, rel in zip(paths, relative)}
 
 
 class SegmentationWriter:
@@ -322,36 +335,14 @@ def predict_segmentation_files(
     if workers is None:
         workers = split_threads()[1]
 
-    def load(path: Path):
-        try:
-            return loader.load(path)
-        except DECODE_ERRORS as error:
-            return Skipped(str(path), describe_decode_error(path, error))
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: collections.deque[tuple[Path, Future]] = collections.deque()
-        path_iter = iter(paths)
-
-        def refill() -> None:  # keep a few images decoding ahead of the engine
-            while len(pending) < 2 * max(1, workers):
-                path = next(path_iter, None)
-                if path is None:
-                    return
-                pending.append((path, pool.submit(load, path)))
-
-        refill()
-        while pending:
-            path, future = pending.popleft()
-            refill()
-            item = future.result()
-            if isinstance(item, Skipped):
-                logger.warning("skipping unreadable image %s: %s", item.path, item.reason)
-                yield item
-                continue
-            array, image = item
-            logits = np.asarray(engine(array[None]), dtype=np.float32)[0]
-            if writer is None:
-                count = logits.shape[0]
-                known = class_names and len(class_names) == count
-                writer = SegmentationWriter(list(class_names) if known else [str(i) for i in range(count)])
-            yield writer.write(path, names[path], logits, image)
+    for path, item in decoded_ahead(paths, loader.load, workers=workers, ahead=2 * max(1, workers)):
+        if isinstance(item, Skipped):
+            yield item
+            continue
+        array, image = item
+        logits = np.asarray(engine(array[None]), dtype=np.float32)[0]
+        if writer is None:
+            count = logits.shape[0]
+            known = class_names and len(class_names) == count
+            writer = SegmentationWriter(list(class_names) if known else [str(i) for i in range(count)])
+        yield writer.write(path, names[path], logits, image)

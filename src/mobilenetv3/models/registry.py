@@ -46,7 +46,8 @@ class ModelEntry:
             return model
         if self.head == "lraspp":  # its backbone alone: reduced tail, dilated to output stride 16, no classifier
             kwargs = {**LRASPP_BACKBONE, **self.defaults, **kwargs, "num_classes": 0}
-            kwargs.pop("inter_channels", None)
+            for head_only in ("inter_channels", "head"):
+                kwargs.pop(head_only, None)
             model = MobileNetV3(self.arch, **kwargs)
             model.model_name = self.name
             return MobileNetV3Features(model, out_indices)

@@ -89,7 +89,10 @@ def evaluate_file(
         train_config.get("data"), dataset, data_dir=data_dir, workers=workers,
         input_size=input_size if input_size is not None else weights.preprocessing.input_size,
         crop_pct=crop_pct if crop_pct is not None else weights.preprocessing.crop_pct)
-    bundle = build_datasets(data_cfg, need_train=False, preprocessing=weights.preprocessing)
+    is_segmentation = bool(weights.model_name) and get_entry(weights.model_name).task == "segmentation"
+    classes = weights.class_names or [f"class_{i}" for i in range(int(weights.model_kwargs.get("num_classes", 0)))]
+    bundle = build_datasets(data_cfg, need_train=False, preprocessing=weights.preprocessing,
+                            class_names=classes if is_segmentation else None)
 
     if program is not None:
         model = pte_module(program)
@@ -113,7 +116,7 @@ def evaluate_file(
     model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if tta == "flip":
         model = FlipAveraged(model)
-    batch_size = batch_size or int(train_config.get("batch_size", 64))
+    batch_size = batch_size or bundle.val_batch_size or int(train_config.get("batch_size", 64))
     loader = DataLoader(bundle.val, batch_size=batch_size, shuffle=False, num_workers=data_cfg.workers,
                         collate_fn=collate_skipping, pin_memory=env.device.type == "cuda")
     settings = StepSettings(device=env.device, amp_dtype=AMP_DTYPES[amp], channels_last=channels_last,

@@ -177,7 +177,7 @@ def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader
     train_loader = DataLoader(SeededSamples(bundle.train), batch_size=config.batch_size, sampler=train_sampler,
                               drop_last=True, generator=torch.Generator().manual_seed(config.seed), **common)
     val_sampler = ShardSampler(len(bundle.val), num_replicas=env.world_size, rank=env.rank)
-    val_loader = DataLoader(bundle.val, batch_size=config.batch_size, sampler=val_sampler,
+    val_loader = DataLoader(bundle.val, batch_size=bundle.val_batch_size or config.batch_size, sampler=val_sampler,
                             generator=torch.Generator().manual_seed(config.seed), **common)
     return train_loader, train_sampler, val_loader
 

@@ -18,14 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.transforms import IGNORE_INDEX
 from ..errors import UserError
 from .distributed import all_reduce_sum_
 
 TASKS = ("classification", "segmentation")
-
-#: the mask value that marks pixels outside every class (not counted by the loss or the metrics)
-IGNORE_INDEX = 255
-
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
     """On the device: the number of samples whose target is in the top-k logits, for each k (capped at the
@@ -133,10 +130,13 @@ class SegmentationTask(ClassificationTask):
     columns = ("loss", "miou", "pixel_acc", "iou")
 
     def logits(self, output: Any) -> torch.Tensor:
-        return output["out"]
+        return output if isinstance(output, torch.Tensor) else output["out"]  # a program's output, or the model's
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+        """The mean over the pixels that are not ignored; 0 (not NaN) for a batch whose pixels all are."""
+        total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                                reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def train_correct(self, logits: torch.Tensor, hard_targets: torch.Tensor) -> torch.Tensor:
         """The sum over the batch of each image's pixel accuracy (ignored pixels left out): `train_top1` is the
@@ -159,6 +159,13 @@ class SegmentationTask(ClassificationTask):
         if config.qat.enabled:
             raise UserError("quantization-aware training is for classification models; train the segmentation "
                             "model in float (--no-qat)")
+        data = config.data
+        ignored = [f"data.{key}={value}" for key, value, default in (
+            ("auto_augment", data.auto_augment, None), ("random_erasing", data.random_erasing, 0.0),
+            ("scale_min", data.scale_min, type(data)().scale_min)) if value != default]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} is for classification (segmentation augments with random scale "
+                            "data.seg_scale_min / data.seg_scale_max, crop and flip): drop it")
 
 
 TASK_CLASSES = {"classification": ClassificationTask, "segmentation": SegmentationTask}
