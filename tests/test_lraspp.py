@@ -21,15 +21,8 @@ from mobilenetv3.weights.published import PUBLISHED, VOC_CLASSES
 
 torchvision = pytest.importorskip("torchvision")
 
-from test_convert import randomize  # noqa: E402  (tests/ is on sys.path)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tests/ is on sys.path; one_thread is test_convert's autouse fixture, used here too
+from test_convert import one_thread, randomize  # noqa: E402, F401
 
 
 def torchvision_lraspp(num_classes: int = 21) -> torch.nn.Module:

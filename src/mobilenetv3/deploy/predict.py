@@ -304,14 +304,15 @@ class SegmentationWriter:
         else:
             Image.fromarray(mask.astype(np.uint16)).save(mask_path)
         torch = self.torch
+        counts = np.bincount(mask.ravel(), minlength=len(self.class_names)).astype(np.float64)
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
         indices = torch.from_numpy(mask)
         overlay = pixels
-        if self.drawn:  # one boolean mask per drawn class, in its palette colour
-            masks = torch.stack([indices == i for i in self.drawn])
-            overlay = self.draw(pixels, masks, alpha=self.alpha, colors=[self.colours[i] for i in self.drawn])
+        drawn = [i for i in self.drawn if counts[i] > 0]  # the classes the mask holds: absent ones draw nothing
+        if drawn:  # one boolean mask per drawn class, in its palette colour
+            masks = torch.stack([indices == i for i in drawn])
+            overlay = self.draw(pixels, masks, alpha=self.alpha, colors=[self.colours[i] for i in drawn])
         Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(overlay_path)
-        counts = np.bincount(mask.ravel(), minlength=len(self.class_names)).astype(np.float64)
         fractions = {name: float(count) / mask.size for name, count in zip(self.class_names, counts)}
         return SegmentationPrediction(str(path), str(mask_path), str(overlay_path), fractions)
 
