@@ -1,10 +1,12 @@
 """Parameters and multiply-adds, counted by torch's own flop counter, beside the paper's Table 9.
 
 Segmentation networks (LR-ASPP) are counted the same way, at any height x width, beside the paper's Table 7
-(1024x2048) and Table 8 (512x1024) for Cityscapes' 19 classes.  Ours has 0.24M (Large) and 0.05M (Small) more
-parameters than Table 7: torchvision's reduced tail, which we follow (its weights convert exactly), halves the
-last stage's outputs and its later expansions but keeps the first block's (672 / 288); halving that one too
-gives 1.506M and 0.467M, the paper's 1.51M and 0.47M.
+(1024x2048) and Table 8 (512x1024) for Cityscapes' 19 classes.  Large's MACs equal Table 8's at 512x1024 (2.48B);
+at 1024x2048 we count 4x that, 9.92B, where Table 7 prints 9.74B (the paper's two tables differ by the same
+amount).  Ours has 0.24M (Large) and 0.05M (Small) more parameters than Table 7: halving the expansion of the
+last stage's first block too (672 / 288, which torchvision's reduced tail and ours keep) would give exactly
+1.506M and 0.467M, but would also lower Large's MACs to about 2.33B, away from Table 8; the paper's text does not
+settle which, and ours converts torchvision's weights exactly.
 """
 
 from __future__ import annotations
