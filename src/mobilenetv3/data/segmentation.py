@@ -348,8 +348,12 @@ class CanvasSegmentation(Dataset):
     def __len__(self) -> int:
         return self.canvases.images.shape[0]
 
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8 [1, S, S], mask uint8 [S, S]) untransformed, as `MaskedImages.load` gives its pairs."""
+        return self.canvases.images[index], self.canvases.masks[index]
+
     def __getitem__(self, index: int):
-        image, mask = self.canvases.images[index], self.canvases.masks[index]
+        image, mask = self.load(index)
         return (image, mask) if self.transform is None else self.transform(image, mask)
 
 
@@ -374,8 +378,7 @@ def write_folder(root: str | os.PathLike, splits: dict[str, CanvasSegmentation |
             (root / split / folder).mkdir(parents=True, exist_ok=True)
         digits = len(str(max(len(dataset) - 1, 0)))
         for index in range(len(dataset)):
-            loaded = dataset.load(index) if isinstance(dataset, MaskedImages) else (
-                dataset.canvases.images[index], dataset.canvases.masks[index])
+            loaded = dataset.load(index)  # None: an image MaskedImages cannot decode
             if loaded is None:
                 continue
             image, mask = loaded

@@ -399,19 +399,23 @@ def verification_inputs(
             raise ValueError(f"verification images are {tuple(real.shape[1:])}, the export takes {shape}")
     generator = torch.Generator().manual_seed(seed)
     pixels = random_fields(total - len(real), channels, input_size, generator)
+    return list(torch.cat([real, _normalised(pixels, preprocessing)]).split(list(batch_sizes)))
+
+
+def _normalised(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """Pixels in [0, 1] (N, C, H, W) through the stored mean/std, as the eval transform normalises."""
+    channels = preprocessing.in_chans
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, channels, 1, 1)
     std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, channels, 1, 1)
-    return list(torch.cat([real, (pixels - mean) / std]).split(list(batch_sizes)))
+    return (pixels - mean) / std
 
 
 def spatial_verification_inputs(preprocessing: Preprocessing, sizes: Sequence[tuple[int, int]], batch: int,
                                 seed: int = 2) -> list[torch.Tensor]:
     """One batch of `random_fields` per (height, width) in `sizes`, through the stored mean/std."""
     generator = torch.Generator().manual_seed(seed)
-    channels = preprocessing.in_chans
-    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, channels, 1, 1)
-    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, channels, 1, 1)
-    return [(random_fields(batch, channels, size, generator) - mean) / std for size in sizes]
+    return [_normalised(random_fields(batch, preprocessing.in_chans, size, generator), preprocessing)
+            for size in sizes]
 
 
 @dataclass(frozen=True)

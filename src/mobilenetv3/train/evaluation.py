@@ -89,21 +89,21 @@ def evaluate_file(
         train_config.get("data"), dataset, data_dir=data_dir, workers=workers,
         input_size=input_size if input_size is not None else weights.preprocessing.input_size,
         crop_pct=crop_pct if crop_pct is not None else weights.preprocessing.crop_pct)
-    is_segmentation = bool(weights.model_name) and get_entry(weights.model_name).task == "segmentation"
-    classes = weights.class_names or [f"class_{i}" for i in range(int(weights.model_kwargs.get("num_classes", 0)))]
+    task = get_task(get_entry(weights.model_name).task if weights.model_name else "classification")
+    num_classes = int(weights.model_kwargs.get("num_classes", 1000))
+    # a segmentation folder without classes.txt takes the checkpoint's classes (its val split may lack the last)
+    classes = weights.class_names or [f"class_{i}" for i in range(num_classes)]
     bundle = build_datasets(data_cfg, need_train=False, preprocessing=weights.preprocessing,
-                            class_names=classes if is_segmentation else None)
+                            class_names=classes if task.name == "segmentation" else None)
 
     if program is not None:
         model = pte_module(program)
     else:
         model = build_model(weights)
-    task = get_task(get_entry(weights.model_name).task if weights.model_name else "classification")
     if bundle.task != task.name:
         raise UserError(f"{path} holds a {task.name} model but {dataset!r} is a {bundle.task} dataset")
     if tta is not None and task.name != "classification":
         raise UserError(f"--tta {tta} is for classification models; {path} holds a {task.name} model")
-    num_classes = int(weights.model_kwargs.get("num_classes", 1000))
     if num_classes != bundle.num_classes:
         raise UserError(f"{path} predicts {num_classes} classes but {dataset!r} has {bundle.num_classes}")
     if weights.class_names and list(weights.class_names) != list(bundle.class_names):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..errors import UserError
-from .distributed import DistEnv, all_reduce_sum_, group_size, unwrap
+from .distributed import DistEnv, all_reduce_sum, group_size, unwrap
 from .regularization import DropBlockSchedule, ModelEma
 from .tasks import ClassificationTask
 
@@ -332,8 +332,7 @@ def evaluate(
         samples += images.shape[0]
         bar.update(1)
     bar.close()
-    counts = torch.tensor([samples, skipped], dtype=torch.float64, device=settings.device)
-    samples, skipped = all_reduce_sum_(counts).tolist()
+    samples, skipped = all_reduce_sum([samples, skipped], settings.device)
     if samples == 0:
         raise UserError("validation saw no samples (every file unreadable, or limit_val_batches=0?)")
     return {**metric.compute(int(samples)), "samples": int(samples), "skipped": int(skipped)}
