@@ -25,12 +25,13 @@ class ModelEntry:
     arch: str
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    #: "" for the classifier; "lraspp" for the segmentation network (`heads.LRASPP`)
+    #: "" for the classifier; "lraspp" for the segmentation network (`heads.LRASPP`); "ssdlite" for the
+    #: detector (`heads.ssdlite.SSDLite`, a torchvision `SSD`)
     head: str = ""
 
     @property
     def task(self) -> str:
-        return "segmentation" if self.head == "lraspp" else "classification"
+        return HEAD_TASKS[self.head]
 
     def build(
         self, *, features_only: bool = False, out_indices: tuple[int, ...] | list[int] | None = None, **kwargs: Any,
@@ -38,6 +39,15 @@ class ModelEntry:
         """This network with fresh weights: `MobileNetV3(arch, **defaults, **kwargs)` (or `LRASPP(...)`), or with
         `features_only` its `MobileNetV3Features` backbone returning the `out_indices` levels of `feature_info`
         (default all)."""
+        if self.head == "ssdlite":
+            if features_only or out_indices is not None:
+                raise UserError(f"{self.name} is a detector: its feature maps are `model.backbone(x)` (C4, C5 and the "
+                                "extra blocks'); features_only is for the classifiers and LR-ASPP")
+            from .heads.ssdlite import SSDLite  # imported on use: torchvision's detection package is slow to import
+
+            model = SSDLite(self.arch, **{**self.defaults, **kwargs})
+            model.model_name = self.name
+            return model
         if self.head == "lraspp" and not features_only:
             if out_indices is not None:
                 raise UserError("out_indices goes with features_only=True")
@@ -55,6 +65,9 @@ class ModelEntry:
         model.model_name = self.name
         return MobileNetV3Features(model, out_indices) if features_only else model
 
+
+#: an entry's head -> the task its network does
+HEAD_TASKS = {"": "classification", "lraspp": "segmentation", "ssdlite": "detection"}
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
@@ -79,6 +92,14 @@ for _arch in ("large", "small"):
                             f"LR-ASPP segmentation on MobileNetV3-{_arch.capitalize()} x{_width}", head="lraspp"))
     register(ModelEntry(f"lraspp_mobilenetv3_{_arch}", _arch, {},
                         f"LR-ASPP segmentation on MobileNetV3-{_arch.capitalize()}, any width_mult", head="lraspp"))
+    # SSDLite detection (the paper's §6.2): reduced tail, 320x320 unless given (torchvision's names).
+    for _suffix, _width in _WIDTHS.items():
+        register(ModelEntry(f"ssdlite320_mobilenetv3_{_arch}_{_suffix}", _arch, {"width_mult": _width},
+                            f"SSDLite detection on MobileNetV3-{_arch.capitalize()} x{_width}, 320x320",
+                            head="ssdlite"))
+    register(ModelEntry(f"ssdlite_mobilenetv3_{_arch}", _arch, {},
+                        f"SSDLite detection on MobileNetV3-{_arch.capitalize()}, any width_mult and size",
+                        head="ssdlite"))
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -1,8 +1,5 @@
 """SSDLite, the paper's detection model (§6.2), on our `MobileNetV3`, built from torchvision's detection API.
 
-WORK IN PROGRESS (issue 26, branch wip-26-ssdlite): the backbone and the builder only; no registry names,
-conversion, training, data or export yet.
-
 - The backbone is our own network, tapped twice: C4 is the output of the *expansion* layer of the last stage's
   first block (the paper's "13th bneck", output stride 16, before its depthwise conv); C5 is the last 1x1 conv
   (output stride 32).  Four extra blocks (1x1 -> 3x3 depthwise stride 2 -> 1x1, ReLU6) follow at strides
@@ -21,11 +18,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
 
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteHead
+from torchvision.ops import Conv2dNormActivation
+
+from ...errors import UserError
 from ..mobilenetv3 import MobileNetV3
 
 
@@ -49,8 +52,6 @@ class _AfterExpansion(nn.Module):
 
 def _extra_block(in_channels: int, out_channels: int, norm_layer) -> nn.Sequential:
     """torchvision's SSDLite extra block: 1x1 to half, 3x3 depthwise stride 2, 1x1 to `out_channels`, ReLU6."""
-    from torchvision.ops import Conv2dNormActivation
-
     mid = out_channels // 2
     return nn.Sequential(
         Conv2dNormActivation(in_channels, mid, kernel_size=1, norm_layer=norm_layer, activation_layer=nn.ReLU6),
@@ -104,20 +105,79 @@ class SSDLiteBackbone(nn.Module):
         return OrderedDict((str(i), out) for i, out in enumerate(outputs))
 
 
-def ssdlite(arch: str = "large", *, num_classes: int = 91, width_mult: float = 1.0, reduced_tail: bool = True,
-            size: tuple[int, int] = (320, 320), **ssd_kwargs: Any):
-    """A `torchvision.models.detection.SSD` on our network: torchvision's SSDLite320 settings (score_thresh
-    0.001, nms 0.55, 300 detections, mean/std 0.5) unless `ssd_kwargs` say otherwise."""
-    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
-    from torchvision.models.detection.ssd import SSD
-    from torchvision.models.detection.ssdlite import SSDLiteHead
+#: torchvision's SSDLite320 inference settings (`ssdlite320_mobilenet_v3_large`), our defaults too
+SSDLITE_DEFAULTS = {"score_thresh": 0.001, "nms_thresh": 0.55, "detections_per_img": 300, "topk_candidates": 300}
 
-    norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
-    network = MobileNetV3(arch, num_classes=0, width_mult=width_mult, reduced_tail=reduced_tail,
-                          expansion_rule="scaled_expansion", scale_head=True, bn_momentum=0.03)
-    backbone = SSDLiteBackbone(network, width_mult=width_mult, norm_layer=norm_layer)
-    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
-    head = SSDLiteHead(backbone.out_channels, anchors.num_anchors_per_location(), num_classes, norm_layer)
-    defaults = {"score_thresh": 0.001, "nms_thresh": 0.55, "detections_per_img": 300, "topk_candidates": 300,
-                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    return SSD(backbone, anchors, size, num_classes, head=head, **{**defaults, **ssd_kwargs})
+
+class SSDLite(SSD):
+    """SSDLite on MobileNetV3: a `torchvision.models.detection.SSD` (so `model(images)` is torchvision's list
+    of `{boxes, labels, scores}` in eval and its loss dict `{bbox_regression, classification}` in train), whose
+    backbone is our network (`SSDLiteBackbone`) and whose head is torchvision's `SSDLiteHead`.
+
+    Every argument is plain data and kept in `self.config`, so `save_model` / `load_model` rebuild it.
+
+    Args:
+        arch: "large", "small" (or their "_minimal" variants).
+        num_classes: classes including the background (index 0): 91 for COCO's category ids.
+        in_chans: input channels (`image_mean` / `image_std` have one value each).
+        width_mult: the backbone's and the extra blocks' width multiplier.
+        reduced_tail: halve the last stage's channels (the paper's §6.1 and Table 6; torchvision's COCO weights
+            have it).
+        size: the square side (or [height, width]) every image is resized to inside the model (320).
+        image_mean, image_std: the normalisation inside the model, of images in [0, 1] (torchvision's 0.5).
+        score_thresh, nms_thresh, detections_per_img, topk_candidates: post-processing (torchvision's values).
+        **backbone_kwargs: further `MobileNetV3` arguments (bn_eps, drop_path_rate, ...).
+    """
+
+    def __init__(
+        self,
+        arch: str = "large",
+        *,
+        num_classes: int = 91,
+        in_chans: int = 3,
+        width_mult: float = 1.0,
+        reduced_tail: bool = True,
+        size: int | Sequence[int] = 320,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        score_thresh: float = SSDLITE_DEFAULTS["score_thresh"],
+        nms_thresh: float = SSDLITE_DEFAULTS["nms_thresh"],
+        detections_per_img: int = SSDLITE_DEFAULTS["detections_per_img"],
+        topk_candidates: int = SSDLITE_DEFAULTS["topk_candidates"],
+        **backbone_kwargs: Any,
+    ) -> None:
+        if num_classes < 2:
+            raise UserError(f"a detector needs num_classes >= 2 (the background is class 0), got {num_classes}")
+        for key in ("features_only", "out_indices", "output_stride", "num_classes"):
+            if key in backbone_kwargs:
+                raise UserError(f"{key} is not an option of an SSDLite model (its backbone is `model.backbone`)")
+        height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if min(height, width) < 32:
+            raise UserError(f"SSDLite needs an input size of at least 32 pixels, got {height}x{width}")
+        image_mean = [0.5] * in_chans if image_mean is None else [float(v) for v in image_mean]
+        image_std = [0.5] * in_chans if image_std is None else [float(v) for v in image_std]
+        if len(image_mean) != in_chans or len(image_std) != in_chans:
+            raise UserError(f"image_mean / image_std need {in_chans} values each, got {image_mean} / {image_std}")
+        # torchvision's SSDLite backbone settings: BN eps 0.001 / momentum 0.03 and its width rules
+        layout = {"expansion_rule": "scaled_expansion", "scale_head": True, "bn_momentum": 0.03, **backbone_kwargs}
+        network = MobileNetV3(arch, num_classes=0, in_chans=in_chans, width_mult=width_mult,
+                              reduced_tail=reduced_tail, **layout)
+        norm_layer = partial(nn.BatchNorm2d, eps=network.config["bn_eps"], momentum=network.config["bn_momentum"])
+        backbone = SSDLiteBackbone(network, width_mult=width_mult, norm_layer=norm_layer)
+        anchors = DefaultBoxGenerator([[2, 3] for _ in range(len(backbone.out_channels))], min_ratio=0.2,
+                                      max_ratio=0.95)
+        head = SSDLiteHead(backbone.out_channels, anchors.num_anchors_per_location(), num_classes, norm_layer)
+        super().__init__(backbone, anchors, (height, width), num_classes, image_mean=image_mean,
+                         image_std=image_std, head=head, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                         detections_per_img=detections_per_img, topk_candidates=topk_candidates)
+        self.config: Dict[str, Any] = {
+            **{k: v for k, v in network.config.items() if k in backbone_kwargs},
+            "arch": arch, "num_classes": num_classes, "in_chans": in_chans, "width_mult": float(width_mult),
+            "reduced_tail": bool(reduced_tail), "size": [height, width], "image_mean": image_mean,
+            "image_std": image_std, "score_thresh": float(score_thresh), "nms_thresh": float(nms_thresh),
+            "detections_per_img": int(detections_per_img), "topk_candidates": int(topk_candidates),
+        }
+        self.model_name: str | None = None
+        self.preprocessing = None
+        self.class_names: list[str] | None = None
+        self.num_classes = num_classes
