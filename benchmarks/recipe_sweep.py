@@ -41,6 +41,28 @@ def read_metrics(path: str) -> list[dict]:
     return read_rows(path) if os.path.exists(path) else []
 
 
+def train_variant(recipe: str, name: str, overrides: list[str], output: str) -> dict:
+    """Train one variant of `recipe` to the end, alone, as its own `mobilenetv3 train` process in OUTPUT/NAME:
+    {"rows": its metrics rows, "wall_time_s", "model", "params", "log": its log's path} (benchmarks/segmentation.py
+    and detection.py build their records from it)."""
+    import re
+
+    folder = os.path.join(output, name)
+    command = [sys.executable, "-m", "mobilenetv3", "train", "--recipe", recipe, "--output", folder,
+               *[f"--set={item}" for item in overrides]]
+    log_path = os.path.join(output, f"{name}.log")
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - started
+    rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
+    if code != 0 or not rows:
+        raise SystemExit(f"variant {name}: train exited {code}; see {log_path}")
+    model = re.search(r"model (\S+) \(([\d,]+) params\)", open(log_path).read())
+    return {"rows": rows, "wall_time_s": wall, "model": model.group(1) if model else None,
+            "params": int(model.group(2).replace(",", "")) if model else None, "log": log_path}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True)

@@ -20,37 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import results as recorded  # benchmarks/results.py: this script's folder is on sys.path
-from recipe_sweep import parse_variant, read_metrics
+from recipe_sweep import parse_variant, train_variant
 
 
 def run_variant(recipe: str, name: str, overrides: list[str], output: str) -> dict:
     """Train one variant to the end; its results as plain data."""
-    folder = os.path.join(output, name)
-    command = [sys.executable, "-m", "mobilenetv3", "train", "--recipe", recipe, "--output", folder,
-               *[f"--set={item}" for item in overrides]]
-    log_path = os.path.join(output, f"{name}.log")
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - started
-    text = open(log_path).read()
-    rows = read_metrics(os.path.join(folder, "metrics.jsonl"))
-    if code != 0 or not rows:
-        raise SystemExit(f"variant {name}: train exited {code}; see {log_path}")
-    model = re.search(r"model (\S+) \(([\d,]+) params\)", text)
+    run = train_variant(recipe, name, overrides, output)
+    rows, wall = run["rows"], run["wall_time_s"]
     last = rows[-1]
     best = max(rows, key=lambda row: row["val_miou"])
     return {
-        "variant": name, "overrides": overrides, "recipe": recipe,
-        "model": model.group(1) if model else None,
-        "params": int(model.group(2).replace(",", "")) if model else None,
+        "variant": name, "overrides": overrides, "recipe": recipe, "model": run["model"], "params": run["params"],
         "epochs": len(rows), "wall_time_s": round(wall, 1),
         "train_time_s": round(sum(row["epoch_time_s"] for row in rows), 1),
         "train_images_per_s": round(sum(row["train_images_per_s"] for row in rows) / len(rows), 1),

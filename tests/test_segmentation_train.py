@@ -162,8 +162,11 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory) -> Path:
+    return write_small_fashion_mnist(tmp_path_factory.mktemp("fashion"))
+
+
+def write_small_fashion_mnist(root: Path) -> Path:
     """Small Fashion-MNIST files: a bright square of a size that depends on the class."""
-    root = tmp_path_factory.mktemp("fashion")
     for split, count in (("train", 40), ("test", 20)):
         labels = np.arange(count) % 10
         images = np.zeros((count, 28, 28), np.uint8)

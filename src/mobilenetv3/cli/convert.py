@@ -4,10 +4,13 @@
   mobilenetv3 convert --from timm --arch tf_mobilenetv3_large_100 IN.pth OUT.safetensors --verify
   mobilenetv3 convert --to torchvision OURS.safetensors OUT.pth
   mobilenetv3 convert --from torchvision --arch lraspp_mobilenet_v3_large IN.pth OUT.safetensors
+  mobilenetv3 convert --from torchvision --arch ssdlite320_mobilenet_v3_large IN.pth OUT.safetensors
 
 LR-ASPP segmentation networks convert too (torchvision's lraspp_mobilenet_v3_large <-> our
 lraspp_mobilenetv3_large_100 with reduced_tail=False); their class names (VOC's for the COCO_WITH_VOC_LABELS_V1
-tag) are written into the file.
+tag) are written into the file.  So do SSDLite detectors (torchvision's ssdlite320_mobilenet_v3_large <->
+our ssdlite320_mobilenetv3_large_100, reduced tail; COCO's 91 category names for its COCO_V1 tag); torchvision
+has no SSDLite on MobileNetV3-Small, nor on other widths or input sizes, and takes 3 input channels only.
 
 --arch is the peer's own model name, optionally with its weights tag (timm style, e.g.
 mobilenetv3_large_100.miil_in21k_ft_in1k or mobilenet_v3_large.IMAGENET1K_V1): the tag selects the
@@ -17,7 +20,8 @@ when that is unambiguous.  IN may be a plain state dict, a training checkpoint w
 or a .safetensors file.  Checkpoints are read with torch.load(weights_only=True).
 
 --verify builds the peer's own model (needs the peer library installed) and prints the largest output
-difference on a random batch in eval mode; it fails above --tolerance, and then nothing is written.
+difference on a random batch in eval mode (a detector's: its raw head outputs, box regressions and class
+logits, on the backbone's maps); it fails above --tolerance, and then nothing is written.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-HELP = "convert torchvision / timm MobileNetV3 (and LR-ASPP) weights to ours, and back"
+HELP = "convert torchvision / timm MobileNetV3 (and LR-ASPP, SSDLite) weights to ours, and back"
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +99,7 @@ def _from_peer(args: argparse.Namespace) -> int:
                extra={"converted_from": converted.source})
     print(f"wrote {args.output}: {converted.model_name} from {args.from_peer} {converted.source['arch']}"
           f"{'.' + converted.source['tag'] if converted.source['tag'] else ''} "
-          f"(num_classes={model.num_classes}; eval: resize {prep.resize_size} {prep.interpolation}, "
-          f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)})")
+          f"(num_classes={model.num_classes}; {_eval_preprocessing(model, prep)})")
     return 0
 
 
@@ -129,10 +132,28 @@ def _to_peer(args: argparse.Namespace) -> int:
               else f"timm.create_model({peer_arch!r})")
     if peer_arch.startswith("lraspp_"):
         loader = f"torchvision.models.segmentation.{peer_arch}(weights=None, weights_backbone=None)"
+    if peer_arch.startswith("ssdlite"):
+        from ..weights.convert import torchvision_ssdlite_kwargs
+
+        kwargs = "".join(f", {k}={v!r}" for k, v in torchvision_ssdlite_kwargs(model.config).items())
+        loader = f"torchvision.models.detection.{peer_arch}(weights=None, weights_backbone=None{kwargs})"
     print(f"wrote {args.output}: a {args.to_peer} {peer_arch} state dict (num_classes={model.num_classes}); "
-          f"load it into {loader}; eval preprocessing: resize {prep.resize_size} {prep.interpolation}, "
-          f"crop {prep.input_size}, mean {list(prep.mean)}, std {list(prep.std)}")
+          f"load it into {loader}; {_eval_preprocessing(model, prep)}")
     return 0
+
+
+def _eval_preprocessing(model, prep) -> str:
+    if _is_detector(model):  # the model resizes and normalises itself (torchvision's GeneralizedRCNNTransform)
+        height, width = model.config["size"]
+        return (f"eval: images in [0, 1], resized to {height}x{width} and normalised with mean "
+                f"{model.config['image_mean']}, std {model.config['image_std']} inside the model")
+    return (f"eval preprocessing: resize {prep.resize_size} {prep.interpolation}, crop {prep.input_size}, "
+            f"mean {list(prep.mean)}, std {list(prep.std)}")
+
+
+def _is_detector(model) -> bool:
+    """A torchvision detection model (our SSDLite or torchvision's): `head` and `anchor_generator`."""
+    return hasattr(model, "anchor_generator") and hasattr(model, "head")
 
 
 def _peer_model(peer: str, name: str, num_classes: int, in_chans: int):
@@ -143,7 +164,7 @@ def _peer_model(peer: str, name: str, num_classes: int, in_chans: int):
 
             if in_chans != 3:
                 raise UserError("--verify: torchvision's MobileNetV3 takes 3 input channels only")
-            if name.startswith("lraspp_"):  # no backbone download: the converted tensors replace it
+            if name.startswith(("lraspp_", "ssdlite")):  # no backbone download: the converted tensors replace it
                 return torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes)
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
         import timm  # the peer library, optional: --verify only
@@ -159,7 +180,11 @@ def _report_difference(peer_model, model, input_size: int, tolerance: float) -> 
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(2, model.config["in_chans"], input_size, input_size, generator=generator)
     with torch.no_grad():
-        expected, actual = peer_model.eval()(inputs), model.eval()(inputs)
+        if _is_detector(model):  # the raw head outputs on the backbone's maps: boxes and logits per anchor
+            expected, actual = (torch.cat(list(m.eval().head(list(m.backbone(inputs).values())).values()), dim=-1)
+                                for m in (peer_model, model))
+        else:
+            expected, actual = peer_model.eval()(inputs), model.eval()(inputs)
     if isinstance(expected, dict):  # segmentation networks: {"out": logits}
         expected, actual = expected["out"], actual["out"]
     difference, largest = (expected - actual).abs().max().item(), expected.abs().max().item()

@@ -1,5 +1,6 @@
-"""Evaluate a training checkpoint, a weights file or an ExecuTorch .pte program: top-1 / top-5 / loss, or for a
-segmentation model (LR-ASPP) mIoU / pixel accuracy / per-class IoU / pixel loss.
+"""Evaluate a training checkpoint, a weights file or an ExecuTorch .pte program: top-1 / top-5 / loss; for a
+segmentation model (LR-ASPP) mIoU / pixel accuracy / per-class IoU / pixel loss; for a detector (SSDLite) COCO
+box mAP@[.5:.95] / mAP@.5 / mAP@.75 (pycocotools) and torchvision's SSD loss.
 
 On a training checkpoint it uses the run's preprocessing, data settings, precision (amp) and memory
 layout, and reproduces the validation numbers training logged for that checkpoint; on a weights file it
@@ -7,7 +8,8 @@ uses the stored preprocessing in full precision.  --input-size / --crop-pct / --
 --json the last line is {"top1": ..., "top5": ..., "loss": ..., "samples": ...}.  --tta flip averages the
 logits of each image and its mirror image (two forward passes; training's logged numbers are single-view)
 and adds "tta": "flip" to that line; a segmentation model's line is {"miou": ..., "pixel_acc": ...,
-"iou": [per class, null where absent], "loss": ..., "samples": ...}.  Beside a checkpoint's logged numbers it
+"iou": [per class, null where absent], "loss": ..., "samples": ...}, a detector's {"map": ..., "map_50": ...,
+"map_75": ..., "loss": ..., "samples": ...}.  Beside a checkpoint's logged numbers it
 shows their sample count, and a note when this evaluation's data, sample count (e.g. --limit-batches) or
 preprocessing differs from what training validated on: then the numbers are not comparable.
 
@@ -71,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
     prep = result["preprocessing"]
     used = (("EMA", args.ema), ("flip TTA", args.tta), (result["amp"], result["amp"] != "none"))
     labels = [label for label, on in used if on]
-    segmentation = result.get("task") == "segmentation"
+    task = result.get("task", "classification")
     print(f"{args.checkpoint}{' (%s)' % ', '.join(labels) if labels else ''} on {args.data} "
-          f"({prep['input_size']}px, crop {prep['crop_pct']}): {_scores(result, '', segmentation)}  "
+          f"({prep['input_size']}px, crop {prep['crop_pct']}): {_scores(result, '', task)}  "
           f"({result['samples']} samples{', %d unreadable skipped' % result['skipped'] if result['skipped'] else ''})")
     logged = result.get("logged")
     if logged:
@@ -81,22 +83,32 @@ def run(args: argparse.Namespace) -> int:
         trained = result["logged_data"]
         samples = f"  ({trained['samples']} samples)" if trained["samples"] is not None else ""
         print(f"training logged for this checkpoint (epoch {logged['epoch']}{', single view' if args.tta else ''}): "
-              f"{_scores(logged, prefix, segmentation)}{samples}")
+              f"{_scores(logged, prefix, task)}{samples}")
         if result["logged_differs"]:
             print(_not_comparable_note(trained, result, args))
     if args.json:
         # "tta" only appears with --tta, so single-view output keeps the four documented keys
-        keys = ("miou", "pixel_acc", "iou", "loss", "samples") if segmentation else ("top1", "top5", "loss", "samples")
+        keys = JSON_KEYS[task]
         print(json.dumps({key: result[key] for key in keys} | ({"tta": args.tta} if args.tta else {})))
     return 0
 
 
-def _scores(values: dict, prefix: str, segmentation: bool) -> str:
-    """'top-1 91.20%  top-5 99.80%  loss 0.3010', or 'mIoU 71.30%  pixel acc 95.10%  loss 0.1200' (a
-    segmentation model's), from an evaluation result (prefix '') or a logged metrics row ('val_', 'ema_val_')."""
-    if segmentation:
+#: the --json line's keys, by the model's task
+JSON_KEYS = {"classification": ("top1", "top5", "loss", "samples"),
+             "segmentation": ("miou", "pixel_acc", "iou", "loss", "samples"),
+             "detection": ("map", "map_50", "map_75", "loss", "samples")}
+
+
+def _scores(values: dict, prefix: str, task: str) -> str:
+    """'top-1 91.20%  top-5 99.80%  loss 0.3010', 'mIoU 71.30%  pixel acc 95.10%  loss 0.1200' (a segmentation
+    model's) or 'mAP 21.30%  mAP@.5 34.10%  mAP@.75 20.90%  loss 2.5000' (a detector's), from an evaluation
+    result (prefix '') or a logged metrics row ('val_', 'ema_val_')."""
+    if task == "segmentation":
         return (f"mIoU {values[prefix + 'miou']:.2f}%  pixel acc {values[prefix + 'pixel_acc']:.2f}%  "
                 f"loss {values[prefix + 'loss']:.4f}")
+    if task == "detection":
+        return (f"mAP {values[prefix + 'map']:.2f}%  mAP@.5 {values[prefix + 'map_50']:.2f}%  "
+                f"mAP@.75 {values[prefix + 'map_75']:.2f}%  loss {values[prefix + 'loss']:.4f}")
     return (f"top-1 {values[prefix + 'top1']:.2f}%  top-5 {values[prefix + 'top5']:.2f}%  "
             f"loss {values[prefix + 'loss']:.4f}")
 

@@ -71,8 +71,9 @@ SHORTCUTS = (
     Shortcut("input-size", "data.input_size", default_means="the data's: 224 for folders, 28 for fashion-mnist"),
     Shortcut("workers", "data.workers"),
     Shortcut("strict-data", "data.strict_data"),
-    Shortcut("task", "task", default_means="auto: the data's (classification, or segmentation for mask data such "
-                                           "as fashion-mnist-seg)"),
+    Shortcut("task", "task", default_means="auto: the data's (classification; segmentation for mask data such "
+                                           "as fashion-mnist-seg; detection for box data such as "
+                                           "fashion-mnist-det)"),
     Shortcut("model", "model.name"),
     Shortcut("num-classes", "model.num_classes", default_means="the data's"),
     Shortcut("pretrained", "model.pretrained", default_means="none, random initialisation"),

@@ -1,5 +1,6 @@
 """Datasets for training and evaluation: an ImageNet-layout folder, Fashion-MNIST, or synthetic tensors; for
-segmentation, a folder of images and masks, Pascal VOC 2012, or fashion-mnist-seg canvases (segmentation.py).
+segmentation, a folder of images and masks, Pascal VOC 2012, or fashion-mnist-seg canvases (segmentation.py);
+for detection, a COCO-format folder or fashion-mnist-det canvases (detection.py).
 
     from mobilenetv3.data import DataConfig, build_datasets, collate_skipping
 

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..errors import UserError
 from ..preprocessing import Preprocessing
-from . import fashion_mnist, segmentation
+from . import detection, fashion_mnist, segmentation
 from .config import DataConfig
 from .folder import TolerantImageFolder, check_same_classes, split_dirs, typical_image_size
 from .synthetic import VAL_SPLIT, SyntheticImages
@@ -21,6 +21,8 @@ from .transforms import (
     IGNORE_INDEX,
     SmallImageTrainTransform,
     check_transform_settings,
+    detection_eval_transform,
+    detection_train_transform,
     imagenet_train_transform,
     segmentation_eval_transform,
     segmentation_train_transform,
@@ -28,7 +30,9 @@ from .transforms import (
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-seg", "synthetic")
+BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-det", "synthetic")
+#: data.det_zoom_out's largest value: a zoomed-out image has up to its square times the pixels
+MAX_ZOOM_OUT = 8.0
 #: a folder's images count as "much smaller" than the input size when their typical short side is at most this
 #: fraction of it (upscaled at least 2x on a side, 4x the pixels): then a one-line warning names --input-size
 UPSCALE_WARNING_FRACTION = 0.5
@@ -45,7 +49,8 @@ class DatasetBundle:
     in_chans: int
     preprocessing: Preprocessing
     model_defaults: dict[str, Any] = field(default_factory=dict)
-    #: "classification" (items: image, label) or "segmentation" (items: image, mask; data/segmentation.py)
+    #: "classification" (items: image, label), "segmentation" (items: image, mask; data/segmentation.py) or
+    #: "detection" (items: image, target dict of boxes and labels; data/detection.py)
     task: str = "classification"
     #: the mask value that counts for nothing (segmentation: 255), else None
     ignore_index: int | None = None
@@ -56,7 +61,9 @@ class DatasetBundle:
 
     def describe(self) -> str:
         train = f"{len(self.train)} train, " if self.train is not None else ""
-        task = "" if self.task == "classification" else f" ({self.task}, {self.ignore_index} = ignore)"
+        task = "" if self.task == "classification" else f" ({self.task})"
+        if self.ignore_index is not None:
+            task = f" ({self.task}, {self.ignore_index} = ignore)"
         return (
             f"{train}{len(self.val)} val samples, {self.num_classes} classes, {self.in_chans}x"
             f"{self.preprocessing.input_size}x{self.preprocessing.input_size} input{task}"
@@ -81,16 +88,18 @@ def same_dataset(a: str, b: str) -> bool:
 def check_data_config(cfg: DataConfig) -> None:
     """One-line UserError (naming the `data.` key) for a setting no dataset can use; build_datasets calls it too."""
     if not cfg.dataset:
-        raise UserError("data.dataset (--data) is empty: give 'fashion-mnist', 'fashion-mnist-seg', 'synthetic', "
-                        "'voc:PATH' or a folder")
+        raise UserError("data.dataset (--data) is empty: give 'fashion-mnist', 'fashion-mnist-seg', "
+                        "'fashion-mnist-det', 'synthetic', 'voc:PATH', 'coco:PATH' or a folder")
     if cfg.input_size is not None and cfg.input_size < 8:
         raise UserError(f"data.input_size must be >= 8, got {cfg.input_size}")
     if cfg.crop_pct is not None and not 0.0 < cfg.crop_pct <= 1.0:
         raise UserError(f"data.crop_pct must be in (0, 1], got {cfg.crop_pct}")
     check_transform_settings(cfg)
-    for name in ("hflip", "random_erasing"):
+    for name in ("hflip", "random_erasing", "det_photometric"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise UserError(f"data.{name} is a probability in [0, 1], got {getattr(cfg, name)}")
+    if not 1.0 <= cfg.det_zoom_out <= MAX_ZOOM_OUT:
+        raise UserError(f"data.det_zoom_out must be in [1, {MAX_ZOOM_OUT:g}] (1 = no zoom-out), got {cfg.det_zoom_out}")
     if not 0.0 < cfg.scale_min <= 1.0:
         raise UserError(f"data.scale_min must be in (0, 1], got {cfg.scale_min}")
     if not 0 <= cfg.randaugment_magnitude <= 30:
@@ -124,7 +133,8 @@ def build_datasets(
 ) -> DatasetBundle:
     """Datasets for `cfg.dataset`: "fashion-mnist", "synthetic", or a folder in ImageNet layout; for segmentation
     "fashion-mnist-seg", "voc:PATH", a folder holding VOCdevkit/VOC2012, or a folder with {train,val}/images
-    and {train,val}/masks (data/segmentation.py).
+    and {train,val}/masks (data/segmentation.py); for detection "fashion-mnist-det", "coco:PATH" or a folder
+    with annotations/instances_{train,val}*.json (data/detection.py).
 
     `preprocessing` (optional) is the eval preprocessing to start from instead of the dataset's default,
     e.g. a checkpoint's; `cfg.input_size` / `cfg.crop_pct` still override it when set.  `class_names` (e.g. a
@@ -138,9 +148,14 @@ def build_datasets(
         return _synthetic(cfg, need_train, preprocessing)
     if cfg.dataset == "fashion-mnist-seg":
         return _fashion_mnist_seg(cfg, need_train, preprocessing)
+    if cfg.dataset == "fashion-mnist-det":
+        return _fashion_mnist_det(cfg, need_train, preprocessing)
     voc = segmentation.voc_root(cfg.dataset)
     if voc is not None:
         return _voc(voc, cfg, need_train, preprocessing)
+    coco = detection.coco_root(cfg.dataset)
+    if coco is not None:
+        return _coco(coco, cfg, need_train, preprocessing)
     if segmentation.is_segmentation_folder(cfg.dataset):
         return _segmentation_folder(cfg, need_train, preprocessing, class_names)
     return _image_folder(cfg, need_train, preprocessing)
@@ -265,17 +280,59 @@ def _fashion_mnist_seg(cfg: DataConfig, need_train: bool, base: Preprocessing | 
     return _segmentation_bundle(train, val, prep, {"in_chans": 1}, one_size=True)
 
 
-def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+#: the eval preprocessing of COCO-format folders: torchvision's SSDLite320 (320x320, mean and std 0.5); the
+#: detector itself resizes and normalises, so it only records what the model is built with (model_defaults)
+COCO_PREPROCESSING = Preprocessing(input_size=320, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _detection_bundle(train, val, prep: Preprocessing, class_names: Sequence[str],
+                      defaults: dict[str, Any]) -> DatasetBundle:
+    """A detection bundle: the model resizes to `size` and normalises itself, both from the preprocessing."""
+    defaults = {**defaults, "size": prep.input_size, "image_mean": list(prep.mean), "image_std": list(prep.std)}
+    return DatasetBundle(train, val, len(class_names), list(class_names), prep.in_chans, prep, defaults,
+                         task="detection")
+
+
+def _detection_transforms(cfg: DataConfig, prep: Preprocessing, need_train: bool):
+    return (detection_train_transform(cfg, prep) if need_train else None), detection_eval_transform()
+
+
+def _fashion_mnist_det(cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    default = Preprocessing(input_size=segmentation.CANVAS_SIZE, crop_pct=1.0, mean=segmentation.CANVAS_MEAN,
+                            std=segmentation.CANVAS_STD, in_chans=1)
+    prep = _eval_preprocessing(default, base, cfg)
+    train_transform, val_transform = _detection_transforms(cfg, prep, need_train)
+    val = detection.fashion_mnist_boxes("val", cfg.canvas_val_samples, cfg.canvas_seed, cfg.data_dir, val_transform)
+    train = None
+    if need_train:
+        train = detection.fashion_mnist_boxes("train", cfg.canvas_train_samples, cfg.canvas_seed, cfg.data_dir,
+                                              train_transform)
+    return _detection_bundle(train, val, prep, val.classes, {"in_chans": 1})
+
+
+def _coco(root: Path, cfg: DataConfig, need_train: bool, base: Preprocessing | None) -> DatasetBundle:
+    prep = _eval_preprocessing(COCO_PREPROCESSING, base, cfg)
+    train, val, classes = detection.coco_datasets(root, need_train=need_train,
+                                                  transforms=_detection_transforms(cfg, prep, need_train),
+                                                  strict=cfg.strict_data, mode=prep.image_mode)
+    return _detection_bundle(train, val, prep, classes, {})
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor | list, torch.Tensor | list, int]:
     """default_collate of the items that are not None -> (images [B, C, H, W], targets [B] int64, skipped).
 
     Segmentation items give targets [B, H, W] (masks); items of different sizes (a folder's eval images) are
     padded at the bottom and right to the largest: images with 0 (the mean, once normalised), masks with 255.
-    When every item of the batch is None, images and targets are empty (B = 0): skip the step.
+    Detection items (a target dict) give (list of B images, list of B target dicts, skipped), lists even when
+    the sizes agree: the detector takes them so.
+    When every item of the batch is None, images and targets are empty (B = 0, len 0): skip the step.
     """
     kept = [item for item in batch if item is not None]
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    if isinstance(kept[0][1], dict):
+        return [image for image, _ in kept], [target for _, target in kept], skipped
     if isinstance(kept[0][1], torch.Tensor) and kept[0][1].dim() == 2:
         kept = _padded_to_largest(kept)
     images, targets = default_collate(kept)

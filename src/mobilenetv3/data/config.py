@@ -35,6 +35,16 @@ Segmentation (bundle.task == "segmentation"; data/segmentation.py):
     items are (image float32 [C,H,W] normalised, mask int64 [H,W] of class indices, 255 = ignore), or None
     collate_skipping(batch) -> (images [B,C,H,W], masks [B,H,W] int64, skipped); items of different sizes
         (a folder's eval images) are padded at the bottom and right to the largest: images 0, masks 255.
+
+Detection (bundle.task == "detection"; data/detection.py):
+    items are (image float32 [C,H,W] in [0, 1], NOT normalised: the detector normalises with
+        model_defaults["image_mean"] / ["image_std"] and resizes to model_defaults["size"] itself,
+        target {"boxes": float32 [N,4] xyxy in the image's pixels, "labels": int64 [N] (0 = background, never
+        used), "image_id": int, and in bundle.val only "iscrowd": int64 [N] (1 = a region to ignore)}), or None
+        for an unreadable image.  Train targets hold no crowd boxes.  Images differ in size.
+    bundle.class_names[0] is the background; bundle.num_classes counts it.
+    collate_skipping(batch) -> (list of B images, list of B targets, skipped): lists even when sizes agree.
+    When every item is None, images and targets are empty tensors as for the other tasks: test len(images).
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ from typing import Any, Mapping
 @dataclass
 class DataConfig:
     #: "fashion-mnist", "synthetic", or a folder in ImageNet layout (train/<class>/*, val/<class>/*); for
-    #: segmentation "fashion-mnist-seg", "voc:PATH" (Pascal VOC 2012) or a folder with train/images + train/masks.
+    #: segmentation "fashion-mnist-seg", "voc:PATH" (Pascal VOC 2012) or a folder with train/images + train/masks;
+    #: for detection "fashion-mnist-det", "coco:PATH" or a folder with annotations/instances_*.json (COCO format).
     dataset: str = "synthetic"
     #: where fashion-mnist is looked for (then $MOBILENETV3_DATA, /usr/share/datasets/fashion-mnist, download).
     data_dir: str | None = None
@@ -66,7 +77,14 @@ class DataConfig:
     #: segmentation: the short side is resized to input_size times a factor in [seg_scale_min, seg_scale_max]
     seg_scale_min: float = 0.5
     seg_scale_max: float = 2.0
-    #: fashion-mnist-seg: how many canvases, and the seed they are generated from (independent of the run's seed)
+    #: detection training (data/transforms.py `detection_train_transform`): the probability of each of
+    #: RandomPhotometricDistort's distortions (0 = no photometric distortion), and RandomZoomOut's largest
+    #: side ratio (its side_range is (1, det_zoom_out); 1 = no zoom-out).  Both 0 and 1 give torchvision's
+    #: "ssdlite" policy (IoU crop and flip only); the defaults its "ssd" policy.
+    det_photometric: float = 0.5
+    det_zoom_out: float = 4.0
+    #: fashion-mnist-seg and fashion-mnist-det: how many canvases, and the seed they are generated from
+    #: (independent of the run's seed)
     canvas_train_samples: int = 10000
     canvas_val_samples: int = 1000
     canvas_seed: int = 0

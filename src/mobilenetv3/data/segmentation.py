@@ -70,6 +70,8 @@ CANVAS_MEAN = (0.1403,)
 CANVAS_STD = (0.2767,)
 #: the `seed` entropy's second word: train and val canvases come from different streams
 CANVAS_SPLITS = {"train": 0, "val": 1}
+#: `Canvases.owners` where no item is brighter than the threshold (the mask's background)
+NO_OWNER = 255
 
 
 # --- folders and VOC --------------------------------------------------------------------------------------------
@@ -270,11 +272,18 @@ class Canvases:
     masks: torch.Tensor  # uint8 [N, S, S], 0 = background, class + 1 where an item is brighter than the threshold
     items: torch.Tensor  # int64 [N, MAX_ITEMS]: indices into the source items, -1 where a canvas has fewer
     boxes: torch.Tensor  # int64 [N, MAX_ITEMS, 4]: (x0, y0, x1, y1) of each scaled item's square, 0 where unused
+    #: uint8 [N, S, S] (only when make_canvases is asked for it): which item (its slot k in `items`) the mask
+    #: labels each pixel for, i.e. the topmost item brighter than the threshold there; NO_OWNER where none is
+    owners: torch.Tensor | None = None
+    #: int64 [N, MAX_ITEMS] (with `owners`): each item's pixels brighter than the threshold as drawn, before later
+    #: items cover any of them; 0 where unused
+    areas: torch.Tensor | None = None
 
 
 def make_canvases(items: torch.Tensor, labels: torch.Tensor, count: int, seed: int | Sequence[int], *,
                   size: int = CANVAS_SIZE, max_items: int = CANVAS_MAX_ITEMS,
-                  scale: tuple[float, float] = CANVAS_SCALE, threshold: int = CANVAS_THRESHOLD) -> Canvases:
+                  scale: tuple[float, float] = CANVAS_SCALE, threshold: int = CANVAS_THRESHOLD,
+                  owners: bool = False) -> Canvases:
     """`count` canvases from `items` (uint8 [M, h, w] or [M, 1, h, w]) and their `labels` (class indices [M]).
 
     Everything random comes from `numpy.random.default_rng(seed)`: the same arguments give identical canvases.
@@ -283,6 +292,8 @@ def make_canvases(items: torch.Tensor, labels: torch.Tensor, count: int, seed: i
     to a square side round(h * factor) and placed uniformly at random fully inside the canvas.  Drawing item k
     writes its pixels brighter than `threshold` (image and mask: it covers what was there) and, elsewhere, the
     brighter of its pixel and the canvas's (so faint edges stay faint and labels stay where the image is bright).
+    With `owners`, `Canvases.owners` also says which item each labelled pixel belongs to and `Canvases.areas` how
+    many pixels each item drew brighter than the threshold (fashion-mnist-det's boxes); nothing else changes.
     """
     items = items.reshape(items.shape[0], 1, *items.shape[-2:])
     labels = torch.as_tensor(labels).long()
@@ -304,19 +315,24 @@ def make_canvases(items: torch.Tensor, labels: torch.Tensor, count: int, seed: i
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        images, masks = _draw(items, labels, count, size, sides, corners, used, chosen, threshold)
+        images, masks, owner, areas = _draw(items, labels, count, size, sides, corners, used, chosen, threshold,
+                                            owners)
     finally:
         torch.set_num_threads(threads)
     boxes = np.stack([corners[..., 1], corners[..., 0], corners[..., 1] + sides, corners[..., 0] + sides], axis=-1)
     boxes[~used] = 0
-    return Canvases(images, masks, torch.from_numpy(chosen), torch.from_numpy(boxes))
+    return Canvases(images, masks, torch.from_numpy(chosen), torch.from_numpy(boxes), owner, areas)
 
 
 def _draw(items: torch.Tensor, labels: torch.Tensor, count: int, size: int, sides: np.ndarray, corners: np.ndarray,
-          used: np.ndarray, chosen: np.ndarray, threshold: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_canvases' drawing: (images uint8 [count, 1, size, size], masks uint8 [count, size, size])."""
+          used: np.ndarray, chosen: np.ndarray, threshold: int, owners: bool = False,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """make_canvases' drawing: (images uint8 [count, 1, size, size], masks uint8 [count, size, size], and with
+    `owners` the owners uint8 [count, size, size] and areas int64 [count, max_items], else None, None)."""
     images = torch.zeros(count * size * size, dtype=torch.uint8)  # flat: one index per pixel written
     masks = torch.zeros(count * size * size, dtype=torch.uint8)
+    owner = torch.full((count * size * size,), NO_OWNER, dtype=torch.uint8) if owners else None
+    areas = np.zeros(used.shape, dtype=np.int64) if owners else None
     steps = torch.arange(size)
     for layer in range(used.shape[1]):  # back to front; a canvas has at most one item per layer
         for side in np.unique(sides[used[:, layer], layer]).tolist():
@@ -331,7 +347,13 @@ def _draw(items: torch.Tensor, labels: torch.Tensor, count: int, size: int, side
             # bright item pixels cover the canvas; elsewhere the brighter of the two stays
             images[where] = torch.maximum(images[where] * ~bright, scaled)
             masks[where] = torch.where(bright, (labels[source] + 1).to(torch.uint8)[:, None, None], masks[where])
-    return images.view(count, 1, size, size), masks.view(count, size, size)
+            if owner is not None:  # the same rule as the mask's: a bright pixel takes this item's slot
+                owner[where[bright]] = layer
+                areas[canvas, layer] = bright.flatten(1).sum(1).numpy()
+    if owner is None:
+        return images.view(count, 1, size, size), masks.view(count, size, size), None, None
+    return images.view(count, 1, size, size), masks.view(count, size, size), owner.view(count, size, size), \
+        torch.from_numpy(areas)
 
 
 class CanvasSegmentation(Dataset):

@@ -1,5 +1,6 @@
 """Train-time transform presets (torchvision.transforms.v2); the eval transform is `Preprocessing.eval_transform()`,
-except for segmentation, whose train and eval transforms (`SegmentationTransform`) take an image and its mask.
+except for segmentation, whose train and eval transforms (`SegmentationTransform`) take an image and its mask,
+and detection, whose transforms (`DetectionTransform`) take an image and its boxes.
 
 Every random choice goes through torch's RNG (v2 transforms use torch.rand/randint only), so a DataLoader
 worker whose torch seed is known produces the same samples again: that is what bit-exact resume relies on.
@@ -303,3 +304,87 @@ def segmentation_eval_transform(preprocessing: Preprocessing) -> SegmentationTra
     interpolation = InterpolationMode(preprocessing.interpolation)
     steps = [v2.Resize(preprocessing.resize_size, interpolation=interpolation, antialias=True)]
     return SegmentationTransform(steps, preprocessing.mean, preprocessing.std)
+
+
+# --- detection: the image and its boxes move together -----------------------------------------------------------
+
+
+class DetectionTransform(torch.nn.Module):
+    """(image, target) -> (image float32 [C, H, W] in [0, 1], target of plain tensors) through one v2 pipeline.
+
+    The image is a uint8 tensor [C, H, W], a `tv_tensors.Image` or a PIL image; the target a dict with "boxes"
+    (`tv_tensors.BoundingBoxes`, XYXY, its canvas the image's), "labels" int64 [N], "iscrowd" int64 [N]
+    (optional: none are crowd without it) and "image_id".  The boxes are transformed with the image, and the
+    labels (and, for evaluation, "iscrowd") stay aligned with them.  Nothing is normalised: the detector does
+    it (`image_mean` / `image_std`), as torchvision's detection models take images in [0, 1].
+
+    Training (`train=True`) drops crowd boxes before anything else, as torchvision's detection reference trains
+    without them, and its target has no "iscrowd"; evaluation keeps every box and "iscrowd", for the metric.
+    Output target: {"boxes": float32 [N, 4] xyxy in the output image's pixels, "labels": int64 [N],
+    "image_id": as given, and for evaluation "iscrowd": int64 [N]}.  Randomness comes from torch's global RNG
+    only (the v2 transforms draw from it), which is what `SeededSamples` seeds per sample.
+    """
+
+    def __init__(self, steps: list, *, train: bool) -> None:
+        super().__init__()
+        self.steps = v2.Compose(steps) if steps else None
+        self.train = train
+
+    def forward(self, image, target: dict) -> tuple[torch.Tensor, dict]:
+        image = image if isinstance(image, tv_tensors.Image) else F.to_image(image)
+        boxes, labels = target["boxes"], torch.as_tensor(target["labels"], dtype=torch.int64)
+        crowd = target.get("iscrowd")
+        crowd = torch.zeros_like(labels) if crowd is None else torch.as_tensor(crowd, dtype=torch.int64)
+        if self.train:
+            keep = crowd == 0
+            sample = {"boxes": tv_tensors.wrap(boxes[keep], like=boxes), "labels": labels[keep]}
+        else:
+            sample = {"boxes": boxes, "labels": labels, "iscrowd": crowd}
+        if self.steps is not None:
+            image, sample = self.steps(image, sample)
+        out = {"boxes": sample["boxes"].as_subclass(torch.Tensor).to(torch.float32).reshape(-1, 4),
+               "labels": sample["labels"], "image_id": target["image_id"]}
+        if not self.train:
+            out["iscrowd"] = sample["iscrowd"]
+        return image.as_subclass(torch.Tensor), out
+
+    def extra_repr(self) -> str:
+        return f"train={self.train}"
+
+
+def detection_train_transform(cfg: DataConfig, preprocessing: Preprocessing) -> DetectionTransform:
+    """SSD's augmentation, as torchvision's detection reference ("ssd" policy; its "ssdlite" policy is the last
+    two steps alone, `det_photometric=0, det_zoom_out=1`):
+
+    1. `v2.RandomPhotometricDistort(p=cfg.det_photometric)`: brightness, contrast, saturation, hue and a channel
+       permutation, each with that probability (0: the step is left out).  On 1-channel images saturation, hue
+       and the permutation change nothing (torchvision leaves grey images as they are), so brightness and
+       contrast are what remains;
+    2. `v2.RandomZoomOut(side_range=(1, cfg.det_zoom_out))` with probability 0.5: the image is placed at a random
+       place in a canvas up to det_zoom_out times its width and height, filled with the dataset's mean
+       (`padding_fill`, what the detector normalises to 0); 1 leaves the step out;
+    3. `v2.RandomIoUCrop()`: a crop whose IoU with some box is at least one of 0, 0.1, 0.3, 0.5, 0.7, 0.9 (or
+       no crop), keeping the boxes whose centres fall inside it, clipped to it;
+    4. `v2.RandomHorizontalFlip(cfg.hflip)`;
+    5. to float32 in [0, 1], then `v2.SanitizeBoundingBoxes()` drops boxes under 1 pixel wide or high and their
+       labels.
+
+    No resize: the detector resizes every image to its own size.  An image without boxes is never cropped
+    (RandomIoUCrop finds no box to overlap until it draws "no crop").
+    """
+    steps: list = []
+    if cfg.det_photometric > 0:
+        steps.append(v2.RandomPhotometricDistort(p=cfg.det_photometric))
+    if cfg.det_zoom_out > 1:
+        fill = {tv_tensors.Image: padding_fill(preprocessing), "others": 0}
+        steps.append(v2.RandomZoomOut(fill=fill, side_range=(1.0, cfg.det_zoom_out)))
+    steps.append(v2.RandomIoUCrop())
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
+    return DetectionTransform(steps, train=True)
+
+
+def detection_eval_transform() -> DetectionTransform:
+    """To float32 in [0, 1], nothing else: the detector resizes and normalises, and every box is kept."""
+    return DetectionTransform([v2.ToDtype(torch.float32, scale=True)], train=False)

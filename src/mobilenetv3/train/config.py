@@ -43,10 +43,12 @@ CyclicMode = Literal["triangular", "triangular2", "exp_range"]
 AmpMode = Literal["none", "bf16", "fp16"]
 
 #: The metrics `checkpoint.best_metric` can follow -> True when larger is better.
-#: ("auto": the task's own, val_top1 for classification and val_miou for segmentation; see `train/tasks.py`)
+#: ("auto": the task's own: val_top1 for classification, val_miou for segmentation, val_map for detection;
+#: see `train/tasks.py`)
 BEST_METRICS = {"val_top1": True, "ema_val_top1": True, "val_loss": False, "ema_val_loss": False,
-                "val_miou": True, "ema_val_miou": True, "val_pixel_acc": True, "ema_val_pixel_acc": True}
-TaskName = Literal["auto", "classification", "segmentation"]
+                "val_miou": True, "ema_val_miou": True, "val_pixel_acc": True, "ema_val_pixel_acc": True,
+                "val_map": True, "ema_val_map": True, "val_map_50": True, "ema_val_map_50": True}
+TaskName = Literal["auto", "classification", "segmentation", "detection"]
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, gt: float | None = None,

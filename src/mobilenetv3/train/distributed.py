@@ -157,6 +157,16 @@ def all_gather_objects(value):
     return gathered
 
 
+def broadcast_buffers_(module: nn.Module) -> None:
+    """In place: every rank's buffers (BatchNorm running statistics) become rank 0's, as DDP's next forward would
+    make them.  Each rank's last training step updated its own statistics from its own batch, so without this
+    each rank would validate a slightly different network, and not the one rank 0 saves."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

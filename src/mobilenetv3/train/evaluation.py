@@ -97,7 +97,13 @@ def evaluate_file(
                             class_names=classes if task.name == "segmentation" else None)
 
     if program is not None:
+        if task.name == "detection":
+            raise UserError(f"{path} is a detector's program (raw head outputs); evaluate its weights file or "
+                            "training checkpoint instead")
         model = pte_module(program)
+    elif task.name == "detection" and input_size is not None:
+        # the detector resizes inside itself: --input-size is its `size` (anchors are relative to it)
+        model = build_model(weights, size=[input_size, input_size])
     else:
         model = build_model(weights)
     if bundle.task != task.name:

@@ -101,11 +101,9 @@ def autocast(settings: StepSettings):
     return torch.autocast(device_type=settings.device.type, dtype=settings.amp_dtype)
 
 
-def to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettings):
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    non_blocking = settings.device.type == "cuda"
-    images = images.to(settings.device, non_blocking=non_blocking, memory_format=memory_format)
-    return images, targets.to(settings.device, non_blocking=non_blocking)
+def to_device(images: Any, targets: Any, settings: StepSettings):
+    """A collated batch on the run's device, as its task lays it out (tensors, or detection's lists)."""
+    return settings.task.to_device(images, targets, settings.device, settings.channels_last)
 
 
 class DeviceSums:
@@ -153,7 +151,7 @@ def join_gradient_all_reduce(model: nn.Module, example: torch.Tensor, scaler: to
         return
     model.eval()
     with autocast(settings):
-        zero = settings.task.logits(model(torch.zeros_like(example))).float().sum() * 0.0
+        zero = settings.task.zero_loss(model(torch.zeros_like(example)))
     scaler.scale(zero).backward()
     model.train()
 
@@ -196,7 +194,8 @@ class TrainStep:
         # One image of the last non-empty batch: the shape, dtype and memory format of DDP's stand-in input.
         example = None
         if self.input_shape is not None:
-            example = to_device(torch.zeros(1, *self.input_shape), torch.zeros(1), settings)[0]
+            memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+            example = torch.zeros(1, *self.input_shape, device=settings.device).contiguous(memory_format=memory_format)
         started = time.perf_counter()
         for images, targets, skipped in loader:
             if state.batch_in_epoch >= num_batches:
@@ -204,7 +203,7 @@ class TrainStep:
             state.totals.skipped += skipped
             last_micro_batch = (state.batch_in_epoch + 1) % accumulate == 0
             state.batch_in_epoch += 1
-            if images.shape[0] > 0:  # every file of the batch unreadable (collate_skipping): no forward / backward
+            if len(images) > 0:  # every file of the batch unreadable (collate_skipping): no forward / backward
                 example = self.forward_backward(images, targets, mix=mix, last_micro_batch=last_micro_batch)
             elif last_micro_batch and example is not None:
                 join_gradient_all_reduce(self.model, example, self.scaler, settings)
@@ -222,7 +221,7 @@ class TrainStep:
         self.sync()
         return state.totals
 
-    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, *, mix: Callable | None,
+    def forward_backward(self, images: Any, targets: Any, *, mix: Callable | None,
                          last_micro_batch: bool) -> torch.Tensor:
         """One micro-batch's forward and backward (its gradient added to the group's); returns one of its
         images, detached (DDP's stand-in shape)."""
@@ -238,15 +237,16 @@ class TrainStep:
         no_sync = not last_micro_batch and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(settings):
-                logits = settings.task.logits(model(images))
-                # Mean over the micro-batch, divided by the group size: the accumulated gradient is the
-                # gradient of the mean loss over the whole group, as with one big batch.
-                loss = settings.task.loss(logits, targets, settings.label_smoothing)
+                # The task's mean loss over the micro-batch (detection: torchvision's SSD loss dict, summed).
+                loss, output = settings.task.forward_loss(model, images, targets, settings.label_smoothing)
+            # Divided by the group size: the accumulated gradient is the gradient of the mean loss over the
+            # whole group, as with one big batch.
             self.scaler.scale(loss / settings.accumulation_steps).backward()
-        self.sums.add(loss, settings.task.train_correct(logits.detach(), hard_targets), images.shape[0],
-                      step=self.state.step + 1)
-        self.state.totals.samples += images.shape[0]
-        return images[:1].detach()
+        correct = settings.task.train_correct(output.detach() if output is not None else None, hard_targets)
+        self.sums.add(loss, correct, len(images), step=self.state.step + 1)
+        self.state.totals.samples += len(images)
+        # one image, batched (detection's images are a list)
+        return images[:1].detach() if isinstance(images, torch.Tensor) else images[0][None].detach()
 
     def optimizer_step(self) -> None:
         """Update the weights from the accumulated gradient, then the schedule, the EMA and DropBlock."""
@@ -303,7 +303,7 @@ def evaluate(
 ) -> dict[str, float]:
     """The task's validation metric over the whole set (`settings.task.metric`: classification's mean
     cross-entropy without label smoothing, top-1 / top-5 in percent; segmentation's pixel loss, mIoU, pixel
-    accuracy and per-class IoU), with `samples` and `skipped`.
+    accuracy and per-class IoU; detection's loss and COCO mAP), with `samples` and `skipped`.
 
     A bar labelled `progress_label` is drawn on rank 0 when `progress_enabled(progress)` (by default only
     on a terminal).
@@ -323,13 +323,13 @@ def evaluate(
         if batch_index >= total:
             break
         skipped += skipped_now
-        if images.shape[0] == 0:
+        if len(images) == 0:
             continue
         images, targets = to_device(images, targets, settings)
         with autocast(settings):
-            logits = task.logits(model(images))
-        metric.update(logits.float(), targets)
-        samples += images.shape[0]
+            output = task.evaluate_batch(model, images, targets)
+        metric.update(output, targets)
+        samples += len(images)
         bar.update(1)
     bar.close()
     samples, skipped = all_reduce_sum([samples, skipped], settings.device)

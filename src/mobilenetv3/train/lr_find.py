@@ -88,7 +88,7 @@ def lr_range_test(config: TrainConfig, *, start_lr: float = 1e-6, end_lr: float 
                     group["lr"] = lr
                 images, targets = to_device(images, targets, settings)
                 with autocast(settings):
-                    loss = task.loss(task.logits(model(images)), targets, settings.label_smoothing)
+                    loss, _ = task.forward_loss(model, images, targets, settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -104,6 +104,9 @@ def model_kwargs_for(config: TrainConfig, bundle) -> dict[str, Any]:
         )
     if cfg.in_chans is not None and cfg.in_chans != bundle.in_chans:
         raise UserError(f"model.in_chans={cfg.in_chans} but the dataset has {bundle.in_chans}-channel images")
+    if cfg.output_stride is not None and get_entry(cfg.name).task == "detection":
+        raise UserError(f"model.output_stride is not an option of the detector {cfg.name} (SSDLite taps strides "
+                        "16 and 32 and adds its own extra layers)")
     if cfg.head is not None and get_entry(cfg.name).task != "segmentation":
         raise UserError(f"model.head={cfg.head} is an option of the segmentation models, not of {cfg.name}")
     kwargs = dict(bundle.model_defaults)
@@ -149,7 +152,7 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
     found, wanted = weights.model_name, model_config.name
     entries = get_entry(found), get_entry(wanted)
     arches = entries[0].arch, entries[1].arch
-    prefix = "lraspp_" if entries[1].head == "lraspp" else ""
+    prefix = {"": "", "lraspp": "lraspp_", "ssdlite": "ssdlite_"}[entries[1].head]
     generic = {f"{prefix}mobilenetv3_{arch}" for arch in arches}
     if (arches[0] != arches[1] or entries[0].head != entries[1].head
             or (found != wanted and not {found, wanted} & generic)):
@@ -159,7 +162,12 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
     defaults = dict(inspect.signature(MobileNetV3).parameters)
     if entries[1].head == "lraspp":
         defaults.update(inspect.signature(LRASPP).parameters)
-    kwargs = {key: defaults[key].default for key in RUN_MODEL_KWARGS}
+    if entries[1].head == "ssdlite":  # its own defaults (91 classes); the backbone's output stride is fixed
+        from ..models.heads.ssdlite import SSDLite
+
+        defaults.update(inspect.signature(SSDLite).parameters)
+        defaults.pop("output_stride")
+    kwargs = {key: defaults[key].default for key in RUN_MODEL_KWARGS if key in defaults}
     kwargs.update(model_kwargs)
     return create_model(model_config.name, pretrained=location, loaded_weights=weights, **kwargs)
 
@@ -520,7 +528,8 @@ class Trainer:
 
     def _validate_average(self, module: nn.Module, prefix: str) -> dict[str, float]:
         """{prefix}_val_loss / _top1 / _top5 (the task's columns) of an averaged copy (EMA or SWA) on the
-        validation set."""
+        validation set (with rank 0's buffers, the ones saved)."""
+        distributed.broadcast_buffers_(module)
         result = evaluate(module, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
                           env=self.env, progress_label=f"validate {prefix.upper()}", progress=self.progress)
         return {f"{prefix}_val_{key}": result[key] for key in self.task.columns}
@@ -536,6 +545,7 @@ class Trainer:
             totals = self._train_epoch(epoch, mix_on)
             train = distributed.all_reduce_sum([totals.loss_sum, totals.correct, totals.samples, totals.skipped],
                                                self.env.device)
+            distributed.broadcast_buffers_(self.model)  # validate (and save) rank 0's BatchNorm statistics
             val = evaluate(self.model, self.val_loader, self.settings, num_batches=self.config.limit_val_batches,
                            env=self.env, progress_label="validate", progress=self.progress)
             averages = self._validate_averages(epoch)

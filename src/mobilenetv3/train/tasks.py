@@ -9,6 +9,10 @@ The loop (`loop.py`) and the trainer (`run.py`) call these and do not branch on 
   the validation set and all-reduced once, from which come the pixel accuracy, the per-class IoU and mIoU.
   mIoU is the mean IoU over the classes present in the target or the prediction (union > 0), torchvision's
   reference-script and mmsegmentation's convention (a class absent from both has no IoU: None in the rows).
+- detection (SSDLite, a torchvision `SSD`): images and targets are lists (images of any size, the model resizes
+  them); the loss is torchvision's (`bbox_regression + classification`, from the model in train mode); the
+  validation metric is COCO's box mAP@[.5:.95], mAP@.5 and mAP@.75 (`coco.py`, pycocotools) over every
+  image's detections gathered from all ranks, so each image counts once, and the same loss in eval mode.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch.nn.functional as F
 
 from ..data.transforms import IGNORE_INDEX
 from ..errors import UserError
-from .distributed import all_reduce_sum_
+from .distributed import all_gather_objects, all_reduce_sum_, unwrap
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
+
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
     """On the device: the number of samples whose target is in the top-k logits, for each k (capped at the
@@ -66,6 +71,7 @@ class ClassificationMetric:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = logits.float()
         loss = F.cross_entropy(logits, targets, reduction="sum")
         self.sums += torch.stack([loss.double(), *(hits.double() for hits in topk_hits(logits, targets, (1, 5)))])
 
@@ -84,6 +90,7 @@ class SegmentationMetric:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits = logits.float()
         self.loss_sum += F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum").double()
         self.confusion += confusion_matrix(logits.argmax(dim=1), targets, self.num_classes, self.ignore_index)
 
@@ -104,6 +111,28 @@ class ClassificationTask:
 
     def logits(self, output: Any) -> torch.Tensor:
         return output
+
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch on the device (non-blocking from pinned memory on CUDA)."""
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        non_blocking = device.type == "cuda"
+        images = images.to(device, non_blocking=non_blocking, memory_format=memory_format)
+        return images, targets.to(device, non_blocking=non_blocking)
+
+    def forward_loss(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                     label_smoothing: float) -> tuple[torch.Tensor, Any]:
+        """The micro-batch's mean loss and the task's output (what `train_correct` reads)."""
+        logits = self.logits(model(images))
+        return self.loss(logits, targets, label_smoothing), logits
+
+    def evaluate_batch(self, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> Any:
+        """What the validation metric's `update` takes for a batch (the eval-mode network's logits)."""
+        return self.logits(model(images))
+
+    def zero_loss(self, output: Any) -> torch.Tensor:
+        """0 * the output, a loss that reaches every parameter (DDP's stand-in step, `loop.py`)."""
+        return self.logits(output).float().sum() * 0.0
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
         """The mean loss of a micro-batch (targets: class indices, or mixup / cutmix's soft targets)."""
@@ -168,7 +197,112 @@ class SegmentationTask(ClassificationTask):
                             "data.seg_scale_min / data.seg_scale_max, crop and flip): drop it")
 
 
-TASK_CLASSES = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+class DetectionMetric:
+    """Each image's target and detections (on the host), and the loss sum of a validation pass."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes = num_classes
+        self.pairs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, output: Any, targets: list[dict[str, torch.Tensor]]) -> None:
+        """`output`: (the losses, the detections) of `DetectionTask.evaluate_batch`."""
+        losses, detections = output
+        self.loss_sum += sum(losses.values()).detach().double() * len(targets)
+        keep = ("boxes", "labels", "iscrowd", "scores")
+        for target, detection in zip(targets, detections):
+            self.pairs.append(({k: v.cpu() for k, v in target.items() if k in keep},
+                               {k: v.detach().float().cpu() if k != "labels" else v.cpu()
+                                for k, v in detection.items() if k in keep}))
+
+    def compute(self, samples: int) -> dict[str, Any]:
+        """COCO mAP over every rank's images (gathered: a collective call under DDP; each rank scores the same
+        list, so all return the same numbers)."""
+        from .coco import coco_map
+
+        pairs = [pair for rank_pairs in all_gather_objects(self.pairs) for pair in rank_pairs]
+        loss_sum = float(all_reduce_sum_(self.loss_sum))
+        return {"loss": loss_sum / max(samples, 1), **coco_map(pairs, self.num_classes)}
+
+
+class DetectionTask(ClassificationTask):
+    name = "detection"
+    best_metric = "val_map"
+    columns = ("loss", "map", "map_50", "map_75")
+
+    def to_device(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device,
+                  channels_last: bool = False) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Lists of images (each its own size; the model batches them) and of target dicts on the device."""
+        non_blocking = device.type == "cuda"
+        images = [image.to(device, non_blocking=non_blocking) for image in images]
+        targets = [{k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                    for k, v in target.items()} for target in targets]
+        return images, targets
+
+    def forward_loss(self, model: torch.nn.Module, images: list[torch.Tensor],
+                     targets: list[dict[str, torch.Tensor]], label_smoothing: float) -> tuple[torch.Tensor, Any]:
+        """torchvision's SSD loss (train mode returns {"bbox_regression", "classification"}), crowd boxes left
+        out of the targets as torchvision's reference trains."""
+        training_targets = [_without_crowd(target) for target in targets]
+        losses = model(images, training_targets)
+        return losses["bbox_regression"] + losses["classification"], None
+
+    def train_correct(self, output: Any, hard_targets: Any) -> torch.Tensor:
+        """Detection has no training accuracy: 0 (the `train_top1` column stays 0)."""
+        return torch.zeros((), dtype=torch.float64)
+
+    def zero_loss(self, output: Any) -> torch.Tensor:
+        return sum(d["scores"].sum() + d["boxes"].sum() for d in output) * 0.0
+
+    def evaluate_batch(self, model: torch.nn.Module, images: list[torch.Tensor],
+                       targets: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """(The losses of `forward_loss`, the detections of eval mode) in one pass of the eval-mode network
+        (`SSDLite.forward_with_loss`)."""
+        return unwrap(model).forward_with_loss(images, [_without_crowd(target) for target in targets])
+
+    def metric(self, num_classes: int, device: torch.device) -> DetectionMetric:
+        return DetectionMetric(num_classes, device)
+
+    def summary(self, result: dict[str, Any], prefix: str = "") -> str:
+        return (f"mAP {result[prefix + 'map']:.2f} mAP@.5 {result[prefix + 'map_50']:.2f} "
+                f"mAP@.75 {result[prefix + 'map_75']:.2f}")
+
+    def check_config(self, config) -> None:
+        regularization = config.regularization
+        refused = [f"regularization.{key}={value}" for key, value in (
+            ("mixup_alpha", regularization.mixup_alpha), ("cutmix_alpha", regularization.cutmix_alpha),
+            ("label_smoothing", regularization.label_smoothing),
+            ("dropblock_prob", regularization.dropblock_prob)) if value > 0]
+        if refused:
+            raise UserError(f"{', '.join(refused)} is for classification (detection trains with torchvision's "
+                            "SSD loss on boxes): set it to 0")
+        if config.qat.enabled:
+            raise UserError("quantization-aware training is for classification models; train the detector in "
+                            "float (--no-qat)")
+        data = config.data
+        ignored = [f"data.{key}={value}" for key, value, default in (
+            ("auto_augment", data.auto_augment, None), ("random_erasing", data.random_erasing, 0.0),
+            ("scale_min", data.scale_min, type(data)().scale_min)) if value != default]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} is for classification (detection augments with photometric "
+                            "distortion, zoom-out, IoU crop and flip): drop it")
+
+
+def _without_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The boxes and labels a detector trains on: crowd regions (COCO's iscrowd=1) left out."""
+    crowd = target.get("iscrowd")
+    if crowd is None or not bool(crowd.any()):
+        return {"boxes": target["boxes"], "labels": target["labels"]}
+    keep = crowd == 0
+    return {"boxes": target["boxes"][keep], "labels": target["labels"][keep]}
+
+
+TASK_CLASSES = {"classification": ClassificationTask, "segmentation": SegmentationTask,
+                "detection": DetectionTask}
+
+#: the model names each task trains (for the one-line "choose a ... model" hint)
+TASK_MODELS = {"classification": "mobilenetv3_*", "segmentation": "lraspp_mobilenetv3_*",
+               "detection": "ssdlite320_mobilenetv3_* / ssdlite_mobilenetv3_*"}
 
 
 def get_task(name: str) -> ClassificationTask:
@@ -184,7 +318,6 @@ def resolve_task(configured: str, *, data_task: str, model_task: str, dataset: s
         raise UserError(f"task={task} but the dataset {dataset!r} is a {data_task} dataset")
     if model_task != task:
         raise UserError(f"the model {model} is a {model_task} model but the run's task is {task} (from "
-                        f"{'the data' if configured == 'auto' else 'task'}); choose a "
-                        f"{'lraspp_mobilenetv3_*' if task == 'segmentation' else 'mobilenetv3_*'} model "
+                        f"{'the data' if configured == 'auto' else 'task'}); choose a {TASK_MODELS[task]} model "
                         f"(--model)")
     return task

@@ -17,6 +17,13 @@ LR-ASPP is one more torchvision variant (`head="lraspp"`): torchvision's `lraspp
 `features.N` -> `backbone.N`, and its head (`classifier.*`) has our names.  `peer_variants()` lists the
 classifiers; `peer_variants(head=None)` all.
 
+SSDLite is another (`head="ssdlite"`): torchvision's `ssdlite320_mobilenet_v3_large` is our
+`ssdlite320_mobilenetv3_large_100` (reduced tail, as torchvision builds it without a pretrained backbone).  Its
+`backbone.features.0.N` is our `backbone.body.N` (the stem, the blocks before C4, then C4's expansion as
+`features.0.<last>` = our `body.<last>`); its `backbone.features.1.0.P` is our `backbone.tail.0` (the rest of the
+C4 block: depthwise, SE, projection at their positions P in torchvision's block), `backbone.features.1.N` our
+`backbone.tail.N` (the blocks after it, then the last 1x1 conv); `backbone.extra.*` and `head.*` have our names.
+
 Neither peer library is imported here: the tables carry their values.
 """
 
@@ -25,7 +32,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -90,7 +97,8 @@ class PeerVariant:
     name: str
     model_name: str
     model_kwargs: dict[str, Any]
-    #: "" for a classifier, "lraspp" for a segmentation network (our `heads.LRASPP`)
+    #: "" for a classifier, "lraspp" for a segmentation network (our `heads.LRASPP`), "ssdlite" for a detector
+    #: (our `heads.ssdlite.SSDLite`)
     head: str = ""
 
     @property
@@ -126,6 +134,15 @@ def _torchvision_lraspp(name: str, arch: str) -> PeerVariant:
                         "dilate_strided_block": True}, head="lraspp")
 
 
+def _torchvision_ssdlite(name: str, arch: str) -> PeerVariant:
+    """torchvision's SSDLite320: its MobileNetV3 with the reduced tail (`weights_backbone=None`, as its COCO
+    weights were trained), BN eps 0.001 / momentum 0.03 throughout, 320x320, image mean / std 0.5."""
+    layout = {k: v for k, v in _TORCHVISION_LAYOUT.items() if k != "drop_rate"}  # no classifier, no dropout
+    return PeerVariant("torchvision", name, f"ssdlite320_mobilenetv3_{arch}_100",
+                       {"arch": arch, "width_mult": 1.0, **layout, "bn_momentum": 0.03, "reduced_tail": True},
+                       head="ssdlite")
+
+
 def _timm(name: str, arch: str, width: float, *, tf: bool = False, depth_multiplier: float = 1.0,
           **layout: Any) -> PeerVariant:
     kwargs: dict[str, Any] = {
@@ -152,6 +169,7 @@ PEER_VARIANTS: dict[tuple[str, str], PeerVariant] = {
         _torchvision("mobilenet_v3_large", "large"),
         _torchvision("mobilenet_v3_small", "small"),
         _torchvision_lraspp("lraspp_mobilenet_v3_large", "large"),
+        _torchvision_ssdlite("ssdlite320_mobilenet_v3_large", "large"),
         _timm("mobilenetv3_large_075", "large", 0.75),
         _timm("mobilenetv3_large_100", "large", 1.0),
         _timm("mobilenetv3_large_150d", "large", 1.5, depth_multiplier=1.2),
@@ -173,7 +191,7 @@ PEER_VARIANTS: dict[tuple[str, str], PeerVariant] = {
 
 
 def peer_variants(peer: str | None = None, *, head: str | None = "") -> list[PeerVariant]:
-    """The peer's variants with this head: "" the classifiers (by default), "lraspp", or None for all."""
+    """The peer's variants with this head: "" the classifiers (by default), "lraspp", "ssdlite", or None for all."""
     return [v for v in PEER_VARIANTS.values() if (peer is None or v.peer == peer) and (head is None or v.head == head)]
 
 
@@ -214,19 +232,23 @@ def _final_convs(model: MobileNetV3) -> list[str]:
     return ["final_conv"]
 
 
+def _torchvision_parts(ours: str, parts: list[str], peer: str, start: int = 0) -> Iterator[tuple[str, str]]:
+    """One block's parts (`_block_parts`): torchvision numbers them in its `block` Sequential from `start`."""
+    for position, part in enumerate(parts, start):
+        if part == "se":
+            yield f"{ours}.se.fc1", f"{peer}.{position}.fc1"
+            yield f"{ours}.se.fc2", f"{peer}.{position}.fc2"
+        else:
+            yield f"{ours}.{part}.conv", f"{peer}.{position}.0"
+            yield f"{ours}.{part}.bn", f"{peer}.{position}.1"
+
+
 def _torchvision_module_map(model: MobileNetV3) -> Iterator[tuple[str, str]]:
     """(our module, torchvision module) pairs; torchvision numbers everything in `features`."""
     yield "stem.conv", "features.0.0"
     yield "stem.bn", "features.0.1"
     for index, block in enumerate(model.blocks):
-        peer = f"features.{index + 1}.block"
-        for position, part in enumerate(_block_parts(block)):
-            if part == "se":
-                yield f"blocks.{index}.se.fc1", f"{peer}.{position}.fc1"
-                yield f"blocks.{index}.se.fc2", f"{peer}.{position}.fc2"
-            else:
-                yield f"blocks.{index}.{part}.conv", f"{peer}.{position}.0"
-                yield f"blocks.{index}.{part}.bn", f"{peer}.{position}.1"
+        yield from _torchvision_parts(f"blocks.{index}", _block_parts(block), f"features.{index + 1}.block")
     last = len(model.blocks) + 1
     (final_conv,) = _final_convs(model)  # torchvision has exactly one
     yield f"{final_conv}.conv", f"features.{last}.0"
@@ -283,25 +305,70 @@ def _torchvision_lraspp_module_map(model: LRASPP) -> Iterator[tuple[str, str]]:
             yield f"classifier.{name}", f"classifier.{name}"
 
 
+def _torchvision_ssdlite_module_map(model: torch.nn.Module) -> Iterator[tuple[str, str]]:
+    """torchvision's SSDLite (`SSDLiteFeatureExtractorMobileNet`): `features.0` is its MobileNetV3's features up
+    to the C4 block, then that block's expansion (`block[0]`); `features.1` the rest of that block (`block[1:]`,
+    which keeps torchvision's positions 1..), the blocks after it and the last conv.  Ours: `body` and `tail`,
+    the same cut.  The extra blocks and the head have our names."""
+    body, tail = model.backbone.body, model.backbone.tail
+    yield "backbone.body.0.conv", "backbone.features.0.0.0"
+    yield "backbone.body.0.bn", "backbone.features.0.0.1"
+    c4 = len(body) - 1  # body: stem, the blocks before C4, C4's expansion
+    for index in range(1, c4):
+        yield from _torchvision_parts(f"backbone.body.{index}", _block_parts(body[index]),
+                                      f"backbone.features.0.{index}.block")
+    yield f"backbone.body.{c4}.conv", f"backbone.features.0.{c4}.0"
+    yield f"backbone.body.{c4}.bn", f"backbone.features.0.{c4}.1"
+    after = ["depthwise", *(["se"] if tail[0].has_se else []), "project"]  # C4's block after its expansion
+    yield from _torchvision_parts("backbone.tail.0", after, "backbone.features.1.0", start=1)
+    last = len(tail) - 1  # tail: C4's remainder, the blocks after it, the last 1x1 conv
+    for index in range(1, last):
+        yield from _torchvision_parts(f"backbone.tail.{index}", _block_parts(tail[index]),
+                                      f"backbone.features.1.{index}.block")
+    yield f"backbone.tail.{last}.conv", f"backbone.features.1.{last}.0"
+    yield f"backbone.tail.{last}.bn", f"backbone.features.1.{last}.1"
+    for prefix in ("backbone.extra", "head"):
+        for name, _ in model.get_submodule(prefix).named_modules(prefix=prefix):
+            yield name, name
+
+
 _MODULE_MAPS = {"torchvision": _torchvision_module_map, "timm": _timm_module_map}
 #: Peer layouts of the dense heads: (peer, head) -> module map.
-_HEAD_MODULE_MAPS = {("torchvision", "lraspp"): _torchvision_lraspp_module_map}
+_HEAD_MODULE_MAPS = {("torchvision", "lraspp"): _torchvision_lraspp_module_map,
+                     ("torchvision", "ssdlite"): _torchvision_ssdlite_module_map}
+#: What a head's network is called in messages.
+_HEAD_LABELS = {"": "MobileNetV3", "lraspp": "LRASPP", "ssdlite": "SSDLite"}
+
+
+def _is_ssdlite_config(config: Mapping[str, Any]) -> bool:
+    """An `SSDLite` config: the only one with post-processing settings."""
+    return "nms_thresh" in config
 
 
 def _head_of(model_or_config: Any) -> str:
     """An `LRASPP` model's or config's head ("lraspp" or "conv1x1"; the config is the only one with
-    `inter_channels`), else ""."""
+    `inter_channels`), "ssdlite" for an `SSDLite`'s, else ""."""
     if isinstance(model_or_config, torch.nn.Module):
-        return model_or_config.config.get("head", "lraspp") if isinstance(model_or_config, LRASPP) else ""
+        if isinstance(model_or_config, LRASPP):
+            return model_or_config.config.get("head", "lraspp")
+        return "ssdlite" if _is_ssdlite_config(getattr(model_or_config, "config", {})) else ""
+    if _is_ssdlite_config(model_or_config):
+        return "ssdlite"
     return model_or_config.get("head", "lraspp") if "inter_channels" in model_or_config else ""
 
 
-def key_map(peer: str, model: MobileNetV3 | LRASPP) -> dict[str, str]:
-    """Every state-dict key of `model` -> the peer's key holding the same tensor."""
+def _no_such_network(peer: str, head: str) -> UserError:
+    network = "SSDLite detector" if head == "ssdlite" else f"{head} segmentation network"
+    return UserError(f"{peer} has no {network} to convert to or from")
+
+
+def key_map(peer: str, model: torch.nn.Module) -> dict[str, str]:
+    """Every state-dict key of `model` (a `MobileNetV3`, `LRASPP` or `SSDLite`) -> the peer's key holding the
+    same tensor."""
     _check_peer(peer)
     head = _head_of(model)
     if head and (peer, head) not in _HEAD_MODULE_MAPS:
-        raise UserError(f"{peer} has no {head} segmentation network to convert to or from")
+        raise _no_such_network(peer, head)
     modules = dict(_HEAD_MODULE_MAPS[peer, head](model) if head else _MODULE_MAPS[peer](model))
     out = {}
     for key in model.state_dict():
@@ -310,15 +377,21 @@ def key_map(peer: str, model: MobileNetV3 | LRASPP) -> dict[str, str]:
     return out
 
 
-def _template(model_kwargs: Mapping[str, Any], heads: Mapping[str, Any], head: str = "") -> MobileNetV3 | LRASPP:
+def _template(model_kwargs: Mapping[str, Any], heads: Mapping[str, Any], head: str = "") -> torch.nn.Module:
     """Our network on the meta device: names and shapes, no memory.  `heads`: num_classes, in_chans (and
     inter_channels for LR-ASPP), as `_infer_heads` reads them off a state dict."""
     kwargs = {k: v for k, v in model_kwargs.items() if k != "arch"}
+    if head == "ssdlite":
+        from ..models.heads.ssdlite import SSDLite  # torchvision's detection package: imported on use
+
+        network = SSDLite
+    else:
+        network = LRASPP if head == "lraspp" else MobileNetV3
     with torch.device("meta"):
-        return (LRASPP if head == "lraspp" else MobileNetV3)(model_kwargs["arch"], **{**kwargs, **heads})
+        return network(model_kwargs["arch"], **{**kwargs, **heads})
 
 
-def _pairs(peer: str, template: MobileNetV3) -> list[tuple[str, str, torch.Size]]:
+def _pairs(peer: str, template: torch.nn.Module) -> list[tuple[str, str, torch.Size]]:
     """(our key, peer key, our shape) for every tensor, in our state-dict order."""
     shapes = {key: tensor.shape for key, tensor in template.state_dict().items()}
     return [(ours, theirs, shapes[ours]) for ours, theirs in key_map(peer, template).items()]
@@ -372,7 +445,12 @@ def unwrap_state_dict(obj: Any, *, key: str | None = None, source: str = "checkp
 
 
 _STEMS = {("torchvision", ""): "features.0.0.weight", ("timm", ""): "conv_stem.weight",
-          ("torchvision", "lraspp"): "backbone.0.0.weight"}
+          ("torchvision", "lraspp"): "backbone.0.0.weight",
+          ("torchvision", "ssdlite"): "backbone.features.0.0.0.weight"}
+#: torchvision's SSDLite head: the first level's class logits conv, num_anchors * num_classes outputs
+_SSDLITE_LOGITS = "head.classification_head.module_list.0.1.weight"
+#: anchors per location of every SSDLite level: `DefaultBoxGenerator([[2, 3]] * 6)`, 2 + 2 * 2 boxes
+SSDLITE_ANCHORS = 6
 
 
 def _peer_name(peer: str, head: str) -> str:
@@ -383,15 +461,22 @@ def _infer_heads(peer: str, state_dict: Mapping[str, torch.Tensor], head: str = 
     """num_classes and in_chans (and LR-ASPP's inter_channels) of a peer state dict, read off its shapes."""
     stem = _STEMS.get((peer, head))
     if stem is None:
-        raise UserError(f"{peer} has no {head} segmentation network to convert to or from")
+        raise _no_such_network(peer, head)
     if stem not in state_dict:
         other = next(((p, h) for p, h in _STEMS if (p, h) != (peer, head) and _STEMS[p, h] in state_dict), None)
         hint = ""
         if other:
-            hint = f"; it looks like a {other[0]} {other[1].upper() + ' ' if other[1] else ''}state dict"
+            hint = f"; it looks like a {other[0]} {_HEAD_LABELS[other[1]] + ' ' if other[1] else ''}state dict"
             hint += f" (use --from {other[0]})" if other[0] != peer else f" (use --arch {_peer_name(*other)})"
-        raise UserError(f"missing key {stem!r}: not a {peer} {head.upper() or 'MobileNetV3'} state dict{hint}")
+        raise UserError(f"missing key {stem!r}: not a {peer} {_HEAD_LABELS[head]} state dict{hint}")
     in_chans = int(state_dict[stem].shape[1])
+    if head == "ssdlite":
+        if _SSDLITE_LOGITS not in state_dict:
+            raise UserError(f"missing key {_SSDLITE_LOGITS!r}: not a {peer} SSDLite state dict")
+        outputs = int(state_dict[_SSDLITE_LOGITS].shape[0])
+        if outputs % SSDLITE_ANCHORS:
+            raise UserError(f"{_SSDLITE_LOGITS!r} has {outputs} outputs: not {SSDLITE_ANCHORS} anchors x num_classes")
+        return {"num_classes": outputs // SSDLITE_ANCHORS, "in_chans": in_chans}
     if head == "lraspp":
         low, cbr = "classifier.low_classifier.weight", "classifier.cbr.0.weight"
         if low not in state_dict or cbr not in state_dict:
@@ -495,15 +580,62 @@ def _signature(config: Mapping[str, Any], *, strides: bool = True, head: str | N
     copy of the network (e.g. a segmentation backbone), which computes something else on purpose.
     """
     head = _head_of(config) if head is None else head
-    defaults = {name: p.default for cls in ((MobileNetV3, LRASPP) if head else (MobileNetV3,))
-                for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    full = {**defaults, **config}
+    full = _full_config(config, head)
     options = _layout(full)
     signature = (head, full["arch"], resolve(NETWORK_SPECS[full["arch"]], options), options.padding,
                  options.head_bias, int(full["final_conv_repeats"]))
-    return signature + ((int(full["stem_stride"]), int(full["output_stride"]), bool(full["dilate_strided_block"]))
-                        if strides else ())
+    if not strides:
+        return signature
+    signature += (int(full["stem_stride"]), int(full["output_stride"]), bool(full["dilate_strided_block"]))
+    return signature + (_size(full["size"]),) if head == "ssdlite" else signature
+
+
+def _full_config(config: Mapping[str, Any], head: str) -> dict[str, Any]:
+    """`config` with every default it leaves out: `MobileNetV3`'s, under `LRASPP`'s or `SSDLite`'s."""
+    classes: tuple[Any, ...] = (MobileNetV3,)
+    layout: Mapping[str, Any] = {}
+    if head == "ssdlite":
+        from ..models.heads.ssdlite import SSDLITE_BACKBONE, SSDLite  # torchvision's detection package: on use
+
+        classes, layout = (MobileNetV3, SSDLite), SSDLITE_BACKBONE  # SSDLite's layout under its own arguments
+    elif head:
+        classes = (MobileNetV3, LRASPP)
+    defaults: dict[str, Any] = {}
+    for cls in classes:
+        defaults.update({name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                         if p.default is not inspect.Parameter.empty})
+        if cls is MobileNetV3:
+            defaults.update(layout)
+    return {**defaults, **config}
+
+
+def _size(size: int | Sequence[int]) -> tuple[int, int]:
+    """An SSDLite's input size, [height, width] in its config or one side as its argument, as (height, width)."""
+    return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+
+
+def _ssdlite_refusal(peer: str, config: Mapping[str, Any], peer_arch: str | None, strides: bool) -> UserError:
+    """One line saying why no peer SSDLite computes what our SSDLite of `config` does."""
+    if not peer_variants(peer, head="ssdlite"):
+        return _no_such_network(peer, "ssdlite")
+    variants = [v for v in ([get_variant(peer, peer_arch)[0]] if peer_arch else peer_variants(peer, head="ssdlite"))
+                if v.head == "ssdlite"]
+    if not variants:
+        return UserError(f"{peer} {peer_arch} is not an SSDLite detector; {peer}'s is "
+                         f"{', '.join(v.name for v in peer_variants(peer, head='ssdlite'))}")
+    arch = str(config.get("arch", "large"))
+    same_arch = [v for v in variants if v.arch == arch]
+    if not same_arch:
+        return UserError(f"{peer} has no SSDLite on MobileNetV3-{arch.replace('_', ' ').title()}: it builds "
+                         f"{', '.join(v.name for v in variants)} only")
+    variant = same_arch[0]
+    ours, theirs = _full_config(config, "ssdlite"), _full_config(variant.model_kwargs, "ssdlite")
+    keys = (*LAYOUT_KWARGS, "stem_stride", *(("size",) if strides else ()))
+    normal = lambda key, value: _size(value) if key == "size" else value  # noqa: E731
+    differences = [f"{key}={ours[key]} (it has {theirs[key]})" for key in keys
+                   if normal(key, ours[key]) != normal(key, theirs[key])]
+    return UserError(f"{peer}'s {variant.name} cannot build this SSDLite: "
+                     f"{', '.join(differences) or 'another layout of the same settings'}")
 
 
 def peer_variant_for(
@@ -514,11 +646,14 @@ def peer_variant_for(
     With `strides=False`, a model that differs only in stem_stride / output_stride matches too.
     """
     _check_peer(peer)
-    ours = _signature(config, strides=strides)
+    head = _head_of(config)
+    ours = _signature(config, strides=strides, head=head)
     candidates = [get_variant(peer, peer_arch)[0]] if peer_arch else peer_variants(peer, head=None)
-    for variant in candidates:
-        if _signature(variant.model_kwargs, strides=strides, head=variant.head) == ours:
+    for variant in candidates:  # another head never matches (and SSDLite's defaults import torchvision)
+        if variant.head == head and _signature(variant.model_kwargs, strides=strides, head=variant.head) == ours:
             return variant
+    if head == "ssdlite":
+        raise _ssdlite_refusal(peer, config, peer_arch, strides)
     described = ", ".join(f"{k}={config[k]}" for k in ("arch", *LAYOUT_KWARGS, "head") if k in config)
     target = f"{peer} {peer_arch}" if peer_arch else f"any {peer} MobileNetV3"
     raise UserError(f"this model ({described}) has no equivalent in {target}; "
@@ -537,6 +672,8 @@ def to_peer(
     num_classes, in_chans = int(config.get("num_classes", 1000)), int(config.get("in_chans", 3))
     if peer == "torchvision" and num_classes == 0:
         raise UserError("torchvision's MobileNetV3 always has a classifier; this model has num_classes=0")
+    if variant.head == "ssdlite" and in_chans != 3:
+        raise UserError(f"{peer}'s {variant.name} takes 3 input channels; this SSDLite has in_chans={in_chans}")
     heads = {"num_classes": num_classes, "in_chans": in_chans}
     if variant.head == "lraspp":
         heads["inter_channels"] = int(config["inter_channels"])
@@ -561,3 +698,19 @@ def to_peer(
 def to_torchvision(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
     """`to_peer("torchvision", ...)`: load the result into `torchvision.models.<name>()`."""
     return to_peer("torchvision", config, state_dict)
+
+
+def torchvision_ssdlite_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments of torchvision's `ssdlite320_mobilenet_v3_large` (besides `weights=None, weights_backbone=None`)
+    that make its model compute the detections of our SSDLite of `config`: num_classes, and its normalisation and
+    post-processing settings where ours are not torchvision's defaults (the builder passes them to `SSD`)."""
+    from ..models.heads.ssdlite import SSDLITE_DEFAULTS  # torchvision's detection package: on use
+
+    full = _full_config(config, "ssdlite")
+    kwargs: dict[str, Any] = {"num_classes": int(full["num_classes"])}
+    settings = {**SSDLITE_DEFAULTS, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    for key, default in settings.items():
+        value = full.get(key)
+        if value is not None and value != default:
+            kwargs[key] = value
+    return kwargs

@@ -177,6 +177,12 @@ def fetch(location: str, *, file_name: str | None = None, sha256: str | None = N
     return destination
 
 
+#: The stem conv's weight: "stem.conv.weight" ("backbone." in LR-ASPP), or the first of an SSDLite's backbone body.
+_STEM_KEYS = ("stem.conv.weight", "backbone.body.0.conv.weight")
+#: Where the class-dependent tensors are: the classifier's (LR-ASPP's head is its `classifier`), SSDLite's class head.
+_CLASSIFIER_PREFIXES = ("classifier.", "head.classification_head.")
+
+
 def _read_peer_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
@@ -222,17 +228,17 @@ def load_pretrained(model: nn.Module, model_name: str, pretrained: bool | str,
         logger.warning("%s was trained with BN eps %s; this model uses %s", label, weights_config["bn_eps"], own_eps)
     state_dict = dict(state_dict)
     own = model.state_dict()
-    stem_key = next(key for key in own if key.endswith("stem.conv.weight"))  # "backbone." in LR-ASPP
+    stem_key = next(key for key in own if key.endswith(_STEM_KEYS))
     if state_dict[stem_key].shape[1] != own[stem_key].shape[1]:
         logger.info("adapting the %d-channel stem of %s to in_chans=%d", state_dict[stem_key].shape[1], label,
                     own[stem_key].shape[1])
         state_dict[stem_key] = _adapt_stem(state_dict[stem_key], own[stem_key].shape[1])
-    classifier_keys = [k for k in own if k.startswith("classifier.")]
-    file_classifier = [k for k in state_dict if k.startswith("classifier.")]
+    classifier_keys = [k for k in own if k.startswith(_CLASSIFIER_PREFIXES)]
+    file_classifier = [k for k in state_dict if k.startswith(_CLASSIFIER_PREFIXES)]
     if {k: own[k].shape for k in classifier_keys} != {k: state_dict[k].shape for k in file_classifier}:
         logger.info("%s has another classifier; keeping this model's new one (num_classes=%d)", label,
                     model.num_classes)
-        for key in file_classifier:  # LR-ASPP keeps its head's tensors of the same shape (all but the logits)
+        for key in file_classifier:  # LR-ASPP and SSDLite keep their heads' other tensors of the same shape
             if key not in own or own[key].shape != state_dict[key].shape:
                 del state_dict[key]
         state_dict.update({k: own[k] for k in classifier_keys if k not in state_dict})

@@ -44,8 +44,9 @@ class PublishedWeights:
     #: the preprocessing the weights were evaluated with
     preprocessing: Preprocessing
     num_classes: int = 1000
-    #: ImageNet-1k top-1 / top-5 (%), or a segmentation set's mIoU / pixel accuracy, as the publisher
-    #: reports them, at `preprocessing`
+    #: ImageNet-1k top-1 / top-5 (%), a segmentation set's mIoU / pixel accuracy, or a detection set's box mAP
+    #: (COCO's mAP@[.5:.95], x100), as the publisher reports them, at `preprocessing`; keys name the set and the
+    #: measure ("imagenet1k_top1", "coco_val2017_voc_labels_miou", "coco_val2017_box_map")
     metrics: Mapping[str, float] = field(default_factory=dict)
     #: the class names, where the publisher gives them and they are not ImageNet-1k's
     class_names: tuple[str, ...] | None = None
@@ -86,6 +87,21 @@ VOC_CLASSES = (
 )
 
 
+#: COCO's detection categories by their ids 1..90 and the background at 0, "N/A" at the 10 ids COCO leaves unused
+#: (91 names), as torchvision's `_COCO_CATEGORIES`: the class names of its COCO detection weights.
+COCO_CATEGORIES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
 def _timm(name: str, tag: str, path: str | None, preprocessing: Preprocessing, metrics=None, *,
           num_classes: int = 1000) -> PublishedWeights:
     """A timm tag: `path` under its GitHub releases ("v0.1-weights/NAME-HASH.pth"), "hf:" for a file on the
@@ -116,6 +132,11 @@ PUBLISHED_WEIGHTS: tuple[PublishedWeights, ...] = (
     _torchvision("lraspp_mobilenet_v3_large", "COCO_WITH_VOC_LABELS_V1", "lraspp_mobilenet_v3_large-d234d4ea.pth",
                  _prep(crop_pct=1.0, input_size=520), {"coco_val2017_voc_labels_miou": 57.9,
                                                        "coco_val2017_voc_labels_pixel_acc": 91.2}, VOC_CLASSES),
+    # COCO 2017 detection (91 category ids); torchvision's ObjectDetection transform only scales to [0, 1]: the
+    # model resizes every image to 320x320 and normalises with its own image_mean / image_std of 0.5 (as here).
+    _torchvision("ssdlite320_mobilenet_v3_large", "COCO_V1", "ssdlite320_mobilenet_v3_large_coco-a79551df.pth",
+                 _prep(crop_pct=1.0, input_size=320, mean=INCEPTION_MEAN, std=INCEPTION_STD),
+                 {"coco_val2017_box_map": 21.3}, COCO_CATEGORIES),
     _timm("mobilenetv3_large_075", "untrained", None, _prep()),
     _timm("mobilenetv3_large_100", "ra_in1k", "v0.1-weights/mobilenetv3_large_100_ra-f55367f5.pth",
           _TIMM_BICUBIC, _imagenet(75.784, 92.528)),

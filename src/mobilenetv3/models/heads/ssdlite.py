@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead
-from torchvision.ops import Conv2dNormActivation
+from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 
 from ...errors import UserError
 from ..mobilenetv3 import MobileNetV3
@@ -105,6 +105,10 @@ class SSDLiteBackbone(nn.Module):
         return OrderedDict((str(i), out) for i, out in enumerate(outputs))
 
 
+#: torchvision's SSDLite backbone layout (its MobileNetV3 builder's width rules, BN momentum 0.03), under the
+#: `MobileNetV3` arguments an `SSDLite` gets: `backbone_kwargs` override them, and only those given are in `config`
+SSDLITE_BACKBONE = {"expansion_rule": "scaled_expansion", "scale_head": True, "bn_momentum": 0.03}
+
 #: torchvision's SSDLite320 inference settings (`ssdlite320_mobilenet_v3_large`), our defaults too
 SSDLITE_DEFAULTS = {"score_thresh": 0.001, "nms_thresh": 0.55, "detections_per_img": 300, "topk_candidates": 300}
 
@@ -159,7 +163,7 @@ class SSDLite(SSD):
         if len(image_mean) != in_chans or len(image_std) != in_chans:
             raise UserError(f"image_mean / image_std need {in_chans} values each, got {image_mean} / {image_std}")
         # torchvision's SSDLite backbone settings: BN eps 0.001 / momentum 0.03 and its width rules
-        layout = {"expansion_rule": "scaled_expansion", "scale_head": True, "bn_momentum": 0.03, **backbone_kwargs}
+        layout = {**SSDLITE_BACKBONE, **backbone_kwargs}
         network = MobileNetV3(arch, num_classes=0, in_chans=in_chans, width_mult=width_mult,
                               reduced_tail=reduced_tail, **layout)
         norm_layer = partial(nn.BatchNorm2d, eps=network.config["bn_eps"], momentum=network.config["bn_momentum"])
@@ -181,3 +185,24 @@ class SSDLite(SSD):
         self.preprocessing = None
         self.class_names: list[str] | None = None
         self.num_classes = num_classes
+
+    def forward_with_loss(self, images: list[torch.Tensor], targets: list[Dict[str, torch.Tensor]]
+                          ) -> tuple[Dict[str, torch.Tensor], list[Dict[str, torch.Tensor]]]:
+        """(The training losses, the detections) of one pass in the current mode, for validation: what
+        `SSD.forward` computes in train mode (matching, then `compute_loss`) and in eval mode (post-processing),
+        from the same head outputs.  Steps as torchvision's `SSD.forward`, whose public methods it calls."""
+        original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        batch, targets = self.transform(images, targets)
+        features = list(self.backbone(batch.tensors).values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(batch, features)
+        matched = []
+        for anchors_per_image, target in zip(anchors, targets):
+            if target["boxes"].numel() == 0:
+                matched.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64,
+                                          device=anchors_per_image.device))
+            else:
+                matched.append(self.proposal_matcher(box_ops.box_iou(target["boxes"], anchors_per_image)))
+        losses = self.compute_loss(targets, head_outputs, anchors, matched)
+        detections = self.postprocess_detections(head_outputs, anchors, batch.image_sizes)
+        return losses, self.transform.postprocess(detections, batch.image_sizes, original_sizes)
