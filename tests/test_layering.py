@@ -33,10 +33,13 @@ loaded = sorted(m for m in sys.modules if m.startswith("mobilenetv3."))
 built = {}
 with torch.device("meta"):  # shapes only: every registered builder runs
     for name in models.list_models():
-        model = models.get_entry(name).build(num_classes=10)
-        features = models.get_entry(name).build(features_only=True)
-        built[name] = [model.model_name, model.preprocessing, model.class_names, features.model_name,
-                       len(features.feature_info)]
+        entry = models.get_entry(name)
+        model = entry.build(num_classes=10)
+        # a detector's feature maps are its `backbone`'s (C4, C5 and the extra blocks), not features_only's
+        features = model.backbone if entry.task == "detection" else entry.build(features_only=True)
+        built[name] = [model.model_name, model.preprocessing, model.class_names,
+                       name if entry.task == "detection" else features.model_name,
+                       len(features.out_channels) if entry.task == "detection" else len(features.feature_info)]
 print(json.dumps({"loaded": loaded, "built": built,
                   "after": sorted(m for m in sys.modules if m.startswith("mobilenetv3."))}))
 """

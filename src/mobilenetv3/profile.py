@@ -96,17 +96,40 @@ def count_macs(model: torch.nn.Module, resolution: int | str | tuple[int, int], 
     return counter.get_total_flops() // 2
 
 
-def profile_model(name: str, resolution: int | str | tuple[int, int] = 224, **kwargs) -> Profile:
-    """Params and MACs of `create_model(name, **kwargs)` at `resolution` (N, "HxW" or (H, W)).
+class _RawDetector(torch.nn.Module):
+    """A detector's network alone: backbone and head on an input already at its size (what the paper's MAdds
+    count; the resize, the anchors, the box decoding and NMS are not multiply-adds of the network)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.head(list(self.model.backbone(x).values()))
+
+
+def profile_model(name: str, resolution: int | str | tuple[int, int] | None = None, **kwargs) -> Profile:
+    """Params and MACs of `create_model(name, **kwargs)` at `resolution` (N, "HxW" or (H, W); None: 224, or a
+    detector's own size).
 
     The paper's columns are filled for the classifiers at 1000 classes, 3 channels and a square input, and for
-    LR-ASPP in the paper's segmentation settings (`PAPER_SEGMENTATION`).
+    LR-ASPP in the paper's segmentation settings (`PAPER_SEGMENTATION`).  A detector (SSDLite) is built at
+    `resolution` (its `size`) and counted without its pre- and post-processing (`_RawDetector`); its paper column
+    stays empty: Table 6's parameter and MAdd counts could not be checked against the paper where this was
+    written, so they are not quoted as references.
     """
-    height, width = parse_resolution(resolution)
-    model = create_model(name, **kwargs).eval()
-    params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(model, (height, width), in_chans=model.config["in_chans"])
     entry = get_entry(name)
+    if entry.task == "detection":
+        if resolution is not None:
+            kwargs["size"] = list(parse_resolution(resolution))
+        model = create_model(name, **kwargs).eval()
+        height, width = model.config["size"]
+        counted = _RawDetector(model)
+    else:
+        height, width = parse_resolution(224 if resolution is None else resolution)
+        model = counted = create_model(name, **kwargs).eval()
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(counted, (height, width), in_chans=model.config["in_chans"])
     multiplier = float(model.config["width_mult"])
     paper = (None, None)
     if entry.task == "classification" and model.config["num_classes"] == 1000 and model.config["in_chans"] == 3 \

@@ -21,6 +21,16 @@ height and width (32 to 8192 px), torchscript takes any size, and each is verifi
 Without --format, the format follows --output: .onnx, .pt2 (exported-program), .torchscript.pt or .ts
 (torchscript), .pte (executorch).  A --format that contradicts the output's name is refused.
 
+Detection models (SSDLite): the artifact is the network up to its raw head outputs, at the model's own fixed
+size (its anchors depend on it; another --input-size is refused), batch dynamic except in executorch programs:
+  input   "input"            [N, C, H, W] float32: pixels in [0, 1] resized to the model's size, not normalised
+  outputs "bbox_regression"  [N, A, 4]  box deltas against each anchor (torchvision's BoxCoder, weights 10,10,5,5)
+          "cls_logits"       [N, A, K]  class logits, class 0 the background
+          "anchors"          [A, 4]     a constant: the default boxes, x0 y0 x1 y1 in input pixels
+mobilenetv3.deploy.detection.decode(*outputs, **decode_settings(metadata), image_sizes=...) turns them into
+torchvision's {boxes, labels, scores} (the eager model's own detections); the metadata carries the input size,
+the thresholds and the class names.  Each output is verified against float64 as above.
+
 --format executorch (needs pip install 'mobilenetv3[mobile]') writes a float32 program for ExecuTorch's
 on-device runtime, its operators delegated to XNNPACK (ARM and x86 CPUs), with the metadata embedded.
 Its batch size is fixed: 1 unless --batch N says otherwise (a caller pads the last batch; `predict`,
@@ -31,6 +41,7 @@ examples:
   mobilenetv3 export --checkpoint runs/exp/checkpoints/last.pt --format torchscript --output model.pt --batch 8
   mobilenetv3 export --model mobilenetv3_small_100 --output small.pt2
   mobilenetv3 export --checkpoint large.safetensors --output large.pte
+  mobilenetv3 export --checkpoint ssdlite.safetensors --output ssdlite.onnx
 """
 
 from __future__ import annotations
@@ -84,7 +95,7 @@ def parse_batch(value: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     # heavy imports on use: `mobilenetv3 export --help` stays torch-free
     from ..deploy.export import (DEFAULT_OPSET, DEFAULT_TOLERANCE, ExportFormat, ExportVerificationError,
-                                 artifact_metadata, export_model)
+                                 artifact_metadata, check_detector_input_size, export_model, model_task)
     from ..factory import create_model
     from ..weights.io import load_model
 
@@ -114,7 +125,12 @@ def run(args: argparse.Namespace) -> int:
         model.preprocessing = Preprocessing(in_chans=model.config["in_chans"])
         model.class_names = None
         digest = None
-    size = args.input_size or model.preprocessing.input_size
+    detector = model_task(model) == "detection"
+    if detector:  # its own size only (the anchors depend on it): refused before any work
+        check_detector_input_size(model, args.input_size)
+        size = args.input_size
+    else:
+        size = args.input_size or model.preprocessing.input_size
     metadata = artifact_metadata(model, model.preprocessing.replace(input_size=size), model.class_names, digest)
     try:
         report = export_model(
@@ -132,9 +148,17 @@ def run(args: argparse.Namespace) -> int:
             sizes += " and at " + ", ".join(f"{h}x{w}" for h, w in report.checked_sizes)
         input_desc = (f"input HxW dynamic, checked from {report.input_size}" if len(report.checked_sizes) > 1
                       else f"input {report.input_size}")
+        if detector:
+            (height, width), = report.checked_sizes
+            input_desc = f"input {height}x{width} pixels in [0, 1], size fixed"
         print(f"wrote {report.path} ({fmt.value}, {input_desc}, batch "
               f"{'dynamic' if report.batch is None else report.batch}, {report.batchnorms_folded} BatchNorms folded)")
         print(f"verified against float64 at batch {sizes}: max abs diff {report.max_abs_diff:.3g}, float32 eager's "
               f"own {report.eager_float32_diff:.3g} (max |output| {report.output_scale:.3g}, "
               f"allowed {report.allowed_diff:.3g})")
+        for name, part in report.outputs.items():
+            print(f"  output {name}: max abs diff {part.artifact_diff:.3g} (allowed {part.allowed(report.tolerance):.3g})")
+        if detector:
+            print("outputs bbox_regression [N, A, 4], cls_logits [N, A, K], anchors [A, 4]: decode them with "
+                  "mobilenetv3.deploy.detection.decode")
     return 0

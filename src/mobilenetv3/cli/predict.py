@@ -1,4 +1,4 @@
-"""Classify or segment images with a weights file, a training checkpoint, an exported .onnx file or a .pte program.
+"""Classify, segment or detect objects in images with a weights file, a training checkpoint, an exported .onnx file or a .pte program.
 
 Each INPUT is an image file or a folder (scanned recursively).  The resize / crop / normalisation
 and the class names come from the weights' metadata (ImageNet's names for a 1000-class model without
@@ -18,6 +18,14 @@ overlay PNG (NAME_overlay.png, the classes drawn over the image, the background 
 under --output-dir, mirroring the inputs' folders.  Each printed line (or --json object) gives the per-class
 pixel fractions, which sum to 1.
 
+Detection models (SSDLite; told by the weights' metadata): each image (any size; grey for a 1-channel model)
+is resized to the model's size, the network's raw outputs are decoded (mobilenetv3.deploy.detection.decode:
+torchvision's post-processing, boxes scaled back to the image), and NAME_boxes.png (the image with the boxes,
+labelled with class names and scores) is written under --output-dir.  Each printed line (or --json object:
+{"path", "boxes_png", "width", "height", "detections": [{"label", "class_name", "score", "box": [x0, y0, x1,
+y1]}]}, boxes in the original image's pixels) lists the detections scoring above --score-thresh (default 0.3:
+the model's own 0.001 threshold is for measuring mAP, not for looking at).
+
 Unreadable images are reported on stderr and skipped.  Exit status: 0 all images classified,
 1 some were skipped, 2 usage error (no images, bad weights file, ...).
 
@@ -26,6 +34,7 @@ examples:
   mobilenetv3 predict --checkpoint large.safetensors --topk 1 --json photos/ > predictions.jsonl
   mobilenetv3 predict --checkpoint large_int8.pte photos/
   mobilenetv3 predict --checkpoint seg.safetensors --output-dir masks/ --json street/ > fractions.jsonl
+  mobilenetv3 predict --checkpoint ssdlite.safetensors --score-thresh 0.5 --json photos/ > boxes.jsonl
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from ..deploy.predict import Skipped, find_images, predict_files, predict_segmen
 from ..deploy.runtime import check_weights_file, class_names_for, metadata_preprocessing, split_threads, task_for
 from ..errors import UserError
 
-HELP = "classify image files and folders (top-k, JSON lines), or segment them (mask and overlay PNGs)"
+HELP = ("classify image files and folders (top-k, JSON lines), segment them (mask and overlay PNGs) or detect "
+        "objects (boxes, drawn into PNGs)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,14 +67,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: a quarter of the CPUs, >= 1)")
     parser.add_argument("--json", action="store_true",
                         help='one JSON object per image: {"path", "topk": [{"index", "label", "prob"}]}; '
-                             'segmentation: {"path", "mask", "overlay", "fractions": {class: fraction}}')
+                             'segmentation: {"path", "mask", "overlay", "fractions": {class: fraction}}; '
+                             'detection: {"path", "boxes_png", "width", "height", "detections": '
+                             '[{"label", "class_name", "score", "box": [x0, y0, x1, y1]}]}')
     parser.add_argument("--output-dir", default="predictions", metavar="DIR",
-                        help="segmentation models: where the mask and overlay PNGs go (default predictions/)")
+                        help="segmentation and detection models: where the mask and overlay PNGs, or the "
+                             "NAME_boxes.png drawings, go (default predictions/)")
+    parser.add_argument("--score-thresh", type=float, default=None, metavar="S",
+                        help="detection models: the detections shown and drawn score above S (default 0.3)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise UserError(f"--topk and --batch-size must be positive, got {args.topk} and {args.batch_size}")
+    if args.score_thresh is not None and not 0.0 <= args.score_thresh < 1.0:
+        raise UserError(f"--score-thresh is a score in [0, 1), got {args.score_thresh:g}")
     if check_weights_file(args.checkpoint) == "executorch":  # before anything is scanned, announced or exported
         require_executorch(f"running {Path(args.checkpoint).name}")
     paths = find_images(args.inputs)
@@ -75,7 +92,18 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(args.engine, args.checkpoint, threads=threads, images=paths)
     metadata = engine.metadata
     preprocessing = metadata_preprocessing(metadata, args.checkpoint)
-    if task_for(metadata) == "segmentation":
+    task = task_for(metadata)
+    if args.score_thresh is not None and task != "detection":
+        raise UserError(f"--score-thresh applies to detection models; {args.checkpoint} is a {task} model")
+    if task == "detection":
+        # torch and torchvision (decoding, drawing) only for a detector
+        from ..deploy.detection import DISPLAY_SCORE_THRESH, predict_detection_files
+
+        score_thresh = DISPLAY_SCORE_THRESH if args.score_thresh is None else args.score_thresh
+        results = predict_detection_files(paths, engine, metadata, args.output_dir,
+                                          class_names=class_names_for(metadata), score_thresh=score_thresh,
+                                          batch_size=args.batch_size, workers=workers)
+    elif task == "segmentation":
         # a .pte program has one fixed input size: images are resized to it rather than by their short side
         results = predict_segmentation_files(paths, engine, preprocessing, args.output_dir,
                                              class_names=class_names_for(metadata), workers=workers,

@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model names (default: every width of Large and Small, and the minimal ones)")
     parser.add_argument("--resolution", nargs="+", default=None, metavar="R",
                         help="input resolution(s), each N (NxN) or HEIGHTxWIDTH, e.g. 224 160 or 512x1024 "
-                             "(default 224)")
+                             "(default 224; a detector's own size, 320 for ssdlite320_*)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="N",
                         help="classifier outputs (default: the model's own, 1000 as the paper's ImageNet counts, "
-                             "21 for the LR-ASPP segmentation models)")
+                             "21 for the LR-ASPP segmentation models, 91 for the SSDLite detectors)")
     parser.add_argument("--in-chans", type=int, default=3, metavar="C",
                         help="input channels (default 3; 1 for greyscale)")
     output = parser.add_mutually_exclusive_group()
@@ -70,7 +70,7 @@ def _resolutions(values: list[str] | None) -> list[tuple[int, int]]:
 def run(args: argparse.Namespace) -> int:
     from ..profile import profile_model  # torch on use: `mobilenetv3 profile --help` stays torch-free
 
-    sizes = _resolutions(args.resolution)
+    sizes = _resolutions(args.resolution) if args.resolution else [None]  # None: 224, or a detector's size
     heads = {} if args.num_classes is None else {"num_classes": args.num_classes}
     rows = [
         profile_model(name, resolution, in_chans=args.in_chans, **heads)

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.quantize import (DEFAULT_MIN_AGREEMENT, QuantizationVerificationError, calibration_batches,
                                    describe_bytes, evaluation_batches, qat_model_from_checkpoint, qat_to_pte,
                                    quantize_data, quantize_to_pte, top1_line)
+    from ..models.registry import get_entry
     from ..weights.io import build_model, read_weights
 
     logger = logging.getLogger("mobilenetv3.quantize")
@@ -98,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint} is already an export ({kind}); "
                         "quantize a weights file or training checkpoint")
     weights = read_weights(args.checkpoint, ema=args.ema)
+    if weights.model_name and get_entry(weights.model_name).task == "detection":
+        raise UserError(f"{args.checkpoint} holds a detector ({weights.model_name}); int8 quantization is for the "
+                        "classifiers: export it in float (mobilenetv3 export --format executorch)")
     train_config = weights.extra.get("config") or {}  # a training checkpoint's run config
     data = quantize_data(args.data, weights.preprocessing, train_config, source=str(args.checkpoint),
                          data_dir=args.data_dir, workers=0 if args.workers is None else args.workers)

@@ -56,6 +56,10 @@ class ExecuTorchEngine:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.program(images)
 
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output on one batch of exactly `fixed_batch` images (a detector's three outputs)."""
+        return self.program.run_all(images)
+
 
 class TorchEngine:
     """Eager PyTorch with BatchNorm folded; on a GPU it uses CUDA (and channels_last)."""
@@ -74,6 +78,10 @@ class TorchEngine:
         self.model = fuse_batchnorm(model).to(self.device, memory_format=memory_format)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.run_all(images)[0]
+
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output: [logits], or a detector's (`detection.SSDLiteRaw`) bbox_regression, cls_logits and anchors."""
         torch = self.torch
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -81,7 +89,8 @@ class TorchEngine:
             output = self.model(batch)
             if isinstance(output, dict):  # a segmentation model: {"out": logits (N, classes, H, W)}
                 output = output["out"]
-            return output.float().cpu().numpy()
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            return [tensor.float().cpu().numpy() for tensor in outputs]
 
 
 def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None = None, *,
@@ -102,16 +111,28 @@ def cached_onnx_export(weights_path: str | os.PathLike, input_size: int | None =
         return target
     # A cache miss: exporting needs torch, which a cache hit never imports.
     from ..weights.io import load_model
-    from .export import ExportFormat, artifact_metadata, export_model, verification_batch_sizes
+    from .export import (ExportFormat, artifact_metadata, check_detector_input_size, export_model, model_task,
+                         verification_batch_sizes)
 
     model = load_model(weights_path)  # a file that is not valid weights fails here, before any announcement
-    size = int(input_size or model.preprocessing.input_size)
+    detector = model_task(model) == "detection"
+    if detector:  # its own size, always (the anchors depend on it)
+        size = check_detector_input_size(model, input_size)[0]
+    else:
+        size = int(input_size or model.preprocessing.input_size)
     preprocessing = model.preprocessing.replace(input_size=size)
     metadata = artifact_metadata(model, preprocessing, model.class_names, digest)
     logger.info("exporting %s to ONNX once (cached at %s)", weights_path, target)
     try:
-        samples = load_samples(images, preprocessing, sum(verification_batch_sizes(None)))
-        export_model(model, target, ExportFormat.ONNX, input_size=size, metadata=metadata, images=samples)
+        count = sum(verification_batch_sizes(None))
+        if detector:
+            from .detection import input_size as detector_size, load_samples as detector_samples
+
+            samples = detector_samples(images, detector_size(model), len(model.transform.image_mean), count)
+        else:
+            samples = load_samples(images, preprocessing, count)
+        export_model(model, target, ExportFormat.ONNX, input_size=None if detector else size, metadata=metadata,
+                     images=samples)
     except Exception as error:  # ExportVerificationError, an exporter failure, a full disk, ...
         raise ExportUnavailable(f"the ONNX export of {weights_path} failed: {first_line(error)}") from error
     return target
@@ -168,13 +189,19 @@ def make_engine(name: str, weights_path: str | os.PathLike, *, input_size: int |
     import torch
 
     from ..weights.io import load_model
-    from .export import artifact_metadata
+    from .export import artifact_metadata, check_detector_input_size, model_task
 
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()  # a predict process: no page faults on every batch (see mobilenetv3/allocator.py)
     model = load_model(weights_path)
-    engine = TorchEngine(model)
+    if model_task(model) == "detection":  # the network up to its raw outputs and the anchors, as an export
+        from .detection import SSDLiteRaw
+
+        check_detector_input_size(model, input_size)
+        engine = TorchEngine(SSDLiteRaw(model, with_anchors=True))
+    else:
+        engine = TorchEngine(model)
     preprocessing = model.preprocessing.replace(input_size=input_size) if input_size else model.preprocessing
     engine.metadata = artifact_metadata(model, preprocessing, model.class_names)
     return engine

@@ -261,6 +261,16 @@ class PteProgram:
             raise UserError(f"{self.path} takes images of shape {self.input_shape[1:]}, got {tuple(images.shape[1:])}")
         return run_in_fixed_batches(self._run, images, self.fixed_batch)
 
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output of the program (a detector's bbox_regression, cls_logits and anchors) on one batch of
+        exactly its fixed size (`detection.run_outputs` pads)."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if tuple(images.shape) != self.input_shape:
+            raise UserError(f"{self.path} takes one batch of shape {self.input_shape}, got {tuple(images.shape)}")
+        outputs = self.method.execute([self._torch.from_numpy(images)])
+        # views of the runtime's own output buffers (reused by the next call): copied out
+        return [np.array(output.numpy(), dtype=np.float32, copy=True) for output in outputs]
+
 
 def load_pte(path: str | os.PathLike, *, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """A function images (N, C, H, W float32) -> logits, run by ExecuTorch's runtime (see `PteProgram`)."""

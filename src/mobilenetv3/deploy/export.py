@@ -42,6 +42,17 @@ height and width (the gate pools globally, so no traced size is baked in), and a
 input size and at two more sizes of other shapes (`segmentation_check_sizes`).  TorchScript is scripted,
 hence size-free; it is checked at the same sizes.  ExecuTorch programs are fixed in batch and size.
 
+Detection models (SSDLite, a torchvision `SSD`: a list of {boxes, labels, scores} in eager PyTorch) are
+exported through `detection.SSDLiteRaw`: the network up to its raw head outputs, plus the anchors as a constant.
+The artifact's input "input" is [N, C, H, W] pixels in [0, 1] at the model's own size (it normalises itself);
+its outputs are "bbox_regression" [N, A, 4], "cls_logits" [N, A, K] and "anchors" [A, 4], and
+`detection.decode` turns them into detections (see `deploy.detection`).  The spatial size is fixed (the anchors
+depend on it: another --input-size is refused); the batch is dynamic except in ExecuTorch programs.  Each output
+is verified on its own against float64 by the rule above; BatchNorm is folded in torchvision's
+Conv2dNormActivation blocks too (the extra blocks and the head); TorchScript is traced, not scripted (the
+backbone's dict output is not scriptable), and checked at two batch sizes.  The metadata says "task":
+"detection" and carries "detection" (JSON: input size, thresholds, box-coder weights, output names).
+
 ExecuTorch notes (`.pte`, the optional `[mobile]` extra, see `deploy.executorch`): a float32 program
 with every supported operator delegated to XNNPACK, at a fixed batch size (1 unless one is asked for:
 ExecuTorch plans its buffers for one size, and its dynamic-batch bounds were not reliable here).  The
@@ -56,6 +67,7 @@ import enum
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +159,15 @@ class ExportFormat(str, enum.Enum):
 
 
 def model_task(model: nn.Module) -> str:
-    """"segmentation" for an LR-ASPP model (a `{"out": logits}` output), else "classification"."""
-    return "segmentation" if isinstance(model, LRASPP) else "classification"
+    """"segmentation" for an LR-ASPP model (a `{"out": logits}` output), "detection" for an SSDLite model (a
+    torchvision `SSD`), else "classification"."""
+    if isinstance(model, LRASPP):
+        return "segmentation"
+    # an SSDLite instance means its module is imported: no need to import torchvision's detection package here
+    ssdlite = sys.modules.get("mobilenetv3.models.heads.ssdlite")
+    if ssdlite is not None and isinstance(model, ssdlite.SSDLite):
+        return "detection"
+    return "classification"
 
 
 class SegmentationLogits(nn.Module):
@@ -190,6 +209,8 @@ class ExportReport:
     task: str = "classification"
     #: (height, width) of every checked input size (segmentation: the square size and `segmentation_check_sizes`)
     checked_sizes: tuple[tuple[int, int], ...] = ()
+    #: a multi-output artifact (detection): output name -> its own comparison (the fields above are the worst one's)
+    outputs: dict[str, "Comparison"] = field(default_factory=dict)
 
     @property
     def allowed_diff(self) -> float:
@@ -207,6 +228,8 @@ class ExportReport:
             "tolerance": self.tolerance, "eager_multiple": EAGER_ERROR_MULTIPLE, "output_scale": self.output_scale,
             "allowed_diff": self.allowed_diff, "batchnorms_folded": self.batchnorms_folded,
             "task": self.task, "checked_sizes": [list(size) for size in self.checked_sizes],
+            **({"outputs": {name: part.to_dict(self.tolerance) for name, part in self.outputs.items()}}
+               if self.outputs else {}),
         }
 
 
@@ -216,11 +239,22 @@ def artifact_metadata(
     class_names: Sequence[str] | None = None,
     weights_sha256: str | None = None,
 ) -> dict[str, str]:
-    """String metadata in the weights-file vocabulary (`weights.io.model_metadata`), stored inside every artifact."""
+    """String metadata in the weights-file vocabulary (`weights.io.model_metadata`), stored inside every artifact.
+
+    A detector's "preprocessing" is always its artifact's input (`detection.artifact_preprocessing`: pixels in
+    [0, 1] at the model's size, which the model normalises itself), whatever `preprocessing` says, and
+    `detection.detection_metadata` is added."""
+    task = model_task(model)
+    if task == "detection":
+        from . import detection  # torchvision's detection package: on use
+
+        preprocessing = detection.artifact_preprocessing(model)
     metadata = {"format": "mobilenetv3-export", "export_version": EXPORT_VERSION,
                 **model_metadata(model, preprocessing, class_names)}
-    if model_task(model) == "segmentation":
+    if task == "segmentation":
         metadata["task"] = "segmentation"  # predict writes masks (runtime.task_for)
+    elif task == "detection":
+        metadata.update(detection.detection_metadata(model))  # "task": "detection", and what decode needs
     if weights_sha256:
         metadata["weights_sha256"] = weights_sha256
     return metadata
@@ -254,13 +288,15 @@ def _dynamic_shapes(dynamic: bool, spatial: bool):
 
 
 def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool, opset: int,
-                metadata: dict[str, str], spatial: bool = False) -> None:
+                metadata: dict[str, str], spatial: bool = False, output_names: Sequence[str] = ("logits",)) -> None:
     import onnx  # the optional [onnx] extra: only for an ONNX export
 
     dynamic_shapes = _dynamic_shapes(dynamic, spatial)
-    with _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"):
+    # a constant output (a detector's anchors) is an initializer the deduplication pass warns it leaves alone
+    with _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx"), \
+            _quiet_loggers("onnx_ir.passes.common.initializer_deduplication", level=logging.ERROR):
         program = torch.onnx.export(
-            model, (example,), None, input_names=["input"], output_names=["logits"], opset_version=opset,
+            model, (example,), None, input_names=["input"], output_names=list(output_names), opset_version=opset,
             dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False,
         )
         program.save(str(path), external_data=False)
@@ -291,10 +327,18 @@ def _torchscript_asked_for():
         yield
 
 
-def _write_torchscript(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+def _write_torchscript(model: nn.Module, path: Path, metadata: dict[str, str],
+                       example: torch.Tensor | None = None) -> None:
+    """Scripted; traced on `example` when one is given (a detector: its backbone's dict output is not scriptable,
+    and its input size is fixed anyway)."""
     with _torchscript_asked_for():
-        scripted = torch.jit.script(model)
-        torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        if example is None:
+            module = torch.jit.script(model)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                module = torch.jit.trace(model, (example,), check_trace=False)
+        torch.jit.save(module, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
 
 
 def _write_exported_program(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool,
@@ -316,24 +360,36 @@ def _load_exported_program(path: Path, extra_files: dict[str, str] | None = None
         return torch.export.load(handle, extra_files=extra_files)
 
 
-def load_artifact(path: str | os.PathLike, fmt: ExportFormat, *, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """A function images (N, C, H, W float32) -> logits, run by the artifact's own runtime."""
+def load_artifact(path: str | os.PathLike, fmt: ExportFormat, *, threads: int | None = None,
+                  all_outputs: bool = False) -> Callable[[np.ndarray], Any]:
+    """A function images (N, C, H, W float32) -> logits, run by the artifact's own runtime; with `all_outputs`,
+    -> the list of every output (a detector's bbox_regression, cls_logits and anchors), the batch as given."""
     path = Path(path)
     if fmt is ExportFormat.ONNX:
         session = onnxruntime_session(path, threads=threads)
         input_name = session.get_inputs()[0].name
-        return lambda images: session.run(None, {input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+
+        def run_onnx(images: np.ndarray):
+            outputs = session.run(None, {input_name: np.ascontiguousarray(images, dtype=np.float32)})
+            return outputs if all_outputs else outputs[0]
+
+        return run_onnx
     if fmt is ExportFormat.EXECUTORCH:
-        return executorch.load_pte(path, threads=threads)
+        program = executorch.load_pte(path, threads=threads)
+        return program.run_all if all_outputs else program
     if fmt is ExportFormat.TORCHSCRIPT:
         with _torchscript_asked_for():
             module = torch.jit.load(str(path), map_location="cpu").eval()
     else:
         module = _load_exported_program(path).module()
 
-    def run(images: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray):
         with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).numpy()
+            output = module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        if isinstance(output, (tuple, list)):
+            outputs = [tensor.numpy() for tensor in output]
+            return outputs if all_outputs else outputs[0]
+        return [output.numpy()] if all_outputs else output.numpy()
 
     return run
 
@@ -381,24 +437,25 @@ def random_fields(count: int, channels: int, input_size: int | tuple[int, int],
 
 
 def verification_inputs(
-    preprocessing: Preprocessing, input_size: int, batch_sizes: Sequence[int], images: Any = None, seed: int = 1,
+    preprocessing: Preprocessing, input_size: int | tuple[int, int], batch_sizes: Sequence[int], images: Any = None,
+    seed: int = 1,
 ) -> list[torch.Tensor]:
     """One float32 batch per size, in the data's range: `images` first (real, already normalised,
-    N x C x R x R), then `random_fields` through the stored mean/std.
+    N x C x R x R, or N x C x H x W for an (H, W) `input_size`), then `random_fields` through the stored mean/std.
 
     Smooth fields rather than independent uniform pixels: on the issue-22 model (BN statistics from smooth
     images) independent pixels drive the logits and float32 eager's own error up as randn does, while smooth
     fields keep both in the range of the images themselves (`benchmarks/export_verification.py`).
     """
     channels, total = preprocessing.in_chans, sum(batch_sizes)
-    shape = (channels, input_size, input_size)
+    shape = (channels, *((input_size, input_size) if isinstance(input_size, int) else input_size))
     real = torch.empty(0, *shape)
     if images is not None and len(images):
         real = torch.as_tensor(np.asarray(images, dtype=np.float32))[:total]
         if tuple(real.shape[1:]) != shape:
             raise ValueError(f"verification images are {tuple(real.shape[1:])}, the export takes {shape}")
     generator = torch.Generator().manual_seed(seed)
-    pixels = random_fields(total - len(real), channels, input_size, generator)
+    pixels = random_fields(total - len(real), channels, shape[1:], generator)
     return list(torch.cat([real, _normalised(pixels, preprocessing)]).split(list(batch_sizes)))
 
 
@@ -420,52 +477,101 @@ def spatial_verification_inputs(preprocessing: Preprocessing, sizes: Sequence[tu
 
 @dataclass(frozen=True)
 class Comparison:
-    """The artifact and float32 eager PyTorch, each against the model evaluated in float64."""
+    """The artifact and float32 eager PyTorch, each against the model evaluated in float64.
+
+    A multi-output artifact (detection) has one comparison per output in `parts` (named in `names`): it passes
+    when every output does, and the three numbers are those of the output closest to (or furthest past) its
+    allowance."""
 
     artifact_diff: float  # max |artifact - float64|
     eager_diff: float  # max |eager float32 - float64|: float32's own rounding on these inputs
     scale: float  # max |float64 output|
+    parts: tuple["Comparison", ...] = ()
+    names: tuple[str, ...] = ()
 
     def allowed(self, tolerance: float) -> float:
         return allowed_difference(tolerance, self.scale, self.eager_diff)
 
     def passes(self, tolerance: float) -> bool:
+        if self.parts:
+            return all(part.passes(tolerance) for part in self.parts)
         return self.artifact_diff <= self.allowed(tolerance)  # False for NaN
 
     def describe(self, tolerance: float) -> str:
+        if self.parts:
+            failing = [(name, part) for name, part in zip(self.names, self.parts) if not part.passes(tolerance)]
+            shown = failing or list(zip(self.names, self.parts))
+            return "; ".join(f"output {name}: {part.describe(tolerance)}" for name, part in shown)
         return (f"max |artifact - float64| {self.artifact_diff:.3g}, float32 eager's own {self.eager_diff:.3g} "
                 f"(max |output| {self.scale:.3g}; allowed max({EAGER_ERROR_MULTIPLE:g} x {self.eager_diff:.3g}, "
                 f"{tolerance:g} x max(1, {self.scale:.3g})) = {self.allowed(tolerance):.3g})")
 
+    def to_dict(self, tolerance: float) -> dict[str, float]:
+        return {"max_abs_diff": self.artifact_diff, "eager_float32_diff": self.eager_diff,
+                "output_scale": self.scale, "allowed_diff": self.allowed(tolerance)}
+
+
+def _output_list(output: Any) -> list[np.ndarray]:
+    if isinstance(output, torch.Tensor):
+        return [output.detach().numpy()]
+    if isinstance(output, np.ndarray):
+        return [output]
+    return [np.asarray(o.detach().numpy() if isinstance(o, torch.Tensor) else o) for o in output]
+
 
 def compare_outputs(
-    reference: nn.Module, artifact: Callable[[np.ndarray], np.ndarray], batches: Sequence[torch.Tensor],
+    reference: nn.Module, artifact: Callable[[np.ndarray], Any], batches: Sequence[torch.Tensor],
+    names: Sequence[str] | None = None,
 ) -> Comparison:
-    """Run `artifact`, float32 `reference` and a float64 copy of `reference` (eval mode, CPU) on each batch."""
+    """Run `artifact`, float32 `reference` and a float64 copy of `reference` (eval mode, CPU) on each batch.
+
+    A reference returning a tuple (a detector's `SSDLiteRaw`) is compared output by output, with `artifact`
+    returning the list of its outputs (`load_artifact(..., all_outputs=True)`) and `names` naming them."""
     reference = copy.deepcopy(reference).cpu().eval()
     exact = copy.deepcopy(reference).double()
-    worst = eager_worst = scale = 0.0
+    worst: list[float] = []
+    eager_worst: list[float] = []
+    scale: list[float] = []
+    multi = False
     for images in batches:
         with torch.inference_mode():
-            expected = exact(images.double()).numpy()
-            eager = reference(images).double().numpy()
-        actual = artifact(images.numpy())
-        if actual.shape != expected.shape:
-            raise ExportVerificationError(f"artifact output shape {actual.shape} != eager {expected.shape}")
-        # max(worst, nan) is worst: a NaN anywhere must fail the check, so it is kept explicitly.
-        diff = float(np.abs(actual.astype(np.float64) - expected).max())
-        worst = diff if np.isnan(diff) else max(worst, diff)
-        eager_worst = max(eager_worst, float(np.abs(eager - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-    return Comparison(worst, eager_worst, scale)
+            raw = exact(images.double())
+            expected = _output_list(raw)
+            eager = [e.astype(np.float64) for e in _output_list(reference(images))]
+        multi = isinstance(raw, (tuple, list))
+        actual = _output_list(artifact(images.numpy()))
+        if len(actual) != len(expected):
+            raise ExportVerificationError(f"the artifact has {len(actual)} outputs, eager {len(expected)}")
+        if not worst:
+            worst, eager_worst, scale = [0.0] * len(expected), [0.0] * len(expected), [0.0] * len(expected)
+        for i, (got, want, own) in enumerate(zip(actual, expected, eager)):
+            if got.shape != want.shape:
+                raise ExportVerificationError(f"artifact output shape {got.shape} != eager {want.shape}")
+            # max(worst, nan) is worst: a NaN anywhere must fail the check, so it is kept explicitly.
+            diff = float(np.abs(got.astype(np.float64) - want).max()) if want.size else 0.0
+            worst[i] = diff if np.isnan(diff) else max(worst[i], diff)
+            if want.size:
+                eager_worst[i] = max(eager_worst[i], float(np.abs(own - want).max()))
+                scale[i] = max(scale[i], float(np.abs(want).max()))
+    parts = tuple(Comparison(w, e, s) for w, e, s in zip(worst, eager_worst, scale))
+    if not multi:
+        return parts[0] if parts else Comparison(0.0, 0.0, 0.0)
+    names = tuple(names or (f"output{i}" for i in range(len(parts))))
+
+    def closeness(part: Comparison) -> float:  # how much of its allowance an output uses (NaN: all of it)
+        ratio = part.artifact_diff / part.allowed(DEFAULT_TOLERANCE)
+        return float("inf") if np.isnan(ratio) else ratio
+
+    top = max(parts, key=closeness)
+    return Comparison(top.artifact_diff, top.eager_diff, top.scale, parts, names)
 
 
 def verify_artifact(
-    reference: nn.Module, artifact: Callable[[np.ndarray], np.ndarray], batches: Sequence[torch.Tensor], *,
-    tolerance: float = DEFAULT_TOLERANCE, name: str = "the artifact",
+    reference: nn.Module, artifact: Callable[[np.ndarray], Any], batches: Sequence[torch.Tensor], *,
+    tolerance: float = DEFAULT_TOLERANCE, name: str = "the artifact", names: Sequence[str] | None = None,
 ) -> Comparison:
     """`compare_outputs`, raising `ExportVerificationError` when the artifact is outside the allowed difference."""
-    comparison = compare_outputs(reference, artifact, batches)
+    comparison = compare_outputs(reference, artifact, batches, names)
     if not comparison.passes(tolerance):
         raise ExportVerificationError(f"{name} does not reproduce the model: {comparison.describe(tolerance)}")
     return comparison
@@ -486,11 +592,13 @@ def export_model(
     """Fold BN, export `model` to `output`, and verify the artifact against the unfused model in float64.
 
     Args:
-        input_size: square input resolution (default: the model's `preprocessing.input_size`, else 224).
+        input_size: square input resolution (default: the model's `preprocessing.input_size`, else 224; a detector:
+            its own fixed size, and no other).
         batch: a fixed batch size, or None for a dynamic batch axis (ExecuTorch: `EXECUTORCH_DEFAULT_BATCH`).
         metadata: strings stored in the artifact (default: `artifact_metadata(model, ...)`).
         tolerance: the floor of the allowed difference, in units of max(1, max |output|) (module docstring).
-        images: real inputs to verify on (normalised, N x C x R x R); `random_fields` fill the rest.
+        images: real inputs to verify on (normalised, N x C x R x R; a detector: pixels in [0, 1] at its size,
+            `detection.load_samples`); `random_fields` fill the rest.
     """
     fmt = ExportFormat.parse(fmt) if isinstance(fmt, str) else fmt
     if batch is not None and batch < 1:
@@ -498,6 +606,10 @@ def export_model(
     if fmt is ExportFormat.EXECUTORCH:
         executorch.require_executorch("--format executorch")  # before any work
         batch = batch or EXECUTORCH_DEFAULT_BATCH
+    task = model_task(model)
+    if task == "detection":
+        return _export_detector(model, output, fmt, input_size=input_size, batch=batch, opset=opset,
+                                metadata=metadata, tolerance=tolerance, images=images)
     in_chans = int(model.config.get("in_chans", 3))
     preprocessing: Preprocessing = model.preprocessing or Preprocessing.default(in_chans)
     input_size = int(input_size or preprocessing.input_size)
@@ -509,7 +621,6 @@ def export_model(
         metadata = artifact_metadata(model, preprocessing.replace(input_size=input_size), model.class_names)
     if fmt is ExportFormat.EXECUTORCH:
         metadata = {"quantization": "none", **metadata}  # what write_pte stores: a float32 program
-    task = model_task(model)
     # A CPU eval-mode copy: the caller's model keeps its mode and device (the example inputs are CPU tensors).
     reference = copy.deepcopy(model).cpu().eval()
     fused = fuse_batchnorm(reference)
@@ -559,5 +670,81 @@ def export_model(
                           comparison.scale, folded, metadata, eager_float32_diff=comparison.eager_diff,
                           real_images=real_images, task=task, checked_sizes=checked_sizes)
     logger.debug("wrote %s (%s, batch %s, %d BatchNorms folded)", output, fmt.value,
+                 "dynamic" if batch is None else batch, folded)
+    return report
+
+
+def check_detector_input_size(model: nn.Module, input_size: int | None) -> tuple[int, int]:
+    """A detector's (height, width): its own size; another `input_size` is refused in one line (its anchors, and
+    the head's output count, are those of its size)."""
+    from .detection import input_size as detector_size
+
+    height, width = detector_size(model)
+    if input_size is not None and (int(input_size), int(input_size)) != (height, width):
+        raise UserError(f"--input-size {input_size}: a detector is exported at its own size, {height}x{width} "
+                        "(its anchors depend on it); build the model with size= for another one")
+    return height, width
+
+
+def _export_detector(model: nn.Module, output: str | os.PathLike, fmt: ExportFormat, *, input_size: int | None,
+                     batch: int | None, opset: int, metadata: dict[str, str] | None, tolerance: float,
+                     images: Any) -> ExportReport:
+    """`export_model` for an SSDLite detector: `detection.SSDLiteRaw` with its anchors, at the model's own size
+    (see the module docstring)."""
+    from . import detection  # torchvision's detection package: on use
+
+    height, width = check_detector_input_size(model, input_size)
+    if not 7 <= opset <= 23:
+        raise UserError(f"--opset must be between 7 and 23, got {opset}")
+    if metadata is None:
+        metadata = artifact_metadata(model, Preprocessing(), model.class_names)
+    if fmt is ExportFormat.EXECUTORCH:
+        metadata = {"quantization": "none", **metadata}  # what write_pte stores: a float32 program
+    in_chans = len(model.transform.image_mean)
+    unfused = copy.deepcopy(model).cpu().eval()
+    fused = fuse_batchnorm(unfused, sequential=True)  # torchvision's Conv2dNormActivation blocks too
+    folded = count_batchnorms(unfused) - count_batchnorms(fused)
+    reference = detection.SSDLiteRaw(unfused, with_anchors=True).eval()
+    exported = detection.SSDLiteRaw(fused, with_anchors=True).eval()
+    example = torch.rand(batch or 2, in_chans, height, width, generator=torch.Generator().manual_seed(0))
+    batch_sizes = verification_batch_sizes(batch)
+    pixels = Preprocessing(input_size=height, crop_pct=1.0, mean=(0.0,) * in_chans, std=(1.0,) * in_chans,
+                           in_chans=in_chans)  # the artifact takes pixels in [0, 1]: normalising is the identity
+    batches = verification_inputs(pixels, (height, width), batch_sizes, images)
+    real_images = min(len(images) if images is not None else 0, sum(batch_sizes))
+    output = Path(output)
+    created = missing_folders(output.parent)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result: list[Comparison] = []
+
+    def write_and_verify(tmp: str) -> None:
+        tmp_path = Path(tmp)
+        if fmt is ExportFormat.ONNX:
+            _write_onnx(exported, tmp_path, example, batch is None, opset, metadata,
+                        output_names=detection.OUTPUT_NAMES)
+        elif fmt is ExportFormat.TORCHSCRIPT:
+            _write_torchscript(exported, tmp_path, metadata, example=example)
+        elif fmt is ExportFormat.EXECUTORCH:
+            _write_executorch(exported, tmp_path, example, metadata)
+        else:
+            _write_exported_program(exported, tmp_path, example, batch is None, metadata)
+        try:
+            result.append(verify_artifact(reference, load_artifact(tmp_path, fmt, all_outputs=True), batches,
+                                          tolerance=tolerance, name=f"the {fmt.value} export",
+                                          names=detection.OUTPUT_NAMES))
+        except ExportVerificationError as error:
+            raise ExportVerificationError(f"{error}; nothing was written to {output}") from None
+
+    try:
+        atomic_write(output, write_and_verify)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+    comparison = result[0]
+    report = ExportReport(output, fmt, height, batch, batch_sizes, comparison.artifact_diff, tolerance,
+                          comparison.scale, folded, metadata, eager_float32_diff=comparison.eager_diff,
+                          real_images=real_images, task="detection", checked_sizes=((height, width),),
+                          outputs=dict(zip(comparison.names, comparison.parts)))
+    logger.debug("wrote %s (%s detector, batch %s, %d BatchNorms folded)", output, fmt.value,
                  "dynamic" if batch is None else batch, folded)
     return report

@@ -59,7 +59,18 @@ from ..factory import create_model
 from ..preprocessing import Preprocessing
 from ..weights.io import atomic_write, load_state_with_own_versions
 from .executorch import _quiet_imports, load_pte, require_executorch, write_pte
-from .export import DYNAMIC_BATCH
+from .export import DYNAMIC_BATCH, model_task
+
+#: Why a detector is refused: the int8 pipeline calibrates and checks (top-1 agreement) a logits output.
+DETECTOR_REFUSED = ("int8 quantization does not support detectors (SSDLite): its calibration and top-1 agreement "
+                    "check are for one logits output; export the detector in float32 instead "
+                    "(mobilenetv3 export --format executorch, or onnx)")
+
+
+def refuse_detector(model: nn.Module) -> None:
+    """A one-line `UserError` (`DETECTOR_REFUSED`) for an SSDLite detector."""
+    if model_task(model) == "detection":
+        raise UserError(DETECTOR_REFUSED)
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +226,7 @@ def prepare_qat(model: nn.Module, image_shape: tuple[int, int, int]) -> nn.Modul
     Its parameters keep the network's names; the fake quantizers add `activation_post_process_N` entries to the
     state dict.  Building it twice from equal networks gives equal graphs, so a saved state dict loads back.
     """
+    refuse_detector(model)
     with _quiet_imports():
         from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e  # optional [mobile] extra
 
@@ -394,6 +406,7 @@ def quantize_to_pte(
     the float32 / int8 comparison, labels None where they do not fit the classifier; default: the calibration
     images, unlabelled.  `metadata` is stored in the program with "quantization": "int8" and the scheme added.
     """
+    refuse_detector(model)
     batch = _program_batch(batch)
     model = copy.deepcopy(model).cpu().float().eval()
     calibration = [images.detach().float().cpu().contiguous() for images in calibration_batches if len(images)]

@@ -100,6 +100,11 @@ class OnnxRuntimeEngine:
         run = lambda batch: self.session.run(None, {self.input_name: batch})[0]  # noqa: E731
         return run(images) if self.fixed_batch is None else run_in_fixed_batches(run, images, self.fixed_batch)
 
+    def run_all(self, images: np.ndarray) -> list[np.ndarray]:
+        """Every output (a detector's bbox_regression, cls_logits and anchors) on `images` as given: a fixed
+        batch size is the caller's to meet (`detection.run_outputs` pads)."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
+
 
 # --- what a file is ---------------------------------------------------------------------------------------
 
@@ -172,11 +177,15 @@ def metadata_preprocessing(metadata: dict[str, str], source: str | os.PathLike) 
 
 
 def task_for(metadata: dict[str, str]) -> str:
-    """"segmentation" or "classification": the export's "task", else told by the model name (LR-ASPP models
-    are named lraspp_*), so that weights files and exports made before the key existed are read right."""
+    """"segmentation", "detection" or "classification": the export's "task", else told by the model name (LR-ASPP
+    models are named lraspp_*, SSDLite ones ssdlite*), so that weights files and exports made before the key
+    existed are read right."""
     if metadata.get("task"):
         return metadata["task"]
-    return "segmentation" if metadata.get("model_name", "").startswith("lraspp_") else "classification"
+    name = metadata.get("model_name", "")
+    if name.startswith("lraspp_"):
+        return "segmentation"
+    return "detection" if name.startswith("ssdlite") else "classification"
 
 
 def imagenet_class_names() -> list[str]:

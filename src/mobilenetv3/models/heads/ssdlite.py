@@ -171,7 +171,8 @@ class SSDLite(SSD):
         anchors = DefaultBoxGenerator([[2, 3] for _ in range(len(backbone.out_channels))], min_ratio=0.2,
                                       max_ratio=0.95)
         head = SSDLiteHead(backbone.out_channels, anchors.num_anchors_per_location(), num_classes, norm_layer)
-        super().__init__(backbone, anchors, (height, width), num_classes, image_mean=image_mean,
+        # torchvision's SSD reads `size` as (width, height) (GeneralizedRCNNTransform's fixed_size)
+        super().__init__(backbone, anchors, (width, height), num_classes, image_mean=image_mean,
                          image_std=image_std, head=head, score_thresh=score_thresh, nms_thresh=nms_thresh,
                          detections_per_img=detections_per_img, topk_candidates=topk_candidates)
         self.config: Dict[str, Any] = {
