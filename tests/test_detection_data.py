@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import logging
 import pickle
@@ -22,7 +23,9 @@ from mobilenetv3.data import detection, fashion_mnist, segmentation
 from mobilenetv3.data.samplers import SeededSamples, sample_seed
 from mobilenetv3.data.transforms import detection_eval_transform, detection_train_transform
 
-pytest.importorskip("pycocotools")  # torchvision's CocoDetection reads COCO-format annotations through it
+#: for the tests that read COCO-format folders: torchvision's CocoDetection reads them through pycocotools
+needs_pycocotools = pytest.mark.skipif(importlib.util.find_spec("pycocotools") is None,
+                                       reason="reading COCO-format folders needs pycocotools")
 
 
 # --- fashion-mnist-det: boxes of the items' visible pixels ------------------------------------------------------
@@ -59,7 +62,8 @@ def _own_pixels(items: torch.Tensor, canvases: segmentation.Canvases, index: int
 
 def test_boxes_are_the_tight_boxes_of_each_items_visible_pixels():
     """Each item's box is the extent of its own bright pixels that no later item's bright pixels cover (recomputed
-    here item by item); hidden items have no box, mostly hidden ones are crowd; the boxes' pixels are the mask's."""
+    here item by item); hidden items have no box, mostly hidden ones are crowd; the items' visible pixels are
+    disjoint and together the mask's (their boxes may overlap)."""
     items, labels = _items(40)
     canvases = segmentation.make_canvases(items, labels, 40, 5, owners=True)
     dataset = detection.CanvasDetection(canvases, labels, "train")
@@ -79,7 +83,7 @@ def test_boxes_are_the_tight_boxes_of_each_items_visible_pixels():
                 crowd = int(visible.sum()) < detection.CANVAS_MIN_VISIBLE * int(own[slot].sum())
                 crowd_seen += crowd
                 expected.append((slot, _extent(visible), label, int(crowd)))
-        assert torch.equal(owned, canvases.masks[index] > 0)  # the boxes' pixels together are the mask's
+        assert torch.equal(owned, canvases.masks[index] > 0)  # the visible pixels together are the mask's
         expected.sort()
         _, target = dataset.load(index)
         assert target["boxes"].tolist() == [box for _, box, _, _ in expected]
@@ -358,6 +362,7 @@ def _coco_folder(root: Path, split: str = "val", images_name: str | None = None,
     return path
 
 
+@needs_pycocotools
 def test_coco_folder_labels_are_category_ids(tmp_path, caplog):
     for split in ("train", "val"):
         _coco_folder(tmp_path, split)
@@ -398,6 +403,7 @@ def test_coco_folder_labels_are_category_ids(tmp_path, caplog):
         build_datasets(DataConfig(dataset=str(tmp_path), strict_data=True), need_train=False).val[2]
 
 
+@needs_pycocotools
 def test_coco_2017_names_and_a_checkpoints_input_size(tmp_path):
     _coco_folder(tmp_path, images_name="val2017", annotations_name="instances_val2017.json")
     bundle = build_datasets(DataConfig(dataset=str(tmp_path)), need_train=False,
@@ -418,6 +424,12 @@ def _edit(path: Path, change) -> None:
     path.write_text(json.dumps(data), encoding="utf-8")
 
 
+def _set(key: str, index: int, **values):
+    """A `breaks` that sets `values` in entry `index` of the file's `key` list ("images" or "annotations")."""
+    return lambda path: _edit(path, lambda data: data[key][index].update(values))
+
+
+@needs_pycocotools
 @pytest.mark.parametrize("breaks, message", [
     (lambda path: path.write_text("{not json", encoding="utf-8"), "not valid JSON"),
     (lambda path: path.unlink(), "no COCO-format annotations"),
@@ -426,6 +438,18 @@ def _edit(path: Path, change) -> None:
     (lambda path: _edit(path, lambda d: d["annotations"][1].pop("bbox")), r"annotations\[1\] needs"),
     (lambda path: _edit(path, lambda d: d.update(categories=[])), "names no categories"),
     (lambda path: path.write_text("[1, 2]", encoding="utf-8"), "not a COCO instances file"),
+    # ids must be integers (a JSON true is not one), image ids unique, iscrowd 0 or 1
+    (_set("annotations", 0, category_id=[1]), r"annotations\[0\] has category_id \[1\]; expected an integer"),
+    (_set("annotations", 2, category_id=True), r"annotations\[2\] has category_id True; expected an integer"),
+    (_set("images", 1, id=[1]), r"images\[1\] has id \[1\]; expected an integer"),
+    (_set("images", 0, id="10"), r"images\[0\] has id '10'; expected an integer"),
+    (_set("images", 2, id=10), r"images\[2\] repeats image id 10 \(of images\[0\]\)"),
+    (_set("annotations", 1, image_id=[10]), r"annotations\[1\] has image_id \[10\]; expected an integer"),
+    (_set("annotations", 3, id=4.0), r"annotations\[3\] has id 4.0; expected an integer"),
+    (_set("annotations", 3, id=1), r"annotations\[3\] repeats annotation id 1"),
+    (_set("annotations", 0, iscrowd="no"), r"annotations\[0\] has iscrowd 'no'; expected 0 or 1"),
+    (_set("annotations", 2, iscrowd=2), r"annotations\[2\] has iscrowd 2; expected 0 or 1"),
+    (_set("annotations", 2, iscrowd=True), r"annotations\[2\] has iscrowd True; expected 0 or 1"),
 ])
 def test_broken_coco_annotations_give_one_line_naming_the_file(tmp_path, breaks, message):
     path = _coco_folder(tmp_path)
@@ -433,9 +457,10 @@ def test_broken_coco_annotations_give_one_line_naming_the_file(tmp_path, breaks,
     with pytest.raises(UserError, match=message) as error:
         build_datasets(DataConfig(dataset=f"coco:{tmp_path}"), need_train=False)
     text = str(error.value)
-    assert "\n" not in text and (str(path) in text or str(tmp_path) in text)
+    assert "\n" not in text and str(path if path.exists() else tmp_path) in text  # the file, or its folder
 
 
+@needs_pycocotools
 def test_coco_train_and_val_must_name_the_same_categories(tmp_path):
     _coco_folder(tmp_path, "train", categories=[{"id": 1, "name": "cat"}, {"id": 3, "name": "wolf"},
                                                 {"id": 5, "name": "bird"}])
@@ -444,3 +469,26 @@ def test_coco_train_and_val_must_name_the_same_categories(tmp_path):
         build_datasets(DataConfig(dataset=str(tmp_path)))
     with pytest.raises(UserError, match="no COCO-format annotations"):
         build_datasets(DataConfig(dataset=f"coco:{tmp_path / 'elsewhere'}"))
+
+
+def test_missing_pycocotools_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    """Without pycocotools (looked up through importlib.util.find_spec): one line that says how to install it,
+    both from `require_pycocotools` and from reading a COCO-format folder."""
+    _coco_folder(tmp_path)
+    find_spec = importlib.util.find_spec
+
+    def without_pycocotools(name, *rest, **kwargs):
+        return None if name == "pycocotools" else find_spec(name, *rest, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_pycocotools)  # data/detection.py looks it up there
+    expected = "reading COCO-format annotations needs pycocotools: " + detection.PYCOCOTOOLS_HINT
+    assert detection.PYCOCOTOOLS_HINT == "pip install pycocotools (or pip install 'mobilenetv3[detection]')"
+    with pytest.raises(UserError) as error:
+        detection.require_pycocotools("reading COCO-format annotations")
+    assert str(error.value) == expected
+    with pytest.raises(UserError) as error:
+        build_datasets(DataConfig(dataset=f"coco:{tmp_path}"), need_train=False)
+    assert str(error.value) == expected and "\n" not in str(error.value)
+    monkeypatch.undo()
+    if find_spec("pycocotools") is not None:
+        detection.require_pycocotools("anything")  # installed: no error

@@ -19,8 +19,11 @@ labels no box; `num_classes` counts it.
    keys boxes, labels, image_id, iscrowd).  The classes are torchvision's COCO convention: a box's label is its
    category id itself, `num_classes` is the largest category id + 1, class k is named after category k,
    "__background__" at 0 and "N/A" at ids no category uses (COCO 2017: 91 classes).  A category id 0 (the
-   background's), a missing or unparsable JSON, and an annotation naming an unknown category are each a
-   `UserError` whose one line names the file; train and val must name the same categories.
+   background's), a missing or unparsable JSON, an annotation naming an unknown category, a non-integer id
+   (image id, annotation id, `image_id`, `category_id`; a JSON true/false is not an integer), an `iscrowd` other
+   than 0 or 1 and an image id listed twice are each a `UserError` whose one line names the file and the entry;
+   train and val must name the same categories.  pycocotools missing is a `UserError` too
+   (`require_pycocotools`, `PYCOCOTOOLS_HINT`).
    - Images without annotations are kept, as negatives (no boxes).
    - Crowd annotations (`iscrowd` 1) are kept in evaluation targets, with "iscrowd", for the metric to ignore
      (as COCO's evaluation does); training targets drop them, as torchvision's detection reference trains
@@ -40,13 +43,15 @@ labels no box; `num_classes` counts it.
    - an item with fewer visible pixels than `CANVAS_MIN_VISIBLE` (a quarter) of its own bright pixels (as drawn,
      before later items covered any) is a crowd box ("iscrowd" 1): a region evaluation ignores, left out of
      training targets, rather than a sliver to be found;
-   so the boxes' pixel sets are disjoint and together cover exactly the mask's non-zero pixels.  Generated in
-   memory from the seed, deterministically (10000 canvases and their boxes in about 4 s on one core).
+   so the items' visible-pixel sets are disjoint and together cover exactly the mask's non-zero pixels, while
+   their boxes (the tight boxes of those sets) may overlap.  Generated in memory from the seed, deterministically
+   (10000 canvases and their boxes in about 4 s on one core).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -80,6 +85,15 @@ COCO_HINT = ("expected DIR/annotations/instances_train.json with its images in D
 BACKGROUND, UNUSED = "__background__", "N/A"
 #: what the v2 wrapper returns of a CocoDetection target
 TARGET_KEYS = ("boxes", "labels", "image_id", "iscrowd")
+#: how to install pycocotools, which reading COCO-format annotations and COCO's mAP need
+PYCOCOTOOLS_HINT = "pip install pycocotools (or pip install 'mobilenetv3[detection]')"
+
+
+def require_pycocotools(what: str) -> None:
+    """Raise a one-line `UserError` "<what> needs pycocotools: <PYCOCOTOOLS_HINT>" when pycocotools is not
+    installed (looked up without importing it)."""
+    if importlib.util.find_spec("pycocotools") is None:
+        raise UserError(f"{what} needs pycocotools: {PYCOCOTOOLS_HINT}")
 
 
 def _xyxy(boxes: torch.Tensor, canvas_size: tuple[int, int]) -> tv_tensors.BoundingBoxes:
@@ -239,14 +253,24 @@ def read_coco_json(path: Path) -> dict[str, Any]:
         if number < 0 or number in seen:
             raise UserError(f"{path}: category id {number} is {'negative' if number < 0 else 'used twice'}")
         seen.add(number)
+    image_ids: dict[int, int] = {}  # image id -> its index in 'images'
     for index, image in enumerate(data.get("images", [])):
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             raise UserError(f"{path}: images[{index}] needs an 'id' and a 'file_name'")
-    annotation_ids: set = set()
+        if not _is_int(image["id"]):
+            raise UserError(f"{path}: images[{index}] has id {image['id']!r}; expected an integer")
+        if image["id"] in image_ids:
+            raise UserError(f"{path}: images[{index}] repeats image id {image['id']} "
+                            f"(of images[{image_ids[image['id']]}])")
+        image_ids[image["id"]] = index
+    annotation_ids: set[int] = set()
     for index, annotation in enumerate(data.setdefault("annotations", [])):
         where = f"{path}: annotations[{index}]"
         if not isinstance(annotation, dict) or not {"id", "image_id", "category_id", "bbox"} <= annotation.keys():
             raise UserError(f"{where} needs 'id', 'image_id', 'category_id' and 'bbox'")
+        for key in ("id", "image_id", "category_id"):
+            if not _is_int(annotation[key]):
+                raise UserError(f"{where} has {key} {annotation[key]!r}; expected an integer")
         if annotation["id"] in annotation_ids:
             raise UserError(f"{where} repeats annotation id {annotation['id']}")
         annotation_ids.add(annotation["id"])
@@ -257,7 +281,9 @@ def read_coco_json(path: Path) -> dict[str, Any]:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
                 or bbox[2] < 0 or bbox[3] < 0):
             raise UserError(f"{where} has bbox {bbox!r}; expected [x, y, width, height] with width, height >= 0")
-        annotation.setdefault("iscrowd", 0)
+        crowd = annotation.setdefault("iscrowd", 0)
+        if not _is_int(crowd) or crowd not in (0, 1):
+            raise UserError(f"{where} has iscrowd {crowd!r}; expected 0 or 1")
     return data
 
 
@@ -272,10 +298,8 @@ def coco_class_names(categories: Sequence[dict[str, Any]]) -> list[str]:
 
 def _coco_index(data: dict[str, Any]):
     """A pycocotools COCO over already-read annotations (its own constructor would read the file again)."""
-    try:
-        from pycocotools.coco import COCO
-    except ImportError:
-        raise UserError("reading COCO-format annotations needs pycocotools (pip install pycocotools)") from None
+    require_pycocotools("reading COCO-format annotations")
+    from pycocotools.coco import COCO
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
@@ -371,6 +395,7 @@ def coco_datasets(root: Path, *, need_train: bool, transforms: tuple[Callable | 
         if not found[1].is_dir():
             raise UserError(f"{found[0]} has no image folder {found[1]} ({COCO_HINT})")
         files[split] = found
+    require_pycocotools("reading COCO-format annotations")  # before reading what may be a large file
     data = {split: read_coco_json(files[split][0]) for split in wanted}
     names = {split: {c["id"]: c["name"] for c in data[split]["categories"]} for split in wanted}
     if need_train and names["train"] != names["val"]:

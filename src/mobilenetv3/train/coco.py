@@ -21,9 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import UserError
-
-PYCOCOTOOLS_HINT = "pip install pycocotools (or pip install 'mobilenetv3[detection]')"
+from ..data.detection import require_pycocotools
 
 
 def _xywh(boxes: torch.Tensor) -> list[list[float]]:
@@ -36,11 +34,10 @@ def coco_map(images: Sequence[tuple[dict[str, torch.Tensor], dict[str, torch.Ten
     """{"map", "map_50", "map_75"} (percent) of the detections against the targets, image by image.
 
     With no target box at all the COCO API has nothing to average: all three are 0.0."""
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise UserError(f"detection mAP needs pycocotools: {PYCOCOTOOLS_HINT}") from None
+    require_pycocotools("detection mAP")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     gt: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": c} for c in range(1, num_classes)]}
     results: list[dict[str, Any]] = []
     for image_id, (target, detection) in enumerate(images, start=1):

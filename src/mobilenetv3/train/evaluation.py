@@ -90,6 +90,10 @@ def evaluate_file(
         input_size=input_size if input_size is not None else weights.preprocessing.input_size,
         crop_pct=crop_pct if crop_pct is not None else weights.preprocessing.crop_pct)
     task = get_task(get_entry(weights.model_name).task if weights.model_name else "classification")
+    if task.name == "detection":
+        from ..data.detection import require_pycocotools
+
+        require_pycocotools(f"evaluating the detector {path.name}")  # before any inference
     num_classes = int(weights.model_kwargs.get("num_classes", 1000))
     # a segmentation folder without classes.txt takes the checkpoint's classes (its val split may lack the last)
     classes = weights.class_names or [f"class_{i}" for i in range(num_classes)]

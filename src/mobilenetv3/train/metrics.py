@@ -131,6 +131,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, *, reference_top1:
     loss_axes.legend()
     for key, style in (("val_top1", "-"), ("val_top5", "-"), ("ema_val_top1", "--"), ("swa_val_top1", "--"),
                        ("val_miou", "-"), ("val_pixel_acc", "-"), ("ema_val_miou", "--"), ("swa_val_miou", "--"),
+                       ("val_map", "-"), ("val_map_50", "-"), ("ema_val_map", "--"), ("swa_val_map", "--"),
                        ("train_top1", ":")):
         plot(acc_axes, key, style)
     if reference_top1 is not None:

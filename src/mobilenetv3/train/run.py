@@ -594,13 +594,14 @@ class Trainer:
         row = {
             "epoch": epoch + 1, "step": self.state.step, "lr": self.optimizer.param_groups[0]["lr"],
             "train_loss": train_loss_sum / max(train_samples, 1),
-            "train_top1": 100.0 * train_correct / max(train_samples, 1),
             **{f"val_{key}": val[key] for key in self.task.columns}, "val_samples": val["samples"],
             **averages,
             "world_size": self.env.world_size, "global_batch": self.global_batch, "epoch_time_s": totals.seconds,
             "train_images_per_s": train_samples / max(totals.seconds, 1e-9),
             "skipped_samples": int(train_skipped + val["skipped"]), "mixup_cutmix": mix_on,
         }
+        if self.task.train_accuracy:  # detection has none
+            row["train_top1"] = 100.0 * train_correct / max(train_samples, 1)
         if self.dropblock is not None:
             row["dropblock_prob"] = self.dropblock.prob
         if self.scaler.is_enabled():  # fp16: overflowing steps are skipped by the scaler, not fatal

@@ -108,6 +108,8 @@ class ClassificationTask:
     best_metric = "val_top1"
     #: result keys that become `{prefix}_val_{key}` columns
     columns = ("loss", "top1", "top5")
+    #: whether `train_correct` measures something (the `train_top1` column)
+    train_accuracy = True
 
     def logits(self, output: Any) -> torch.Tensor:
         return output
@@ -211,7 +213,8 @@ class DetectionMetric:
         self.loss_sum += sum(losses.values()).detach().double() * len(targets)
         keep = ("boxes", "labels", "iscrowd", "scores")
         for target, detection in zip(targets, detections):
-            self.pairs.append(({k: v.cpu() for k, v in target.items() if k in keep},
+            self.pairs.append(({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in target.items()
+                                if k in (*keep, "image_id")},
                                {k: v.detach().float().cpu() if k != "labels" else v.cpu()
                                 for k, v in detection.items() if k in keep}))
 
@@ -221,6 +224,8 @@ class DetectionMetric:
         from .coco import coco_map
 
         pairs = [pair for rank_pairs in all_gather_objects(self.pairs) for pair in rank_pairs]
+        # in the dataset's order, whatever the ranks: COCOeval breaks equal scores by image order
+        pairs.sort(key=lambda pair: pair[0].get("image_id", 0))
         loss_sum = float(all_reduce_sum_(self.loss_sum))
         return {"loss": loss_sum / max(samples, 1), **coco_map(pairs, self.num_classes)}
 
@@ -229,6 +234,7 @@ class DetectionTask(ClassificationTask):
     name = "detection"
     best_metric = "val_map"
     columns = ("loss", "map", "map_50", "map_75")
+    train_accuracy = False
 
     def to_device(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device,
                   channels_last: bool = False) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -241,14 +247,13 @@ class DetectionTask(ClassificationTask):
 
     def forward_loss(self, model: torch.nn.Module, images: list[torch.Tensor],
                      targets: list[dict[str, torch.Tensor]], label_smoothing: float) -> tuple[torch.Tensor, Any]:
-        """torchvision's SSD loss (train mode returns {"bbox_regression", "classification"}), crowd boxes left
-        out of the targets as torchvision's reference trains."""
-        training_targets = [_without_crowd(target) for target in targets]
-        losses = model(images, training_targets)
+        """torchvision's SSD loss (train mode returns {"bbox_regression", "classification"}); the training data
+        already leaves crowd boxes out (`data.detection`), as torchvision's reference trains."""
+        losses = model(images, targets)
         return losses["bbox_regression"] + losses["classification"], None
 
     def train_correct(self, output: Any, hard_targets: Any) -> torch.Tensor:
-        """Detection has no training accuracy: 0 (the `train_top1` column stays 0)."""
+        """Detection has no training accuracy (`train_accuracy` False: no `train_top1` column)."""
         return torch.zeros((), dtype=torch.float64)
 
     def zero_loss(self, output: Any) -> torch.Tensor:
@@ -268,14 +273,24 @@ class DetectionTask(ClassificationTask):
                 f"mAP@.75 {result[prefix + 'map_75']:.2f}")
 
     def check_config(self, config) -> None:
+        """One line for what detection cannot use.  The default label smoothing (0.1) is not refused, only not
+        applied (torchvision's SSD loss has none); another value is refused, being a request."""
+        from ..data.detection import require_pycocotools
+
         regularization = config.regularization
+        default_smoothing = type(regularization)().label_smoothing
         refused = [f"regularization.{key}={value}" for key, value in (
             ("mixup_alpha", regularization.mixup_alpha), ("cutmix_alpha", regularization.cutmix_alpha),
-            ("label_smoothing", regularization.label_smoothing),
             ("dropblock_prob", regularization.dropblock_prob)) if value > 0]
+        if regularization.label_smoothing not in (0.0, default_smoothing):
+            refused.append(f"regularization.label_smoothing={regularization.label_smoothing}")
         if refused:
             raise UserError(f"{', '.join(refused)} is for classification (detection trains with torchvision's "
                             "SSD loss on boxes): set it to 0")
+        if config.swa.enabled:
+            raise UserError("swa.enabled: SWA's BatchNorm recomputation feeds images without boxes, which a "
+                            "detector cannot train on; use the EMA (--ema) instead")
+        require_pycocotools("detection's validation mAP")  # before an epoch is spent
         if config.qat.enabled:
             raise UserError("quantization-aware training is for classification models; train the detector in "
                             "float (--no-qat)")

@@ -204,6 +204,8 @@ class SSDLite(SSD):
                                           device=anchors_per_image.device))
             else:
                 matched.append(self.proposal_matcher(box_ops.box_iou(target["boxes"], anchors_per_image)))
+        # in float32 under autocast too: bf16 boxes would be rounded to 1-2 px at 320 px
+        head_outputs = {key: value.float() for key, value in head_outputs.items()}
         losses = self.compute_loss(targets, head_outputs, anchors, matched)
         detections = self.postprocess_detections(head_outputs, anchors, batch.image_sizes)
         return losses, self.transform.postprocess(detections, batch.image_sizes, original_sizes)
