@@ -62,7 +62,7 @@ from ..errors import UserError
 from ..models.heads.ssdlite import SSDLITE_DEFAULTS
 from ..preprocessing import ConvertMode, Preprocessing
 from .export import model_task
-from .predict import Skipped, decoded_ahead, output_names, palette
+from .predict import Skipped, decoded_groups, output_names, palette
 from .runtime import split_threads
 
 logger = logging.getLogger(__name__)
@@ -418,15 +418,8 @@ def predict_detection_files(
             png = writer.write(names[path], image, listed)
             yield DetectionPrediction(str(path), str(png), image.width, image.height, listed)
 
-    group: list[tuple[Path, Any]] = []
-    images_in_group = 0
-    for path, item in decoded_ahead(paths, loader, workers=workers, ahead=2 * batch_size):
-        images_in_group += not isinstance(item, Skipped)
-        group.append((path, item))
-        if images_in_group == batch_size:
-            yield from run_group(group)
-            group, images_in_group = [], 0
-    yield from run_group(group)
+    for group in decoded_groups(paths, loader, workers=workers, batch_size=batch_size):
+        yield from run_group(group)
 
 
 __all__ = ["OUTPUT_NAMES", "BOX_CODER_WEIGHTS", "SSDLiteRaw", "anchors", "decode", "decode_settings", "input_size",

@@ -144,6 +144,22 @@ def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top, np.take_along_axis(probs, top, axis=1)
 
 
+def decoded_groups(paths: Iterable[Path], load: Callable[[Path], object], *, workers: int,
+                   batch_size: int) -> Iterator[list[tuple[Path, object]]]:
+    """`decoded_ahead`'s (path, item) pairs in groups of `batch_size` decoded images (plus the skips among
+    them; the last group may be short), with two batches decoding ahead of the engine."""
+    group: list[tuple[Path, object]] = []
+    images_in_group = 0
+    for path, item in decoded_ahead(paths, load, workers=workers, ahead=2 * batch_size):
+        images_in_group += not isinstance(item, Skipped)
+        group.append((path, item))
+        if images_in_group == batch_size:
+            yield group
+            group, images_in_group = [], 0
+    if group:
+        yield group
+
+
 def decoded_ahead(paths: Iterable[Path], load: Callable[[Path], object], *, workers: int,
                   ahead: int) -> Iterator[tuple[Path, object]]:
     """(path, `load(path)` or a `Skipped`) for every path, in input order, with up to `ahead` images decoding on
@@ -208,16 +224,8 @@ def predict_files(
                              tuple(float(p) for p in probs[row]))
             row += 1
 
-    group: list[tuple[Path, np.ndarray | Skipped]] = []  # one batch of images, plus skips among them
-    images_in_group = 0
-    # two batches of decoding in flight ahead of the engine
-    for path, item in decoded_ahead(paths, loader, workers=workers, ahead=2 * batch_size):
-        images_in_group += not isinstance(item, Skipped)
-        group.append((path, item))
-        if images_in_group == batch_size:
-            yield from run_group(group)
-            group, images_in_group = [], 0
-    yield from run_group(group)
+    for group in decoded_groups(paths, loader, workers=workers, batch_size=batch_size):
+        yield from run_group(group)
 
 
 # --- segmentation: masks and overlays --------------------------------------------------------------------
