@@ -22,7 +22,8 @@ from ..errors import UserError
 
 #: Subcommands, in the order `--help` lists them (module = name with '-' -> '_', except where
 #: the name would shadow a builtin inside this package: `list` lives in `list_models`).
-COMMANDS = ("list", "profile", "train", "eval", "average", "lr-find", "convert", "export", "quantize", "predict", "bench")
+COMMANDS = ("list", "profile", "train", "eval", "average", "lr-find", "convert", "export", "quantize", "predict", "bench",
+            "bench-loader")
 _MODULES = {"list": "list_models"}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..preprocessing import Preprocessing
 from . import detection, fashion_mnist, segmentation
 from .config import DataConfig
+from .decode import EncodedImage
 from .folder import TolerantImageFolder, check_same_classes, split_dirs, typical_image_size
 from .synthetic import VAL_SPLIT, SyntheticImages
 from .transforms import (
@@ -30,6 +31,8 @@ from .transforms import (
 
 logger = logging.getLogger(__name__)
 
+#: `data.decode`'s values: where an image folder's training JPEGs are decoded
+DECODE_DEVICES = ("cpu", "gpu")
 BUILTIN_DATASETS = ("fashion-mnist", "fashion-mnist-seg", "fashion-mnist-det", "synthetic")
 #: data.det_zoom_out's largest value: a zoomed-out image has up to its square times the pixels
 MAX_ZOOM_OUT = 8.0
@@ -58,6 +61,10 @@ class DatasetBundle:
     #: (segmentation folders, VOC), since padding them to one batch would change what the network sees (the
     #: gate's global pooling and the border convolutions), as torchvision's reference evaluates one at a time
     val_batch_size: int | None = None
+    #: `(images, targets, device) -> (model input on device, targets, files dropped)`, which the training loader
+    #: applies to each collated train batch (`DeviceBatches`), or None when train items are model input already.
+    #: Image folders: their uint8 pixels normalised on the device (decode=gpu: decoded there first).
+    finish_train_batch: Callable | None = None
 
     def describe(self) -> str:
         train = f"{len(self.train)} train, " if self.train is not None else ""
@@ -104,6 +111,8 @@ def check_data_config(cfg: DataConfig) -> None:
         raise UserError(f"data.scale_min must be in (0, 1], got {cfg.scale_min}")
     if not 0 <= cfg.randaugment_magnitude <= 30:
         raise UserError(f"data.randaugment_magnitude must be in [0, 30], got {cfg.randaugment_magnitude}")
+    if cfg.decode not in DECODE_DEVICES:
+        raise UserError(f"data.decode must be one of {', '.join(DECODE_DEVICES)}, got {cfg.decode!r}")
     if cfg.workers < 0:
         raise UserError(f"data.workers must be >= 0, got {cfg.workers}")
     if not 0.0 < cfg.seg_scale_min <= cfg.seg_scale_max:
@@ -170,7 +179,8 @@ def _image_folder(cfg: DataConfig, need_train: bool, base: Preprocessing | None)
         train = TolerantImageFolder(train_dir, imagenet_train_transform(cfg, prep), strict=cfg.strict_data)
         check_same_classes(train, val)
     _warn_if_upscaled(train if train is not None else val, prep, cfg, base)
-    return DatasetBundle(train, val, len(val.classes), list(val.classes), 3, prep, {})
+    return DatasetBundle(train, val, len(val.classes), list(val.classes), 3, prep, {},
+                         finish_train_batch=None if train is None else train.finish_batch)
 
 
 def _warn_if_upscaled(
@@ -324,7 +334,9 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor | list, torch.Tensor | l
     Segmentation items give targets [B, H, W] (masks); items of different sizes (a folder's eval images) are
     padded at the bottom and right to the largest: images with 0 (the mean, once normalised), masks with 255.
     Detection items (a target dict) give (list of B images, list of B target dicts, skipped), lists even when
-    the sizes agree: the detector takes them so.
+    the sizes agree: the detector takes them so.  `data.decode: gpu` items (some `EncodedImage`s) give a list of
+    B images and targets [B], for `DatasetBundle.finish_train_batch` to decode on the device.  uint8 images
+    (an image folder's training pixels) give a uint8 batch in channels-last memory.
     When every item of the batch is None, images and targets are empty (B = 0, len 0): skip the step.
     """
     kept = [item for item in batch if item is not None]
@@ -333,8 +345,15 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor | list, torch.Tensor | l
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
     if isinstance(kept[0][1], dict):
         return [image for image, _ in kept], [target for _, target in kept], skipped
+    if any(isinstance(image, EncodedImage) for image, _ in kept):  # data.decode=gpu: finish_train_batch decodes
+        return [image for image, _ in kept], torch.as_tensor([target for _, target in kept], dtype=torch.long), skipped
     if isinstance(kept[0][1], torch.Tensor) and kept[0][1].dim() == 2:
         kept = _padded_to_largest(kept)
+    if kept[0][0].dtype == torch.uint8 and kept[0][0].dim() == 3:
+        # pixels (an image folder's training items): stacked as [B, H, W, C] memory, the layout they are decoded
+        # and resized in, so the stack copies plainly, and given back as an [B, C, H, W] view (channels-last)
+        pixels = default_collate([image.permute(1, 2, 0) for image, _ in kept]).permute(0, 3, 1, 2)
+        return pixels, torch.as_tensor([target for _, target in kept], dtype=torch.long), skipped
     images, targets = default_collate(kept)
     return images, torch.as_tensor(targets, dtype=torch.long), skipped
 

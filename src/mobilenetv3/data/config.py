@@ -23,6 +23,12 @@ Additions (backward compatible):
         `preprocessing` replaces the dataset's default eval preprocessing (e.g. a checkpoint's, for `eval`);
         cfg.input_size / cfg.crop_pct still override it when set; a channel-count mismatch is a UserError.
     collate_skipping: when every item of a batch is None, B == 0 (images and targets are empty): skip the step.
+    Image folders (issue 27): bundle.train's items are (uint8 [3,S,S] pixels, label), not normalised floats, and
+        bundle.finish_train_batch(images, targets, device) -> (float32 [B,3,S,S] normalised on device, targets,
+        files dropped) makes a collated batch model input (the training loader applies it: `DeviceBatches`).
+        With data.decode == "gpu" some train items are `decode.EncodedImage`s (a JPEG's bytes and its crop plan),
+        collated into a list, which finish_train_batch decodes on the device.  bundle.val is unchanged.
+        Other datasets: finish_train_batch is None (their items are model input already).
     check_data_config(cfg): the one-line UserErrors of build_datasets' settings checks, callable early.
     A folder whose typical image (median of a few files' headers) has a short side at most half the input size
     gets one logging warning naming --input-size (rank 0 only); nothing else changes.
@@ -73,6 +79,9 @@ class DataConfig:
     random_erasing: float = 0.0
     #: loading (used by the training package's DataLoader)
     workers: int = 2
+    #: where an image folder's training JPEGs are decoded: "cpu" (DataLoader workers, libjpeg-turbo) or "gpu"
+    #: (the training device, in batches, with the augmentation applied there; data/decode.py)
+    decode: str = "cpu"
     strict_data: bool = False  # a broken image is an error instead of a skipped sample
     #: segmentation: the short side is resized to input_size times a factor in [seg_scale_min, seg_scale_max]
     seg_scale_min: float = 0.5

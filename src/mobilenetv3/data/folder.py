@@ -29,8 +29,9 @@ LAYOUT_HINT = "expected ImageNet layout: DIR/train/<class>/<image>, DIR/val/<cla
 class TolerantImageFolder(ImageFolder):
     """`torchvision.datasets.ImageFolder` that converts every image to `mode` and survives broken files.
 
-    Items are `(transform(image), class_index)`, or `None` for a file that can't be decoded.
-    Hidden folders (".ipynb_checkpoints", ".git", ...) are not classes.  `broken_files` lists the paths
+    Items are `(transform(image), class_index)`, or `None` for a file that can't be decoded.  A transform that
+    reads files itself (`reads_files`, the training pipeline of data/decode.py) is given the path instead of a
+    decoded image; its decode errors are caught, named and skipped alike.  Hidden folders (".ipynb_checkpoints", ".git", ...) are not classes.  `broken_files` lists the paths
     this process has failed to read (each is warned about once per process).
     """
 
@@ -63,13 +64,28 @@ class TolerantImageFolder(ImageFolder):
         """The decoded image in `self.convert`'s mode, or None (after one warning) when it can't be decoded."""
         return read_image(path, self.convert, strict=self.strict, broken_files=self.broken_files)
 
+    def tolerant(self, path: str, load: Callable[[str], Any]):
+        """`load(path)`, or None (after one warning naming the file; a UserError with `strict`) when it raises a
+        decode error."""
+        return decode_tolerantly(path, load, strict=self.strict, broken_files=self.broken_files)
+
+    def finish_batch(self, images, targets, device):
+        """A collated batch of the training pipeline as the model takes it (data/decode.py
+        `FolderTrainTransform.finish_batch`): (images on `device`, targets, files dropped there and named here)."""
+        return self.transform.finish_batch(images, targets, device, self.tolerant)
+
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
-        image = self.read_image(path)
-        if image is None:
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
+        if getattr(self.transform, "reads_files", False):
+            image = self.tolerant(path, self.transform)
+            if image is None:
+                return None
+        else:
+            image = self.read_image(path)
+            if image is None:
+                return None
+            if self.transform is not None:
+                image = self.transform(image)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return image, target
@@ -77,13 +93,22 @@ class TolerantImageFolder(ImageFolder):
 
 def read_image(path: str, convert: Callable, *, strict: bool, broken_files: set[str]):
     """`convert(decoded image)`, or None when `path` can't be decoded: one warning naming the file the first time
-    (it is added to `broken_files`), or a UserError with `strict`.  Shared by the classification and
-    segmentation folders."""
-    try:
+    (it is added to `broken_files`), or a UserError with `strict`.  Shared by the classification, segmentation
+    and detection folders."""
+    def load(path: str):
         with open(path, "rb") as handle:
             image = Image.open(handle)
             image.load()  # decode now: truncation is only detected here
         return convert(image)
+
+    return decode_tolerantly(path, load, strict=strict, broken_files=broken_files)
+
+
+def decode_tolerantly(path: str, load: Callable[[str], Any], *, strict: bool, broken_files: set[str]):
+    """`load(path)`, or None when it raises one of PIL's decode errors: one warning naming the file the first time
+    (it is added to `broken_files`), or a UserError with `strict`."""
+    try:
+        return load(path)
     except DECODE_ERRORS as error:
         reason = describe_decode_error(path, error)
         if strict:

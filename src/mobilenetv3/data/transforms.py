@@ -19,8 +19,9 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
-from ..preprocessing import INTERPOLATIONS, ConvertMode, Preprocessing
+from ..preprocessing import INTERPOLATIONS, Preprocessing
 from .config import DataConfig
+from .decode import FolderTrainTransform
 
 AUTO_AUGMENT_POLICIES = ("autoaugment", "randaugment", "trivialaugment")
 
@@ -55,28 +56,18 @@ def auto_augment_transform(cfg: DataConfig):
     return v2.TrivialAugmentWide(interpolation=interpolation)
 
 
-def imagenet_train_transform(cfg: DataConfig, preprocessing: Preprocessing):
-    """The standard ImageNet train transform, for PIL images of any mode.
+def imagenet_train_transform(cfg: DataConfig, preprocessing: Preprocessing) -> FolderTrainTransform:
+    """The standard ImageNet train transform of image folders, file path -> augmented uint8 [C, S, S]
+    (data/decode.py; the train loader's `finish_batch` normalises the batch on the device).
 
-    RGB conversion, RandomResizedCrop(input_size, scale=(scale_min, 1)), horizontal flip, optional
-    AutoAugment/RandAugment/TrivialAugment, to float, normalise, optional RandomErasing.
+    RandomResizedCrop(input_size, scale=(scale_min, 1)), horizontal flip, optional
+    AutoAugment/RandAugment/TrivialAugment, optional RandomErasing (filling with the mean pixel).
+    `cfg.decode == "gpu"`: JPEGs are handed over undecoded, for the device to decode and augment.
     """
-    steps = [
-        ConvertMode(preprocessing.image_mode),
-        v2.RandomResizedCrop(
-            preprocessing.input_size, scale=(cfg.scale_min, 1.0),
-            interpolation=_interpolation(cfg), antialias=True,
-        ),
-    ]
-    if cfg.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
-    augment = auto_augment_transform(cfg)
-    if augment is not None:
-        steps.append(augment)
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std)]
-    if cfg.random_erasing > 0:
-        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
-    return v2.Compose(steps)
+    return FolderTrainTransform(
+        preprocessing.input_size, mean=preprocessing.mean, std=preprocessing.std, scale=(cfg.scale_min, 1.0),
+        interpolation=_interpolation(cfg).value, hflip=cfg.hflip, augment=auto_augment_transform(cfg),
+        erasing=cfg.random_erasing, mode=preprocessing.image_mode, encoded=cfg.decode == "gpu")
 
 
 class RandomPadCropFlip(torch.nn.Module):

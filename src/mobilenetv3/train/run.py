@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..allocator import keep_freed_memory
 from ..data import build_datasets, collate_skipping
+from ..data.decode import DeviceBatches
 from ..data.samplers import ResumableSampler, SeededSamples, ShardSampler
 from ..deploy.quantize import describe_bytes, loader_batches, top1_line
 from ..errors import UserError, first_line
@@ -172,7 +173,13 @@ def create_run_model(model_config, model_kwargs: dict[str, Any]) -> nn.Module:
     return create_model(model_config.name, pretrained=location, loaded_weights=weights, **kwargs)
 
 
-def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader, ResumableSampler, DataLoader]:
+def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[Iterable, ResumableSampler, DataLoader]:
+    """(train batches, their sampler, val loader).  Train batches are (images, targets, skipped) as the model takes
+    them: a bundle with `finish_train_batch` (image folders: uint8 pixels, normalised on the device) gets its
+    batches through `DeviceBatches`, already on `env.device`."""
+    if config.data.decode == "gpu" and env.device.type != "cuda":
+        raise UserError(f"data.decode=gpu decodes JPEGs on a CUDA device, and this run's device is {env.device}: "
+                        "use data.decode=cpu (the default)")
     common = dict(
         num_workers=config.data.workers,
         pin_memory=env.device.type == "cuda",
@@ -184,6 +191,8 @@ def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[DataLoader
     # resumed run's dropout / mixup draws would shift relative to an uninterrupted one.
     train_loader = DataLoader(SeededSamples(bundle.train), batch_size=config.batch_size, sampler=train_sampler,
                               drop_last=True, generator=torch.Generator().manual_seed(config.seed), **common)
+    if bundle.finish_train_batch is not None:
+        train_loader = DeviceBatches(train_loader, bundle.finish_train_batch, env.device)
     val_sampler = ShardSampler(len(bundle.val), num_replicas=env.world_size, rank=env.rank)
     val_loader = DataLoader(bundle.val, batch_size=bundle.val_batch_size or config.batch_size, sampler=val_sampler,
                             generator=torch.Generator().manual_seed(config.seed), **common)
