@@ -290,3 +290,14 @@ def test_bench_loader_mistakes_are_one_line(photo_root, capsys, args, message):
     assert main(["bench-loader", "--data", str(photo_root), "--workers", "0", "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_normalize_pixels_is_torchvisions_normalize_in_either_layout(layout):
+    from torchvision.transforms import v2
+
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8).contiguous(memory_format=layout)
+    expected = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(pixels))
+    got = decode.normalize_pixels(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
