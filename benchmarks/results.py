@@ -347,6 +347,26 @@ def _loader_speed(metrics: dict) -> str:
                     f"{metrics['speedup']:.1f}x"]])
 
 
+@renderer("jpeg_loader", "python benchmarks/jpeg_loader.py", "ImageNet-style JPEG training input, per core", """
+    Training batches of 64 from photo-like 500x375 JPEGs (quality 90), RandomResizedCrop(224) and a flip, in one
+    process with one thread, one batch of each contestant in turn: torchvision's reference (`ImageFolder`, PIL,
+    `transforms`, float normalised), `torchvision.io.decode_jpeg` with `transforms.v2` on uint8 tensors, ours as
+    `train` loads them (float normalised on the CPU), and ours before that last step (uint8: what a loader core
+    does when the GPU normalises). Images per second from the median batch, and the ratio to torchvision's. The
+    target (issue 27): ours at least 1.5x torchvision's reference.""",
+          key=lambda rec: [rec["metrics"].get(k) for k in ("clock", "batch_size", "overrides")])
+def _jpeg_loader(metrics: dict) -> str:
+    names = {"torchvision": "torchvision reference (PIL, transforms)", "decode_jpeg_v2": "decode_jpeg + v2",
+             "ours": "ours, float32 normalised on the CPU", "ours_uint8": "ours, uint8 (normalised on the GPU)"}
+    overrides = " ".join(f"`{o}`" for o in metrics["overrides"]) or "none"
+    return (f"{metrics['images']} JPEGs of {metrics['size'][0]}x{metrics['size'][1]}, quality {metrics['quality']}, "
+            f"batch {metrics['batch_size']}, {metrics['threads']} thread, {metrics['clock']} clock, our overrides: "
+            f"{overrides}.\n\n"
+            + _table(["pipeline", "img/s per core", "vs torchvision", "batches timed"],
+                     [[names.get(name, name), f"{value:.0f}", f"{metrics['vs_torchvision'][name]:.2f}x",
+                       str(metrics["batches_timed"][name])] for name, value in metrics["images_per_s"].items()]))
+
+
 @renderer("predict_speed", "python benchmarks/predict_speed.py --repeats 3", "Whole-process predict", """
     `mobilenetv3 predict` against the plain script a torchvision user writes (PIL decode, Resize(256) /
     CenterCrop(224), batches of 32, eager mobilenet_v3_large), both timed as whole processes on the same
