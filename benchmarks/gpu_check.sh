@@ -3,10 +3,15 @@
 #   1. training through torchrun with 1 GPU (NCCL DDP), channels_last, on synthetic 224x224 data:
 #      AMP bf16, AMP fp16 (GradScaler), and bf16 with torch.compile;
 #   2. `mobilenetv3 bench` on the GPU: eager, channels-last, AMP bf16/fp16 engines, ours against torchvision and
-#      timm side by side, inference at batch 1/32/256 and training (CUDA events); then the compile engine at 256.
-# Each step runs even if an earlier one failed, under its own time limit (the whole script stays under ~8 min
-# on an H200, the device tool's budget); the last line says which failed.
-# Results in $OUT: log.txt, bench.txt and bench-compile.txt (tables), train-<name>.jsonl (metrics per epoch).
+#      timm side by side, inference at batch 1/32/256 and training (CUDA events); then the compile engine at 256;
+#   3. issue #27, real JPEGs: 4096 photo-like 500x375 JPEGs (benchmarks/jpeg_loader.py's), the loader alone
+#      (`mobilenetv3 bench-loader`) and end-to-end training images/s (the last of 3 epochs) with data.decode=cpu
+#      and data.decode=gpu, beside the same training on synthetic data (the GPU's own pace).
+# Each step runs even if an earlier one failed, under its own time limit (steps 1-2 take ~8 min on an H200, step 3
+# ~5 min); the last line says which failed.  STEPS (a bash regex, default: every step) picks steps by name:
+# STEPS='jpeg|loader' runs step 3 alone.
+# Results in $OUT: log.txt, bench.txt and bench-compile.txt (tables), train-<name>.jsonl (metrics per epoch),
+# loader-<decode>.json (bench-loader's JSON line) and jpeg-summary.txt (images/s: synthetic, cpu, gpu decode).
 #
 #     OUT=runs/gpu-check bash benchmarks/gpu_check.sh            # uses `python3`, or $PYTHON
 #
@@ -27,8 +32,10 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 failed=()
+STEPS=${STEPS:-.}
 step() {  # step NAME SECONDS COMMAND...: run under a time limit, time it, and record a failure without stopping
     local name=$1 limit=$2; shift 2
+    [[ $name =~ $STEPS ]] || return 0
     echo "== $name: $*"
     local started=$SECONDS
     if timeout -k 30 "$limit" bash -o pipefail -c '"$@"' "$name" "$@"; then echo "== $name: ok in $((SECONDS - started)) s"
@@ -52,13 +59,42 @@ bench() {  # bench FILE ARGS...: ours against torchvision and timm, CUDA-event t
         | tee "$OUT/$file"
 }
 
-export -f train bench
-export PYTHON OUT
+JPEGS=runs/gpu-check-jpegs
+jpegs() {  # the JPEG folder, written once (16 processes)
+    [[ -d $JPEGS/train ]] || "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+from jpeg_loader import write_folder; write_folder(Path('$JPEGS'), 4096, classes=8, processes=16)"
+}
+
+loader() {  # loader DECODE: bench-loader on the JPEG folder, 12 workers, batch 256
+    "$PYTHON" -m mobilenetv3 bench-loader --data "$JPEGS" --batch-size 256 --batches 40 --workers 12 \
+        --set "data.decode=$1" --json | tee "$OUT/loader-$1.txt" && tail -n 1 "$OUT/loader-$1.txt" > "$OUT/loader-$1.json"
+}
+
+train_images() {  # train_images NAME DATA EXTRA_ARGS...: 3 epochs of Large, bf16, channels_last, 12 workers
+    local name=$1 data=$2; shift 2
+    local run="runs/gpu-check-$name"
+    rm -rf "$run" "$run.log"
+    "$PYTHON" -m mobilenetv3 train --data "$data" --model mobilenetv3_large_100 --input-size 224 --batch-size 256 \
+        --epochs 3 --workers 12 --channels-last --amp bf16 --set data.synthetic_train_samples=4096 \
+        --set data.synthetic_val_samples=256 --set data.synthetic_classes=8 --output "$run" "$@" 2>&1 \
+        | tee "$run.log" && cp "$run/metrics.jsonl" "$OUT/train-$name.jsonl" \
+    && echo "$name $(tail -n 1 "$run/metrics.jsonl" | "$PYTHON" -c 'import json, sys; \
+print(round(json.loads(sys.stdin.read())["train_images_per_s"]))') images/s" | tee -a "$OUT/jpeg-summary.txt"
+}
+
+export -f train bench jpegs loader train_images
+export PYTHON OUT JPEGS
 step train-bf16 120 train bf16 --amp bf16
 step train-fp16 120 train fp16 --amp fp16
 step bench 180 bench bench.txt --engines eager,channels-last,amp-bf16,amp-fp16 --batch-size 1 32 256 --train
 step train-bf16-compile 150 train bf16-compile --amp bf16 --compile
 step bench-compile 150 bench bench-compile.txt --engines compile --batch-size 256
+step jpegs 120 jpegs
+step loader-cpu 90 loader cpu
+step loader-gpu 90 loader gpu
+step train-jpeg-synthetic 120 train_images jpeg-synthetic synthetic
+step train-jpeg-cpu 150 train_images jpeg-cpu "$JPEGS" --set data.decode=cpu
+step train-jpeg-gpu 150 train_images jpeg-gpu "$JPEGS" --set data.decode=gpu
 
 if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; exit 1; fi
 echo "all GPU checks passed"
