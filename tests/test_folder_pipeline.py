@@ -301,3 +301,30 @@ def test_normalize_pixels_is_torchvisions_normalize_in_either_layout(layout):
     got = decode.normalize_pixels(pixels, IMAGENET_MEAN, IMAGENET_STD)
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["imagenet-seed", "imagenet-paper", "imagenet-timm", "imagenet-torchvision"])
+def test_every_imagenet_recipes_augmentation_runs_on_the_folder_pipeline(photo_root, recipe):
+    """Their interpolation (timm's bicubic), auto-augment and erasing, on every item (none is lost)."""
+    from dataclasses import asdict
+
+    from mobilenetv3.train.config import load_config
+
+    data = asdict(load_config(recipe).data)
+    bundle = build_datasets(DataConfig(**{**data, "dataset": str(photo_root), "input_size": SIZE}))
+    names = _names(bundle.train)
+    batches = _batches(bundle, [(index, index) for index, name in enumerate(names) if name != "a/truncated.jpg"])
+    assert sum(len(images) for images, _, _ in batches) == len(names) - 1
+    assert all(skipped == 0 and images.dtype == torch.float32 for images, _, skipped in batches)
+
+
+def test_an_augmentation_error_is_raised_not_taken_for_a_broken_file(photo_root, monkeypatch):
+    bundle = build_datasets(_config(photo_root, auto_augment="randaugment"))
+
+    def broken(image):
+        raise ValueError("a bug in an augmentation")
+
+    monkeypatch.setattr(bundle.train.transform, "augment", broken)
+    with pytest.raises(ValueError, match="a bug in an augmentation"):
+        bundle.train[0]
+    assert not bundle.train.broken_files

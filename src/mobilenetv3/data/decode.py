@@ -92,6 +92,13 @@ class CropPlan(NamedTuple):
     seed: int | None
 
 
+class Cropped(NamedTuple):
+    """A decoded file's crop resized to the output size (uint8 [C, S, S]), before its flip and augmentation."""
+
+    pixels: torch.Tensor
+    plan: CropPlan
+
+
 class EncodedImage(NamedTuple):
     """`data.decode: gpu`'s item: a JPEG's bytes (uint8 [N]) with its plan, decoded by `finish_batch`; `path`
     names the file if it cannot be decoded."""
@@ -156,6 +163,13 @@ class FolderTrainTransform:
     # --- CPU ----------------------------------------------------------------------------------------------------
 
     def __call__(self, path: str):
+        """The file's augmented uint8 pixels (or `EncodedImage`): `augment(load(path))`."""
+        return self.augment_loaded(self.load(path))
+
+    def load(self, path: str) -> Cropped | EncodedImage:
+        """The file's plan and its crop resized to S, not yet flipped or augmented; with `encoded`, a JPEG's bytes
+        and plan.  Only decoding happens here: a PIL decode error from it means a broken file (the folder names
+        it), while an error of the augmentation that follows (`augment_loaded`) is a bug to show."""
         data = read_bytes(path)
         header = jpeg_header(memoryview(data.numpy()))
         if header is None:
@@ -163,22 +177,26 @@ class FolderTrainTransform:
         plan = self.plan(header[0], header[1])
         if self.encoded and header[2] in (1, 3):  # grey or YCbCr: what the device decoders take
             return EncodedImage(path, data, plan)
-        return self.pixels(path, data, plan)
+        return Cropped(self.resized_jpeg(path, data, plan), plan)
 
-    def pixels(self, path: str, data: torch.Tensor, plan: CropPlan) -> torch.Tensor:
-        """The augmented uint8 pixels of the JPEG at `path`, whose bytes (uint8 [N]) are `data`, decoded on the CPU
-        by the cheapest route (module docstring, step 3).  PIL reads the file itself (its errors name the
-        problem as for every other file)."""
+    def augment_loaded(self, loaded: Cropped | EncodedImage):
+        """`load`'s result flipped and augmented as planned (an `EncodedImage` passes: the device does it)."""
+        return loaded if isinstance(loaded, EncodedImage) else self.augmented(loaded.pixels, loaded.plan)
+
+    def resized_jpeg(self, path: str, data: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        """The plan's crop of the JPEG at `path` (its bytes, uint8 [N]: `data`), resized to S, decoded on the CPU
+        by the cheapest route (module docstring, step 3).  PIL reads the file itself (its errors name the problem
+        as for every other file)."""
         if draft_factor(plan, self.size) == 1:
             try:
                 decoded = decode_jpeg(data, mode=self.read_mode)
             except RuntimeError:  # corrupt, or something libjpeg-turbo refuses: PIL decodes it or says why
                 pass
             else:
-                return self.apply_plan(decoded, plan)
-        return self.from_pil(Image.open(path), plan)
+                return self.crop_resized(decoded, plan)
+        return self.from_pil(Image.open(path), plan).pixels
 
-    def from_pil(self, image: Image.Image, plan: CropPlan | None = None) -> torch.Tensor:
+    def from_pil(self, image: Image.Image, plan: CropPlan | None = None) -> Cropped:
         """Any image PIL opens (not yet decoded): the plan drawn on its size unless given, a JPEG decoded at the
         largest DCT reduction the crop allows, the mode converted, cropped and resized by PIL."""
         if plan is None:
@@ -195,19 +213,21 @@ class FolderTrainTransform:
                (plan.top + plan.height) / factor)
         resized = image.resize((self.size, self.size), self.pil_filter, box=box)
         pixels = torch.from_numpy(_array(resized))
-        pixels = pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-        return self.augmented(pixels, plan)
+        return Cropped(pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1), plan)
 
     # --- any device ---------------------------------------------------------------------------------------------
 
     def apply_plan(self, decoded: torch.Tensor, plan: CropPlan) -> torch.Tensor:
         """Full-size decoded uint8 [C, H, W] (on any device) -> the plan's crop, resized to S, flipped, augmented."""
+        return self.augmented(self.crop_resized(decoded, plan), plan)
+
+    def crop_resized(self, decoded: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        """Full-size decoded uint8 [C, H, W] -> the plan's crop resized to S (antialiased)."""
         crop = decoded[:, plan.top:plan.top + plan.height, plan.left:plan.left + plan.width]
         # one small copy into channels-last memory: uint8 antialiased resizes have a fast kernel for that layout,
         # and the result keeps it ([C, S, S] over [S, S, C] memory, as `collate_skipping` stacks uint8 images)
         crop = crop[None].contiguous(memory_format=torch.channels_last)
-        resized = F.resize(crop, [self.size, self.size], interpolation=self.interpolation, antialias=True)[0]
-        return self.augmented(resized, plan)
+        return F.resize(crop, [self.size, self.size], interpolation=self.interpolation, antialias=True)[0]
 
     def augmented(self, pixels: torch.Tensor, plan: CropPlan) -> torch.Tensor:
         """The resized uint8 crop flipped as planned, then auto-augmented and erased with the plan's seed."""
@@ -262,8 +282,8 @@ class FolderTrainTransform:
                 if pixels is not None:
                     out[k] = self.apply_plan(pixels, item.plan)
                     continue
-                on_cpu = tolerant(item.path, lambda path: self.pixels(path, item.data, item.plan))
-                out[k] = None if on_cpu is None else on_cpu.to(device)
+                resized = tolerant(item.path, lambda path: self.resized_jpeg(path, item.data, item.plan))
+                out[k] = None if resized is None else self.augmented(resized, item.plan).to(device)
         return out
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ class TolerantImageFolder(ImageFolder):
 
     Items are `(transform(image), class_index)`, or `None` for a file that can't be decoded.  A transform that
     reads files itself (`reads_files`, the training pipeline of data/decode.py) is given the path instead of a
-    decoded image; its decode errors are caught, named and skipped alike.  Hidden folders (".ipynb_checkpoints", ".git", ...) are not classes.  `broken_files` lists the paths
+    decoded image: the decode errors of its `load` are caught, named and skipped alike, and its
+    `augment_loaded` runs outside that net.  Hidden folders (".ipynb_checkpoints", ".git", ...) are not classes.  `broken_files` lists the paths
     this process has failed to read (each is warned about once per process).
     """
 
@@ -77,9 +78,10 @@ class TolerantImageFolder(ImageFolder):
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
         if getattr(self.transform, "reads_files", False):
-            image = self.tolerant(path, self.transform)
-            if image is None:
+            loaded = self.tolerant(path, self.transform.load)  # decoding only: what fails there is a broken file
+            if loaded is None:
                 return None
+            image = self.transform.augment_loaded(loaded)
         else:
             image = self.read_image(path)
             if image is None:

@@ -44,9 +44,13 @@ def _interpolation(cfg: DataConfig):
 def auto_augment_transform(cfg: DataConfig):
     """The AutoAugment (ImageNet policy) / RandAugment / TrivialAugmentWide op `cfg.auto_augment` names.
 
-    None for `cfg.auto_augment` None or "none".  Works on PIL images and on uint8 tensors (1 or 3 channels).
+    None for `cfg.auto_augment` None or "none".  Works on PIL images and on uint8 tensors (1 or 3 channels), which
+    is what both callers give it: their rotations, shears and translations take nearest or bilinear interpolation
+    only, so `bicubic` (timm's recipe) runs them bilinear.
     """
     interpolation = _interpolation(cfg)
+    if interpolation == InterpolationMode.BICUBIC:
+        interpolation = InterpolationMode.BILINEAR
     if cfg.auto_augment in (None, "none"):
         return None
     if cfg.auto_augment == "autoaugment":
