@@ -78,8 +78,8 @@ train_images() {  # train_images NAME DATA EXTRA_ARGS...: 3 epochs of Large, bf1
         --epochs 3 --workers 12 --channels-last --amp bf16 --set data.synthetic_train_samples=4096 \
         --set data.synthetic_val_samples=256 --set data.synthetic_classes=8 --output "$run" "$@" 2>&1 \
         | tee "$run.log" && cp "$run/metrics.jsonl" "$OUT/train-$name.jsonl" \
-    && echo "$name $(tail -n 1 "$run/metrics.jsonl" | "$PYTHON" -c 'import json, sys; \
-print(round(json.loads(sys.stdin.read())["train_images_per_s"]))') images/s" | tee -a "$OUT/jpeg-summary.txt"
+    && echo "$name $(tail -n 1 "$run/metrics.jsonl" | "$PYTHON" -c 'import json, sys; print(round(json.load(sys.stdin)["train_images_per_s"]))') images/s (last epoch)" \
+        | tee -a "$OUT/jpeg-summary.txt"
 }
 
 export -f train bench jpegs loader train_images
