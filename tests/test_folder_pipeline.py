@@ -328,3 +328,37 @@ def test_an_augmentation_error_is_raised_not_taken_for_a_broken_file(photo_root,
     with pytest.raises(ValueError, match="a bug in an augmentation"):
         bundle.train[0]
     assert not bundle.train.broken_files
+
+
+def test_data_decode_gpu_is_refused_for_data_without_jpegs(capsys):
+    from mobilenetv3.cli import main
+
+    assert main(["bench-loader", "--data", "synthetic", "--workers", "0", "--device", "cpu",
+                 "--set", "data.decode=gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.decode=gpu decodes an image folder's JPEGs; 'synthetic' has none" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_resuming_a_checkpoint_of_the_earlier_pil_pipeline_warns_that_it_is_not_exact(photo_root, tmp_path, caplog):
+    """A checkpoint without `sampler.folder_pipeline` (written before issue 27) resumes, with one warning: the
+    crops and augmentations drawn from here on are not those of the pipeline that wrote it."""
+    import logging
+
+    from mobilenetv3.cli import main
+    from mobilenetv3.train.checkpoint import FOLDER_PIPELINE_VERSION
+
+    output = tmp_path / "run"
+    common = ["--data", str(photo_root), "--input-size", str(SIZE), "--workers", "0", "--batch-size", "4",
+              "--model", "mobilenetv3_small_035", "--no-progress", "--set", "threads=1"]
+    assert main(["train", *common, "--epochs", "1", "--output", str(output)]) == 0
+    last = output / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    assert payload["sampler"]["folder_pipeline"] == FOLDER_PIPELINE_VERSION
+    del payload["sampler"]["folder_pipeline"]
+    torch.save(payload, last)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *common, "--epochs", "2", "--output", str(output), "--resume"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "earlier image-folder pipeline" in r.getMessage()]
+    assert len(warned) == 1 and "the PIL one" in warned[0] and "not an exact resume" in warned[0]

@@ -7,7 +7,8 @@ CONTRACT between the data package and the training package (keep it stable):
     bundle = build_datasets(cfg: DataConfig, *, need_train: bool = True) -> DatasetBundle
         bundle.train: torch Dataset | None   (None when need_train=False)
         bundle.val:   torch Dataset
-            items are (image_tensor CxHxW float32 normalised, int label), or None for a broken file
+            items are (image_tensor CxHxW float32 normalised, int label), or None for a broken file -- except
+            an image folder's bundle.train since issue 27 (below: uint8 pixels, finish_train_batch normalises)
             (a warning naming the file has been logged; with cfg.strict_data a UserError is raised instead)
         bundle.num_classes: int
         bundle.class_names: list[str]
@@ -23,7 +24,8 @@ Additions (backward compatible):
         `preprocessing` replaces the dataset's default eval preprocessing (e.g. a checkpoint's, for `eval`);
         cfg.input_size / cfg.crop_pct still override it when set; a channel-count mismatch is a UserError.
     collate_skipping: when every item of a batch is None, B == 0 (images and targets are empty): skip the step.
-    Image folders (issue 27): bundle.train's items are (uint8 [3,S,S] pixels, label), not normalised floats, and
+Changed (issue 27; not backward compatible for code that reads an image folder's bundle.train itself):
+    Image folders: bundle.train's items are (uint8 [3,S,S] pixels, label), not normalised floats, and
         bundle.finish_train_batch(images, targets, device) -> (float32 [B,3,S,S] normalised on device, targets,
         files dropped) makes a collated batch model input (the training loader applies it: `DeviceBatches`).
         With data.decode == "gpu" some train items are `decode.EncodedImage`s (a JPEG's bytes and its crop plan),

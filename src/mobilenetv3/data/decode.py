@@ -47,6 +47,9 @@ _NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})
 _DRAFT_FACTORS = (8, 4, 2)
 #: torchvision's RandomResizedCrop defaults, which every recipe uses
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: the image folders' training pipeline, as checkpoints record it (`sampler.folder_pipeline`): a run resumed from
+#: a checkpoint of another (none: the PIL pipeline before issue 27) draws other crops and augmentations
+FOLDER_PIPELINE_VERSION = 2
 _PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                 "bicubic": Image.Resampling.BICUBIC}
 
@@ -233,12 +236,14 @@ class FolderTrainTransform:
         """The resized uint8 crop flipped as planned, then auto-augmented and erased with the plan's seed."""
         if plan.flip:
             pixels = pixels.flip(-1)
-        if plan.seed is not None:
-            torch.default_generator.manual_seed(plan.seed)
-            if self.augment is not None:
-                pixels = self.augment(pixels)
-            if self.erasing is not None:
-                pixels = self.erasing(pixels)
+        if plan.seed is not None and (self.augment is not None or self.erasing is not None):
+            # auto-augment and erasing draw from torch's CPU RNG: seeded by the plan, the caller's state kept
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(plan.seed)
+                if self.augment is not None:
+                    pixels = self.augment(pixels)
+                if self.erasing is not None:
+                    pixels = self.erasing(pixels)
         return pixels
 
     # --- the batch ------------------------------------------------------------------------------------------------
@@ -314,14 +319,22 @@ def _decode_jpegs(datas: list[torch.Tensor], mode: ImageReadMode, device: torch.
     that fails alone."""
     if not datas:
         return []
+    if device.type == "cuda":
+        # nvJPEG's hardware decoder can write into memory that kernels still queued on the current stream read
+        # (pytorch/vision#9606): let the previous step's work finish first
+        torch.cuda.current_stream(device).synchronize()
     try:
         return list(decode_jpeg(datas, mode=mode, device=device))
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:
         pass
     decoded: list[torch.Tensor | None] = []
     for data in datas:
         try:
             decoded.append(decode_jpeg(data, mode=mode, device=device))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             decoded.append(None)
     return decoded

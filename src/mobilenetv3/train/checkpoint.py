@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..data import same_dataset
+from ..data.decode import FOLDER_PIPELINE_VERSION
 from ..errors import UserError
 from ..models.mobilenetv3 import ADDED_CONFIG_KEYS
 from ..weights.io import atomic_write, load_checkpoint, load_state_with_own_versions
@@ -211,7 +212,9 @@ def checkpoint_payload(
         "sampler": {"seed": config.seed, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                     "batch_size": config.batch_size, "world_size": world_size,
                     "scheme": "DistributedSampler(seed + epoch) order; per-sample augmentation seed "
-                              "SeedSequence([seed, epoch, index]), independent of workers"},
+                              "SeedSequence([seed, epoch, index]), independent of workers",
+                    # image folders' training pipeline (data/decode.py): another draws other augmentations
+                    "folder_pipeline": FOLDER_PIPELINE_VERSION},
         "config": to_dict(config),
         "preprocessing": preprocessing, "class_names": list(class_names),
         "metrics": metrics,

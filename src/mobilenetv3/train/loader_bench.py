@@ -41,7 +41,9 @@ def bench_loader(config: TrainConfig, *, batches: int, warmup: int = WARMUP_BATC
             epoch += 1
 
     stream = forever()
-    for _ in range(warmup):
+    # every worker's first batches start together (prefetch_factor each): let them all arrive before the clock
+    prefetched = config.data.workers * 2 if config.data.workers > 0 else 0
+    for _ in range(max(warmup, prefetched)):
         next(stream)
     synchronize(env.device)
     images = skipped = 0

@@ -177,6 +177,9 @@ def build_loaders(config: TrainConfig, bundle, env: DistEnv) -> tuple[Iterable, 
     """(train batches, their sampler, val loader).  Train batches are (images, targets, skipped) as the model takes
     them: a bundle with `finish_train_batch` (image folders: uint8 pixels, normalised on the device) gets its
     batches through `DeviceBatches`, already on `env.device`."""
+    if config.data.decode == "gpu" and bundle.finish_train_batch is None:
+        raise UserError(f"data.decode=gpu decodes an image folder's JPEGs; {config.data.dataset!r} has none to "
+                        "decode: drop it")
     if config.data.decode == "gpu" and env.device.type != "cuda":
         raise UserError(f"data.decode=gpu decodes JPEGs on a CUDA device, and this run's device is {env.device}: "
                         "use data.decode=cpu (the default)")
@@ -437,6 +440,12 @@ class Trainer:
             logger.warning("resuming %s with a changed config (not an exact resume): %s", path,
                            ckpt.describe_changes(changes))
         sampler = payload["sampler"]
+        written_by = sampler.get("folder_pipeline")
+        if self.bundle.finish_train_batch is not None and written_by != ckpt.FOLDER_PIPELINE_VERSION \
+                and self.env.is_main:
+            logger.warning("%s was written by an earlier image-folder pipeline (%s): the resumed epochs draw other "
+                           "crops and augmentations than an uninterrupted run would (not an exact resume)", path,
+                           "the PIL one" if written_by is None else f"version {written_by}")
         if payload["batch_in_epoch"] and (sampler["world_size"] != self.env.world_size
                                           or sampler["batch_size"] != self.config.batch_size):
             raise UserError(
