@@ -155,6 +155,20 @@ class ClassificationTask:
         pass
 
 
+def refuse_classification_only(config, model: str, augments: str) -> None:
+    """One line for what only a classifier's run can use: QAT, and the classification augmentations (auto-augment,
+    random erasing, RandomResizedCrop's scale_min); `model` and `augments` say what the dense task has instead."""
+    if config.qat.enabled:
+        raise UserError(f"quantization-aware training is for classification models; train the {model} in float "
+                        "(--no-qat)")
+    data = config.data
+    ignored = [f"data.{key}={value}" for key, value, default in (
+        ("auto_augment", data.auto_augment, None), ("random_erasing", data.random_erasing, 0.0),
+        ("scale_min", data.scale_min, type(data)().scale_min)) if value != default]
+    if ignored:
+        raise UserError(f"{', '.join(ignored)} is for classification ({augments}): drop it")
+
+
 class SegmentationTask(ClassificationTask):
     name = "segmentation"
     best_metric = "val_miou"
@@ -187,16 +201,8 @@ class SegmentationTask(ClassificationTask):
         if regularization.mixup_alpha > 0 or regularization.cutmix_alpha > 0:
             raise UserError("mixup and cutmix blend image labels, not masks: set regularization.mixup_alpha=0 and "
                             "regularization.cutmix_alpha=0 for segmentation")
-        if config.qat.enabled:
-            raise UserError("quantization-aware training is for classification models; train the segmentation "
-                            "model in float (--no-qat)")
-        data = config.data
-        ignored = [f"data.{key}={value}" for key, value, default in (
-            ("auto_augment", data.auto_augment, None), ("random_erasing", data.random_erasing, 0.0),
-            ("scale_min", data.scale_min, type(data)().scale_min)) if value != default]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} is for classification (segmentation augments with random scale "
-                            "data.seg_scale_min / data.seg_scale_max, crop and flip): drop it")
+        refuse_classification_only(config, "segmentation model", "segmentation augments with random scale "
+                                   "data.seg_scale_min / data.seg_scale_max, crop and flip")
 
 
 class DetectionMetric:
@@ -291,16 +297,8 @@ class DetectionTask(ClassificationTask):
             raise UserError("swa.enabled: SWA's BatchNorm recomputation feeds images without boxes, which a "
                             "detector cannot train on; use the EMA (--ema) instead")
         require_pycocotools("detection's validation mAP")  # before an epoch is spent
-        if config.qat.enabled:
-            raise UserError("quantization-aware training is for classification models; train the detector in "
-                            "float (--no-qat)")
-        data = config.data
-        ignored = [f"data.{key}={value}" for key, value, default in (
-            ("auto_augment", data.auto_augment, None), ("random_erasing", data.random_erasing, 0.0),
-            ("scale_min", data.scale_min, type(data)().scale_min)) if value != default]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} is for classification (detection augments with photometric "
-                            "distortion, zoom-out, IoU crop and flip): drop it")
+        refuse_classification_only(config, "detector", "detection augments with photometric distortion, zoom-out, "
+                                   "IoU crop and flip")
 
 
 def _without_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
